@@ -1,0 +1,482 @@
+//! The `MongoReplication` API (`mongo-replicator.io/v1alpha1`).
+//!
+//! The CRD schema is generated from these types: doc comments become `kubectl explain`, and the
+//! CEL rules attached with `#[x_kube(validation = ...)]` say what the types alone cannot.
+//! `crds/mongoreplication.yaml` holds the generated YAML; a test fails when it drifts.
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::core::{Rule, crd::CustomResourceExt};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of every mongo-replicator resource.
+pub const GROUP: &str = "mongo-replicator.io";
+
+/// Token scope of Azure DocumentDB (Cosmos DB for MongoDB vCore) in the public cloud.
+pub const DOCUMENTDB_SCOPE: &str = "https://ossrdbms-aad.database.windows.net/.default";
+
+/// Replication of MongoDB data from a source endpoint to a target endpoint: a snapshot copy
+/// followed by the source's change stream, resumable after any crash.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "mongo-replicator.io",
+    version = "v1alpha1",
+    kind = "MongoReplication",
+    plural = "mongoreplications",
+    singular = "mongoreplication",
+    shortname = "mrep",
+    category = "all",
+    doc = "A MongoReplication copies the data of a MongoDB source into a MongoDB target and then keeps the target up to date from the source's change stream. Endpoints log in with a connection string from a Secret or with Microsoft Entra workload identity (Azure DocumentDB).",
+    namespaced,
+    status = "MongoReplicationStatus",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Where the replication is in its life"),
+    printcolumn(name = "Source Auth", type_ = "string", json_path = ".spec.source.auth", description = "How the replicator logs in to the source"),
+    printcolumn(name = "Target Auth", type_ = "string", json_path = ".spec.target.auth", description = "How the replicator logs in to the target"),
+    printcolumn(name = "Lag", type_ = "integer", json_path = ".status.progress.lagSeconds", description = "Seconds between the newest source change and the newest applied one"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("self.metadata.name.size() <= 50")
+        .message("metadata.name must be at most 50 characters: the operator derives names of child objects (ServiceAccount, Job, Deployment) from it"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MongoReplicationSpec {
+    /// The MongoDB deployment data is read from (snapshot and change stream).
+    pub source: Endpoint,
+
+    /// The MongoDB deployment data is written to. Checkpoints (resume tokens) are stored here too.
+    pub target: Endpoint,
+
+    /// Which namespaces (`database.collection`) to replicate and under which names.
+    /// When omitted, every user database is replicated under its own name
+    /// (`admin`, `config`, `local` and the checkpoint database are never replicated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespaces: Option<NamespaceFilter>,
+
+    /// What to replicate: `SnapshotAndStream` copies existing data and then follows the change
+    /// stream; `StreamOnly` follows the change stream only (from now, or from `startAt`);
+    /// `SnapshotOnly` copies existing data once and stops.
+    #[serde(default)]
+    pub mode: ReplicationMode,
+
+    /// Where a `StreamOnly` replication starts when no checkpoint exists yet. Defaults to now.
+    /// A saved checkpoint always wins over this, so a restart never goes back in time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_at: Option<StreamStart>,
+
+    /// Stops the replicator (scales it to zero) without losing the checkpoint; setting it back to
+    /// false resumes from the checkpoint.
+    #[serde(default)]
+    pub suspend: bool,
+
+    /// How the replicator pods run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicator: Option<ReplicatorSettings>,
+}
+
+/// One side of a replication: where it is and how to log in to it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.auth != 'entra' || has(self.entra)")
+        .message("auth: entra requires the entra block (clientId and tenantId of the managed identity)"),
+    validation = Rule::new("self.auth != 'entra' || has(self.uri)")
+        .message("auth: entra requires uri, the cluster's connection string without credentials"),
+    validation = Rule::new("self.auth != 'entra' || !has(self.connectionStringSecretRef)")
+        .message("auth: entra must not set connectionStringSecretRef: the credentials come from Microsoft Entra"),
+    validation = Rule::new("self.auth != 'connectionString' || has(self.connectionStringSecretRef)")
+        .message("auth: connectionString requires connectionStringSecretRef, the Secret key that holds the connection string"),
+    validation = Rule::new("self.auth != 'connectionString' || !has(self.entra)")
+        .message("auth: connectionString must not set entra"),
+    validation = Rule::new("self.auth != 'connectionString' || !has(self.uri)")
+        .message("auth: connectionString reads the whole connection string from connectionStringSecretRef: remove uri"),
+)]
+pub struct Endpoint {
+    /// How the replicator logs in: `entra` (Microsoft Entra workload identity, MONGODB-OIDC; for
+    /// Azure DocumentDB) or `connectionString` (a connection string kept in a Secret, e.g. SCRAM).
+    pub auth: AuthMethod,
+
+    /// Connection string without credentials, for `auth: entra`, e.g.
+    /// `mongodb+srv://orders.global.mongocluster.cosmos.azure.com/?tls=true`. The replicator adds
+    /// `authMechanism=MONGODB-OIDC` itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    #[x_kube(
+        validation = Rule::new(r"self.matches('^mongodb(\\+srv)?://[^/?#]+')")
+            .message("uri must be a MongoDB connection string: mongodb://host[:port][,...] or mongodb+srv://host"),
+        validation = Rule::new(r"!self.matches('^mongodb(\\+srv)?://[^/?#@]*:[^/?#@]*@')")
+            .message("uri must not contain a password: an entra endpoint logs in with Microsoft Entra tokens"),
+    )]
+    pub uri: Option<String>,
+
+    /// The Microsoft Entra identity the replicator logs in as (`auth: entra`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entra: Option<EntraIdentity>,
+
+    /// The Secret key holding the full connection string, credentials included
+    /// (`auth: connectionString`). The Secret must be in the MongoReplication's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_string_secret_ref: Option<SecretKeyRef>,
+
+    /// Extra CA certificates (PEM) trusted for this endpoint's TLS, for servers whose certificate
+    /// is not signed by a public CA. The Secret must be in the MongoReplication's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_secret_ref: Option<SecretKeyRef>,
+}
+
+/// How an endpoint is logged in to.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// Microsoft Entra workload identity: the pod's service-account token is exchanged for an
+    /// Entra access token, which logs in through MONGODB-OIDC.
+    #[serde(rename = "entra")]
+    Entra,
+    /// A connection string (with its credentials) read from a Secret.
+    #[serde(rename = "connectionString")]
+    ConnectionString,
+}
+
+impl AuthMethod {
+    /// The spelling used in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::Entra => "entra",
+            AuthMethod::ConnectionString => "connectionString",
+        }
+    }
+}
+
+const GUID_PATTERN: &str =
+    "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$";
+
+/// A CEL rule that the string is a GUID; `field` names it in the message.
+fn guid_rule(field: &str) -> Rule {
+    Rule::new(format!("self.matches('{GUID_PATTERN}')")).message(kube::core::Message::Message(format!(
+        "{field} must be a GUID such as 11111111-2222-3333-4444-555555555555"
+    )))
+}
+
+/// A user-assigned managed identity in Microsoft Entra ID, used through workload identity federation.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EntraIdentity {
+    /// Client id (application id) of the user-assigned managed identity.
+    #[schemars(length(max = 36))]
+    #[x_kube(validation = guid_rule("clientId"))]
+    pub client_id: String,
+
+    /// Directory (tenant) id of the Microsoft Entra tenant.
+    #[schemars(length(max = 36))]
+    #[x_kube(validation = guid_rule("tenantId"))]
+    pub tenant_id: String,
+
+    /// ARM resource id of the managed identity. When set, the operator creates the federated
+    /// identity credential that lets this MongoReplication's service account use it, and removes
+    /// it when the MongoReplication is deleted. When omitted, create the credential yourself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    #[x_kube(validation = Rule::new(
+        "self.matches('^/subscriptions/[0-9a-fA-F-]{36}/resource[gG]roups/[-\\\\w._()]{1,90}/providers/Microsoft\\\\.ManagedIdentity/userAssignedIdentities/[a-zA-Z0-9][a-zA-Z0-9_-]{2,127}$')"
+    ).message("managedIdentityResourceId must look like /subscriptions/<subscription-id>/resourceGroups/<group>/providers/Microsoft.ManagedIdentity/userAssignedIdentities/<name>"))]
+    pub managed_identity_resource_id: Option<String>,
+
+    /// When set, the operator registers the identity as a user of this Azure DocumentDB cluster
+    /// with the given roles, and removes it when the MongoReplication is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_user: Option<ClusterUser>,
+
+    /// Token scope requested from Microsoft Entra. Defaults to Azure DocumentDB's scope in the
+    /// public cloud, `https://ossrdbms-aad.database.windows.net/.default`; set it for other clouds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    #[x_kube(validation = Rule::new("self.startsWith('https://') && self.endsWith('/.default')")
+        .message("scope must be an https resource ending in /.default, e.g. https://ossrdbms-aad.database.windows.net/.default"))]
+    pub scope: Option<String>,
+}
+
+impl EntraIdentity {
+    /// The token scope to request, with the public-cloud default.
+    pub fn scope(&self) -> &str {
+        self.scope.as_deref().unwrap_or(DOCUMENTDB_SCOPE)
+    }
+}
+
+/// A Microsoft Entra principal registered as a user of an Azure DocumentDB cluster.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterUser {
+    /// ARM resource id of the Azure DocumentDB cluster.
+    #[schemars(length(max = 512))]
+    #[x_kube(validation = Rule::new(
+        "self.matches('^/subscriptions/[0-9a-fA-F-]{36}/resource[gG]roups/[-\\\\w._()]{1,90}/providers/Microsoft\\\\.DocumentDB/mongoClusters/[a-z0-9][a-z0-9-]{1,38}[a-z0-9]$')"
+    ).message("clusterResourceId must look like /subscriptions/<subscription-id>/resourceGroups/<group>/providers/Microsoft.DocumentDB/mongoClusters/<name>"))]
+    pub cluster_resource_id: String,
+
+    /// Object id of the identity's service principal in Microsoft Entra ID (not its client id):
+    /// the cluster user is named after it and tokens carry it as `oid`.
+    #[schemars(length(max = 36))]
+    #[x_kube(validation = guid_rule("principalId"))]
+    pub principal_id: String,
+
+    /// Database roles granted to the user.
+    #[schemars(length(min = 1, max = 16))]
+    pub roles: Vec<DatabaseRole>,
+}
+
+/// A role in a database.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct DatabaseRole {
+    /// Database the role applies to, e.g. `admin`.
+    #[schemars(length(min = 1, max = 63))]
+    pub db: String,
+    /// Role name, e.g. `root` or `readWriteAnyDatabase`.
+    #[schemars(length(min = 1, max = 128))]
+    pub role: String,
+}
+
+/// A key of a Secret in the MongoReplication's namespace.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key inside the Secret's data.
+    #[serde(default = "default_secret_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_secret_key() -> String {
+    "uri".to_string()
+}
+
+// Database: no `/\. "$<>:|?` (plus `*` as wildcard); collection: anything but `$`, may hold dots.
+const NAMESPACE_PATTERN: &str = r#"^[^/\\\\. \"$<>:|?]{1,64}[.][^$]{1,255}$"#;
+
+/// Which namespaces to replicate, and under which names.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NamespaceFilter {
+    /// Namespaces to replicate, as `database.collection` patterns where `*` matches any run of
+    /// characters (`orders.*`, `crm.customers`, `*.events`). Empty means every user namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    #[x_kube(validation = namespace_patterns_rule("include"))]
+    #[schemars(inner(length(min = 3, max = 320)))]
+    pub include: Vec<NamespacePattern>,
+
+    /// Namespaces to leave out, with the same syntax as `include`; exclusion wins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    #[x_kube(validation = namespace_patterns_rule("exclude"))]
+    #[schemars(inner(length(min = 3, max = 320)))]
+    pub exclude: Vec<NamespacePattern>,
+
+    /// Renames applied in the target, first match wins. Each `*` in `from` captures what it
+    /// matched, and the same-numbered `*` in `to` puts it back (`orders.* → orders_dr.*`).
+    /// Applies to data, DDL and indexes alike.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub rename: Vec<RenameRule>,
+}
+
+/// A `database.collection` pattern; `*` matches any run of characters.
+pub type NamespacePattern = String;
+
+fn namespace_patterns_rule(field: &str) -> Rule {
+    Rule::new(format!("self.all(p, p.matches('{NAMESPACE_PATTERN}'))")).message(kube::core::Message::Message(format!(
+        "each {field} pattern must be 'database.collection' (a database name without /\\. \"$<>:|? and a collection name without $), with * as wildcard, e.g. orders.* or crm.customers"
+    )))
+}
+
+/// One rename: namespaces matching `from` are written to `to`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.to.split('*').size() == self.from.split('*').size()")
+    .message("rename: to must have as many * wildcards as from"))]
+pub struct RenameRule {
+    /// Source namespace pattern (`database.collection`, `*` wildcards).
+    #[schemars(length(max = 320))]
+    #[x_kube(validation = Rule::new(format!("self.matches('{NAMESPACE_PATTERN}')"))
+        .message("rename: from must be a 'database.collection' pattern, e.g. orders.*"))]
+    pub from: String,
+
+    /// Target namespace (`database.collection`), with a `*` for each `*` of `from`.
+    #[schemars(length(max = 320))]
+    #[x_kube(validation = Rule::new(format!("self.matches('{NAMESPACE_PATTERN}') && !self.startsWith('admin.') && !self.startsWith('local.') && !self.startsWith('config.')"))
+        .message("rename: to must be a valid 'database.collection' namespace outside admin, local and config, e.g. orders_dr.*"))]
+    pub to: String,
+}
+
+/// What a replication does.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReplicationMode {
+    /// Copy existing data, then follow the change stream from a point taken before the copy began.
+    #[default]
+    SnapshotAndStream,
+    /// Follow the change stream only.
+    StreamOnly,
+    /// Copy existing data once, then stop.
+    SnapshotOnly,
+}
+
+/// Where a `StreamOnly` replication starts. Set exactly one field.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.clusterTime) != has(self.resumeToken)")
+    .message("startAt takes exactly one of clusterTime or resumeToken"))]
+pub struct StreamStart {
+    /// A source cluster time as `<seconds>.<increment>` (e.g. `1767225600.1`); the stream starts at it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]{1,10}[.][0-9]{1,10}$')")
+        .message("clusterTime must be <seconds>.<increment>, e.g. 1767225600.1"))]
+    pub cluster_time: Option<String>,
+
+    /// A resume token's `_data` value (hex) from the source's change stream; the stream starts after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9A-Fa-f]+$')")
+        .message("resumeToken must be the hex _data of a change stream resume token"))]
+    pub resume_token: Option<String>,
+}
+
+/// What to do when the source no longer has the change-stream history a checkpoint needs.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HistoryLostPolicy {
+    /// Stop with a `Stalled` condition and wait for a person to decide.
+    #[default]
+    Fail,
+    /// Copy the affected namespaces again, then follow the stream from a new start point.
+    Resync,
+}
+
+/// How the replicator pods run.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicatorSettings {
+    /// Container image of the replicator. Defaults to the operator's own image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+
+    /// Compute resources of the replicator container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Parallel writers applying changes to the target (per-document order is kept). Default 8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub workers: Option<u32>,
+
+    /// Most documents in one write batch. Default 1000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub batch_size: Option<u32>,
+
+    /// Log level of the replicator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<LogLevel>,
+
+    /// Database in the target where checkpoints (resume tokens, copy progress) are kept.
+    /// Default `mongo_replicator`. It is never replicated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new(r#"self.matches('^[^/\\\\. "$*<>:|?]+$')"#)
+        .message("checkpointDatabase must be a database name without /\\. \"$*<>:|?"))]
+    pub checkpoint_database: Option<String>,
+
+    /// What to do when the source's change-stream history no longer reaches back to the checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_history_lost: Option<HistoryLostPolicy>,
+}
+
+/// Log verbosity.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Errors and warnings.
+    Warn,
+    /// Normal operation.
+    #[default]
+    Info,
+    /// Details for troubleshooting.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+/// The observed state of a MongoReplication.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MongoReplicationStatus {
+    /// The `metadata.generation` the operator last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// A one-word summary; the conditions say why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+
+    /// The latest observations, one per type: `IdentityBound`, `ConnectivityValidated`,
+    /// `Replicating`, `Stalled` and `Ready`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+
+    /// Figures reported by the replicator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+}
+
+/// A one-word summary of where a replication is.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Accepted, nothing done yet.
+    Pending,
+    /// Binding Azure identities (federated credentials, cluster users).
+    Binding,
+    /// Proving that both endpoints can be reached and logged in to.
+    Validating,
+    /// Copying existing data.
+    Snapshotting,
+    /// Following the change stream.
+    Streaming,
+    /// Stopped by `spec.suspend`.
+    Suspended,
+    /// Stopped by an error that needs a person; see the conditions.
+    Failed,
+}
+
+/// Figures reported by the replicator.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    /// Documents copied by the snapshot so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docs_copied: Option<i64>,
+    /// Change events applied to the target so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events_applied: Option<i64>,
+    /// Seconds between the source's newest change and the newest change applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_seconds: Option<i64>,
+    /// Source cluster time of the newest applied change (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_applied_cluster_time: Option<String>,
+    /// When the checkpoint was last saved in the target (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_saved_at: Option<String>,
+}
+
+/// The CRD as YAML, exactly as `crds/mongoreplication.yaml` holds it.
+pub fn crd_yaml() -> String {
+    let crd = MongoReplication::crd();
+    // Serializing a typed CRD cannot fail: it holds only strings, numbers, maps and lists.
+    // Long CEL rules and messages stay on one line: folding them would hide what the apiserver reads.
+    let options = serde_saphyr::ser_options! { folded_wrap_chars: 100_000 };
+    let yaml = serde_saphyr::to_string_with_options(&crd, options).expect("the CRD serializes to YAML");
+    format!("# Generated by `mongo-replicator crd`; do not edit.\n---\n{yaml}")
+}

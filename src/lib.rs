@@ -1,0 +1,7 @@
+//! mongo-replicator: a Kubernetes operator that runs MongoDB-to-MongoDB replication and logs in to
+//! Azure DocumentDB with Microsoft Entra workload identity.
+//!
+//! The library holds everything; `main.rs` only parses arguments and calls [`cli::run`].
+
+pub mod cli;
+pub mod crd;
