@@ -38,6 +38,8 @@ pub const DOCUMENTDB_SCOPE: &str = "https://ossrdbms-aad.database.windows.net/.d
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("self.metadata.name.size() <= 50")
         .message("metadata.name must be at most 50 characters: the operator derives names of child objects (ServiceAccount, Job, Deployment) from it"),
+    validation = Rule::new("!has(self.spec.startAt) || self.spec.mode == 'StreamOnly'")
+        .message("spec.startAt applies only to mode: StreamOnly"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct MongoReplicationSpec {

@@ -1,1 +1,7 @@
-fn main(){}
+//! The integration tests: one binary, so the lab's real processes are started once per run and
+//! everything links once.
+
+mod crd_api;
+mod crd_drift;
+mod secantus;
+mod support;

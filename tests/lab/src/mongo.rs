@@ -70,6 +70,7 @@ impl SecantusServer {
         let bin = cached_tool("install-secantus.sh", "SecantusDB server")?;
         let dir = RunDir::new("secantus")?;
         std::fs::create_dir_all(dir.path().join("data"))?;
+        std::fs::write(dir.path().join("secantusd.toml"), "")?;
         let (ca, tls_files) = if options.tls {
             let ca = LabCa::create(&dir.path().join("pki"))?;
             let cert = ca.issue_server("server", &[])?;
@@ -108,6 +109,12 @@ impl SecantusServer {
             self.dir.path().join("data").display().to_string(),
             "--log-level".into(),
             "WARNING".into(),
+            // An empty config file turns off discovery of ./secantusd.toml and ~/.secantus/.
+            "--config".into(),
+            self.dir.path().join("secantusd.toml").display().to_string(),
+            // The default 4G cache is sized for a dedicated host; tests run many servers at once.
+            "--cache-size".into(),
+            "256M".into(),
         ];
         if let Some((cert, key)) = &self.tls_files {
             args.extend(["--tls-cert-file".into(), cert.display().to_string()]);
