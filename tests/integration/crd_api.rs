@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams, ValidationDirective};
 use mongo_replicator::crd::MongoReplication;
 use mongo_replicator_lab::KubeLab;
 use serde_json::{Value, json};
@@ -23,18 +23,20 @@ fn mrep_api(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
     Api::namespaced_with(client.clone(), ns, &ApiResource::erase::<MongoReplication>(&()))
 }
 
-/// Creates every object of an example file; returns the MongoReplications as stored.
-async fn create_documents(client: &kube::Client, ns: &str, docs: &[Value]) -> Result<Vec<DynamicObject>> {
+/// Applies every object of an example file as `kubectl apply --server-side` does, refusing
+/// unknown fields (a misspelt field would otherwise vanish silently); returns the
+/// MongoReplications as stored.
+async fn apply_documents(client: &kube::Client, ns: &str, docs: &[Value]) -> Result<Vec<DynamicObject>> {
+    let params = PatchParams::apply(TEST_MANAGER).validation(ValidationDirective::Strict);
     let mut created = Vec::new();
     for doc in docs {
+        let name = doc["metadata"]["name"].as_str().context("object without a name")?;
         match doc["kind"].as_str() {
             Some("Secret") => {
-                let secret: Secret = serde_json::from_value(doc.clone())?;
-                Api::<Secret>::namespaced(client.clone(), ns).create(&PostParams::default(), &secret).await?;
+                Api::<Secret>::namespaced(client.clone(), ns).patch(name, &params, &Patch::Apply(doc)).await?;
             }
             Some("MongoReplication") => {
-                let obj: DynamicObject = serde_json::from_value(doc.clone())?;
-                created.push(mrep_api(client, ns).create(&PostParams::default(), &obj).await?);
+                created.push(mrep_api(client, ns).patch(name, &params, &Patch::Apply(doc)).await?);
             }
             other => anyhow::bail!("examples may hold Secrets and MongoReplications, not {other:?}"),
         }
@@ -52,7 +54,7 @@ async fn every_example_is_accepted_and_defaulted() -> Result<()> {
     assert!(files.len() >= 3, "expected the examples in {dir}, found {files:?}");
     for file in &files {
         let docs = yaml_documents(&std::fs::read_to_string(file)?).with_context(|| file.display().to_string())?;
-        let created = create_documents(&client, &ns, &docs)
+        let created = apply_documents(&client, &ns, &docs)
             .await
             .with_context(|| format!("example {} was refused", file.display()))?;
         assert_eq!(created.len(), 1, "{} should hold one MongoReplication", file.display());

@@ -5,8 +5,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams};
-use kube::{Client, CustomResourceExt};
-use mongo_replicator::crd::MongoReplication;
+use kube::Client;
 
 /// Field manager of everything the tests write.
 pub const TEST_MANAGER: &str = "mongo-replicator-tests";
@@ -14,7 +13,7 @@ pub const TEST_MANAGER: &str = "mongo-replicator-tests";
 /// Installs the MongoReplication CRD with server-side apply and waits until it is Established.
 pub async fn install_crd(client: &Client) -> Result<()> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = MongoReplication::crd();
+    let crd = mongo_replicator::crd::crd();
     let name = crd.metadata.name.clone().context("CRD without a name")?;
     api.patch(&name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(&crd))
         .await

@@ -107,7 +107,7 @@ func main() { etcdmain.Main(os.Args) }
 GO
   log "building etcd $ETCD_VERSION"
   go mod tidy >&2
-  go build -trimpath -ldflags "-s -w" -o "$OUT/bin/etcd.tmp" .
+  go build -trimpath -ldflags "-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=module-$ETCD_VERSION" -o "$OUT/bin/etcd.tmp" .
   mv "$OUT/bin/etcd.tmp" "$OUT/bin/etcd"
 fi
 echo "$ETCD_VERSION" > "$OUT/etcd-version"
