@@ -5,3 +5,5 @@
 
 pub mod cli;
 pub mod crd;
+pub mod replicator;
+pub mod telemetry;

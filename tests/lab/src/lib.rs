@@ -11,6 +11,7 @@ pub mod kube;
 pub mod mongo;
 pub mod pki;
 pub mod process;
+pub mod workload;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

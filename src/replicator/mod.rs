@@ -1,0 +1,3 @@
+//! The data path: snapshot + change-stream replication of one MongoReplication.
+
+pub mod namespace;

@@ -1,0 +1,1 @@
+//! Namespace filtering and renaming (being written).

@@ -1,0 +1,1 @@
+//! Workload generator and source/target comparison (being written).
