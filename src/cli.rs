@@ -1,9 +1,19 @@
 //! Command-line interface of the `mongo-replicator` binary.
 
 use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::ConnectionString;
+use crate::crd::{AuthMethod, HistoryLostPolicy, NamespaceFilter, RenameRule, ReplicationMode, StreamStart};
+use crate::replicator::config::{ConfigError, EndpointConfig, ReplicatorConfig};
+use crate::replicator::{self, Outcome};
+use crate::telemetry::{self, Health, LogFormat, Metrics};
 
 /// Kubernetes operator for MongoDB-to-MongoDB replication, with Microsoft Entra workload identity
 /// for Azure DocumentDB (Azure Cosmos DB for MongoDB vCore).
@@ -18,8 +28,186 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Print the MongoReplication CustomResourceDefinition as YAML
-    /// (apply it with `mongo-replicator crd | kubectl apply -f -`).
+    /// (apply it with `mongo-replicator crd | kubectl apply --server-side -f -`).
     Crd,
+    /// Replicate: copy the source's data into the target, then follow the source's change
+    /// stream. Resumes from the checkpoint kept in the target after any crash.
+    ///
+    /// Exit codes: 0 stopped by SIGTERM/SIGINT after draining (or a SnapshotOnly copy finished),
+    /// 1 unexpected failure, 2 bad command line, 3 invalid configuration, 4 an endpoint refused
+    /// for good (login, unsupported server, rejected write), 5 the source's change history no
+    /// longer reaches the checkpoint, 6 the shutdown deadline passed before the drain finished.
+    Replicate(Box<ReplicateArgs>),
+}
+
+/// Arguments of `replicate`: a config file, or flags for a quick run.
+#[derive(Args, Debug)]
+#[command(after_help = "Connection strings never belong in a config file: give them with --source-uri/--target-uri \
+(or MREP_SOURCE_URI/MREP_TARGET_URI), or as files with --source-uri-file/--target-uri-file (a mounted Secret).\n\n\
+Example:\n  MREP_SOURCE_URI='mongodb://src:27017/?replicaSet=rs0' MREP_TARGET_URI='mongodb://dst:27017' \\\n    \
+mongo-replicator replicate --name orders --include 'orders.*' --rename 'orders.*=orders_dr.*'")]
+pub struct ReplicateArgs {
+    /// Configuration file (YAML or JSON), as the operator writes it; see the README for its schema.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["name", "source_uri", "source_uri_file", "include"])]
+    pub config: Option<PathBuf>,
+
+    /// Name of the replication: its checkpoint is stored under this name in the target.
+    #[arg(long, default_value = "default")]
+    pub name: String,
+    /// Source connection string (credentials included).
+    #[arg(long, env = "MREP_SOURCE_URI", hide_env_values = true)]
+    pub source_uri: Option<String>,
+    /// File holding the source connection string.
+    #[arg(long, value_name = "FILE")]
+    pub source_uri_file: Option<PathBuf>,
+    /// How to log in to the source.
+    #[arg(long, value_enum, default_value = "connection-string")]
+    pub source_auth: AuthFlag,
+    /// Extra CA certificates (PEM) for the source's TLS.
+    #[arg(long, value_name = "FILE")]
+    pub source_ca_file: Option<PathBuf>,
+    /// Target connection string (credentials included).
+    #[arg(long, env = "MREP_TARGET_URI", hide_env_values = true)]
+    pub target_uri: Option<String>,
+    /// File holding the target connection string.
+    #[arg(long, value_name = "FILE")]
+    pub target_uri_file: Option<PathBuf>,
+    /// How to log in to the target.
+    #[arg(long, value_enum, default_value = "connection-string")]
+    pub target_auth: AuthFlag,
+    /// Extra CA certificates (PEM) for the target's TLS.
+    #[arg(long, value_name = "FILE")]
+    pub target_ca_file: Option<PathBuf>,
+    /// Namespace pattern to replicate (`db.coll`, `*` wildcards); repeat for more. Default: all.
+    #[arg(long, value_name = "PATTERN")]
+    pub include: Vec<String>,
+    /// Namespace pattern to leave out; repeat for more.
+    #[arg(long, value_name = "PATTERN")]
+    pub exclude: Vec<String>,
+    /// Rename rule `FROM=TO`, e.g. `orders.*=orders_dr.*`; repeat for more (first match wins).
+    #[arg(long, value_name = "FROM=TO", value_parser = parse_rename)]
+    pub rename: Vec<RenameRule>,
+    /// What to replicate.
+    #[arg(long, value_enum, default_value = "snapshot-and-stream")]
+    pub mode: ModeFlag,
+    /// StreamOnly: start at this source cluster time (`<seconds>.<increment>`) when there is no checkpoint.
+    #[arg(long, value_name = "TIME", conflicts_with = "start_after_token")]
+    pub start_at_cluster_time: Option<String>,
+    /// StreamOnly: start after this resume token (hex `_data`) when there is no checkpoint.
+    #[arg(long, value_name = "HEX")]
+    pub start_after_token: Option<String>,
+    /// Parallel writers.
+    #[arg(long, default_value_t = 8)]
+    pub workers: usize,
+    /// Most documents per write command.
+    #[arg(long, default_value_t = 1000)]
+    pub batch_size: usize,
+    /// Database in the target holding checkpoints.
+    #[arg(long, default_value = "mongo_replicator")]
+    pub checkpoint_database: String,
+    /// When the source's history no longer reaches the checkpoint: fail, or copy again.
+    #[arg(long, value_enum, default_value = "fail")]
+    pub on_history_lost: HistoryFlag,
+
+    /// Address of /metrics, /healthz and /readyz (overrides the config file); `none` turns it off.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_address: Option<String>,
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+    /// Log format; default: text on a terminal, JSON otherwise.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormatFlag>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum AuthFlag {
+    ConnectionString,
+    Entra,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ModeFlag {
+    SnapshotAndStream,
+    StreamOnly,
+    SnapshotOnly,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum HistoryFlag {
+    Fail,
+    Resync,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormatFlag {
+    Json,
+    Text,
+}
+
+fn parse_rename(text: &str) -> Result<RenameRule, String> {
+    let (from, to) = text.split_once('=').ok_or_else(|| format!("expected FROM=TO, got {text:?}"))?;
+    Ok(RenameRule { from: from.to_string(), to: to.to_string() })
+}
+
+impl ReplicateArgs {
+    /// The configuration these arguments describe.
+    pub fn config(&self) -> Result<ReplicatorConfig, ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => ReplicatorConfig::from_file(path)?,
+            None => {
+                let endpoint = |auth: AuthFlag, uri: &Option<String>, file: &Option<PathBuf>, ca: &Option<PathBuf>| {
+                    let auth = match auth {
+                        AuthFlag::ConnectionString => AuthMethod::ConnectionString,
+                        AuthFlag::Entra => AuthMethod::Entra,
+                    };
+                    EndpointConfig {
+                        auth,
+                        // An Entra URI carries no secret; a connection string does.
+                        uri: if auth == AuthMethod::Entra { uri.clone() } else { None },
+                        uri_file: file.clone(),
+                        uri_env: None,
+                        ca_file: ca.clone(),
+                        connection_string: if auth == AuthMethod::ConnectionString { uri.as_deref().map(ConnectionString::new) } else { None },
+                    }
+                };
+                let filter = NamespaceFilter { include: self.include.clone(), exclude: self.exclude.clone(), rename: self.rename.clone() };
+                let start_at = (self.start_at_cluster_time.is_some() || self.start_after_token.is_some())
+                    .then(|| StreamStart { cluster_time: self.start_at_cluster_time.clone(), resume_token: self.start_after_token.clone() });
+                let mut config = ReplicatorConfig::new(
+                    &self.name,
+                    endpoint(self.source_auth, &self.source_uri, &self.source_uri_file, &self.source_ca_file),
+                    endpoint(self.target_auth, &self.target_uri, &self.target_uri_file, &self.target_ca_file),
+                );
+                config.namespaces = (filter != NamespaceFilter::default()).then_some(filter);
+                config.mode = match self.mode {
+                    ModeFlag::SnapshotAndStream => ReplicationMode::SnapshotAndStream,
+                    ModeFlag::StreamOnly => ReplicationMode::StreamOnly,
+                    ModeFlag::SnapshotOnly => ReplicationMode::SnapshotOnly,
+                };
+                config.start_at = start_at;
+                config.workers = self.workers;
+                config.batch_size = self.batch_size;
+                config.checkpoint_database = self.checkpoint_database.clone();
+                config.on_history_lost = match self.on_history_lost {
+                    HistoryFlag::Fail => HistoryLostPolicy::Fail,
+                    HistoryFlag::Resync => HistoryLostPolicy::Resync,
+                };
+                config.validate()?;
+                config
+            }
+        };
+        match self.metrics_address.as_deref() {
+            None => {}
+            Some("none") => config.metrics_address = None,
+            Some(addr) => {
+                config.metrics_address = Some(
+                    addr.parse::<SocketAddr>().map_err(|e| ConfigError::Invalid(format!("--metrics-address {addr}: {e}")))?,
+                )
+            }
+        }
+        Ok(config)
+    }
 }
 
 /// Runs a parsed command line; the process exit code is the result.
@@ -35,5 +223,96 @@ pub fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
+        Command::Replicate(args) => replicate(*args),
+    }
+}
+
+fn replicate(args: ReplicateArgs) -> ExitCode {
+    let format = match args.log_format {
+        Some(LogFormatFlag::Json) => LogFormat::Json,
+        Some(LogFormatFlag::Text) => LogFormat::Text,
+        None => telemetry::default_log_format(),
+    };
+    if let Err(err) = telemetry::init_logging(&args.log_level, format) {
+        eprintln!("mongo-replicator: {err}");
+        return ExitCode::from(3);
+    }
+    let config = match args.config() {
+        Ok(config) => config,
+        Err(err) => {
+            tracing::error!(reason = err.reason(), "{err}");
+            return ExitCode::from(3);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            tracing::error!("cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(replicate_async(config))
+}
+
+async fn replicate_async(config: ReplicatorConfig) -> ExitCode {
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new());
+    let cancel = CancellationToken::new();
+    if let Some(addr) = config.metrics_address {
+        let (metrics, health, cancel) = (metrics.clone(), health.clone(), cancel.child_token());
+        let listener = match telemetry::bind(addr).await {
+            Ok((listener, bound)) => {
+                tracing::info!(address = %bound, "serving /metrics, /healthz and /readyz");
+                listener
+            }
+            Err(err) => {
+                tracing::error!(reason = err.reason(), "{err}");
+                return ExitCode::from(3);
+            }
+        };
+        tokio::spawn(telemetry::serve_listener(listener, metrics, health, cancel));
+    }
+    let deadline = config.shutdown_timeout();
+    tracing::info!(name = %config.name, mode = ?config.mode, workers = config.workers, batch_size = config.batch_size, "mongo-replicator replicate starting");
+    let run = replicator::run(config, metrics, health, cancel.clone());
+    tokio::pin!(run);
+    let result = tokio::select! {
+        result = &mut run => result,
+        signal = shutdown_signal() => {
+            tracing::info!(signal, "draining: applying what was read, saving the checkpoint");
+            cancel.cancel();
+            match tokio::time::timeout(deadline, &mut run).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::error!(deadline = ?deadline, "the drain did not finish before the shutdown deadline; the next run resumes from the last saved checkpoint");
+                    return ExitCode::from(6);
+                }
+            }
+        }
+    };
+    cancel.cancel();
+    match result {
+        Ok(Outcome::Stopped) => ExitCode::SUCCESS,
+        Ok(Outcome::SnapshotDone) => {
+            tracing::info!("snapshot finished (mode: SnapshotOnly)");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            tracing::error!(reason = err.reason(), "{err}");
+            ExitCode::from(err.exit_code())
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT with the signal's name.
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the process still stops on the default action.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
     }
 }

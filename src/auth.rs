@@ -1,0 +1,210 @@
+//! Endpoint credentials: connection strings read from files or environment variables (mounted
+//! Secrets), kept in a type that never prints them, and the driver options built from them.
+
+use std::fmt;
+use std::path::Path;
+
+use mongodb::options::{ClientOptions, Tls, TlsOptions};
+
+use crate::crd::AuthMethod;
+use crate::replicator::config::{EndpointConfig, EndpointRole};
+
+/// A connection string that may hold credentials. `Debug` and `Display` show it with the user
+/// information and secret-bearing options replaced by `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConnectionString(String);
+
+impl ConnectionString {
+    pub fn new(uri: impl Into<String>) -> Self {
+        Self(uri.into().trim().to_string())
+    }
+
+    /// The connection string itself, for the driver only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The connection string with credentials replaced by `***`.
+    pub fn redacted(&self) -> String {
+        let uri = &self.0;
+        let Some((scheme, rest)) = uri.split_once("://") else {
+            return "***".to_string();
+        };
+        let (authority_end, _) = rest.char_indices().find(|(_, c)| matches!(c, '/' | '?')).unwrap_or((rest.len(), ' '));
+        let (authority, tail) = rest.split_at(authority_end);
+        let hosts = match authority.rsplit_once('@') {
+            Some((_, hosts)) => format!("***@{hosts}"),
+            None => authority.to_string(),
+        };
+        let tail = match tail.split_once('?') {
+            Some((path, query)) => {
+                let params: Vec<String> = query
+                    .split('&')
+                    .map(|pair| match pair.split_once('=') {
+                        Some((k, _)) if is_secret_option(k) => format!("{k}=***"),
+                        _ => pair.to_string(),
+                    })
+                    .collect();
+                format!("{path}?{}", params.join("&"))
+            }
+            None => tail.to_string(),
+        };
+        format!("{scheme}://{hosts}{tail}")
+    }
+
+    /// Removes this connection string and its credentials from a text (an error message from
+    /// the driver, say) before it is logged or shown.
+    pub fn scrub(&self, text: &str) -> String {
+        let mut out = text.replace(&self.0, &self.redacted());
+        if let Some((_, rest)) = self.0.split_once("://")
+            && let Some((userinfo, _)) = rest.split('/').next().unwrap_or_default().rsplit_once('@')
+        {
+            if let Some((_, password)) = userinfo.split_once(':')
+                && password.len() >= 3
+            {
+                out = out.replace(password, "***");
+                out = out.replace(&percent_decode(password), "***");
+            }
+        }
+        out
+    }
+}
+
+fn is_secret_option(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    key.contains("password") || key.contains("secret") || key.contains("token") || key == "authmechanismproperties"
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl fmt::Debug for ConnectionString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ConnectionString({})", self.redacted())
+    }
+}
+
+impl fmt::Display for ConnectionString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// Why an endpoint's credentials could not be turned into driver options.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("{role}: no connection string: set uriFile or uriEnv, or pass --{role}-uri (auth: connectionString)")]
+    NoConnectionString { role: EndpointRole },
+    #[error("{role}: cannot read the connection string from {path}: {reason}")]
+    UnreadableSecret { role: EndpointRole, path: String, reason: String },
+    #[error("{role}: environment variable {name} is not set or empty")]
+    MissingEnv { role: EndpointRole, name: String },
+    #[error("{role}: invalid connection string {redacted}: {detail}")]
+    InvalidConnectionString { role: EndpointRole, redacted: String, detail: String },
+    #[error("{role}: CA file {path} does not exist")]
+    MissingCaFile { role: EndpointRole, path: String },
+    #[error("{role}: auth: entra (Microsoft Entra workload identity) is not available in this build yet")]
+    EntraUnavailable { role: EndpointRole },
+}
+
+impl AuthError {
+    /// Stable reason for conditions, Events and metric labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::NoConnectionString { .. } | AuthError::MissingEnv { .. } => "ConnectionStringMissing",
+            AuthError::UnreadableSecret { .. } => "ConnectionStringUnreadable",
+            AuthError::InvalidConnectionString { .. } => "ConnectionStringInvalid",
+            AuthError::MissingCaFile { .. } => "CaFileMissing",
+            AuthError::EntraUnavailable { .. } => "EntraUnavailable",
+        }
+    }
+}
+
+/// Reads an endpoint's connection string from its file or environment variable.
+pub fn connection_string(endpoint: &EndpointConfig, role: EndpointRole) -> Result<ConnectionString, AuthError> {
+    if let Some(uri) = &endpoint.connection_string {
+        return Ok(uri.clone());
+    }
+    if let Some(path) = &endpoint.uri_file {
+        let text = std::fs::read_to_string(path).map_err(|err| AuthError::UnreadableSecret {
+            role,
+            path: path.display().to_string(),
+            reason: err.kind().to_string(),
+        })?;
+        return Ok(ConnectionString::new(text));
+    }
+    if let Some(name) = &endpoint.uri_env {
+        return match std::env::var(name) {
+            Ok(value) if !value.trim().is_empty() => Ok(ConnectionString::new(value)),
+            _ => Err(AuthError::MissingEnv { role, name: name.clone() }),
+        };
+    }
+    Err(AuthError::NoConnectionString { role })
+}
+
+/// Driver options for an endpoint: its connection string, extra CA certificates and an app name
+/// that shows up in the server's logs.
+pub async fn client_options(endpoint: &EndpointConfig, role: EndpointRole) -> Result<ClientOptions, AuthError> {
+    if endpoint.auth == AuthMethod::Entra {
+        return Err(AuthError::EntraUnavailable { role });
+    }
+    let uri = connection_string(endpoint, role)?;
+    let mut options = ClientOptions::parse(uri.expose()).await.map_err(|err| AuthError::InvalidConnectionString {
+        role,
+        redacted: uri.redacted(),
+        detail: uri.scrub(&err.to_string()),
+    })?;
+    if let Some(ca) = &endpoint.ca_file {
+        if !Path::new(ca).exists() {
+            return Err(AuthError::MissingCaFile { role, path: ca.display().to_string() });
+        }
+        let mut tls = match options.tls.take() {
+            Some(Tls::Enabled(tls)) => tls,
+            _ => TlsOptions::default(),
+        };
+        tls.ca_file_path = Some(ca.clone());
+        options.tls = Some(Tls::Enabled(tls));
+    }
+    options.app_name = Some(format!("mongo-replicator/{}", env!("CARGO_PKG_VERSION")));
+    Ok(options)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction_hides_user_information_and_secret_options() {
+        let uri = ConnectionString::new("mongodb://app:p%40ss@db1:27017,db2:27017/shop?tls=true&tlsCertificateKeyFilePassword=k3y&replicaSet=rs0");
+        let shown = uri.to_string();
+        assert_eq!(shown, "mongodb://***@db1:27017,db2:27017/shop?tls=true&tlsCertificateKeyFilePassword=***&replicaSet=rs0");
+        assert!(!format!("{uri:?}").contains("p%40ss"));
+        assert_eq!(ConnectionString::new("mongodb+srv://c.example/?tls=true").to_string(), "mongodb+srv://c.example/?tls=true");
+        assert_eq!(ConnectionString::new("not a uri").to_string(), "***");
+    }
+
+    #[test]
+    fn scrub_removes_the_password_in_any_spelling() {
+        let uri = ConnectionString::new("mongodb://app:s3cr%2Ft@db:27017/?authSource=admin");
+        let message = format!("failed to parse {}: password s3cr/t or s3cr%2Ft rejected", uri.expose());
+        let scrubbed = uri.scrub(&message);
+        assert!(!scrubbed.contains("s3cr"), "{scrubbed}");
+        assert!(scrubbed.contains("mongodb://***@db:27017"), "{scrubbed}");
+    }
+}

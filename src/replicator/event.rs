@@ -1,0 +1,315 @@
+//! Change events to writes: pure code, no I/O.
+//!
+//! Updates are applied as a replacement with the looked-up full document
+//! (`fullDocument: updateLookup`) rather than by replaying `updateDescription`: a replacement by
+//! `_id` is idempotent, so a replay after a crash converges; and `updateDescription` cannot say
+//! whether `"a.b"` is a field named `a.b` or `b` inside `a` (the workload has both), while the
+//! full document can. When the document is gone by lookup time the update is skipped: its delete
+//! is further along the same stream.
+
+use mongodb::bson::{Bson, Document, Timestamp};
+
+use super::namespace::{Namespace, NamespaceMap};
+
+/// A document write, keyed by the document key, in the target's namespace.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DocWrite {
+    pub ns: Namespace,
+    /// The `documentKey` of the event (`{_id: ...}`, plus the shard key on sharded sources).
+    pub key: Document,
+    pub kind: DocWriteKind,
+}
+
+/// What happens to one document.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DocWriteKind {
+    /// Replace (or insert) the whole document.
+    Upsert(Document),
+    Delete,
+}
+
+/// A change to a collection or database as a whole, applied between document writes with every
+/// earlier write flushed first.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Ddl {
+    /// Create a collection with options (capped, validators, ...).
+    CreateCollection { ns: Namespace, options: Document },
+    DropCollection(Namespace),
+    /// Rename inside the target; the source namespace was renamed and both names are replicated.
+    RenameCollection { from: Namespace, to: Namespace },
+    /// A collection was renamed into the replicated set from outside it: copy it afresh.
+    CopyCollection { source: Namespace, target: Namespace },
+    /// Drop the replicated collections of a target database (`source_db` names the source side).
+    DropDatabase { source_db: String, target_db: String },
+    CreateIndexes { ns: Namespace, indexes: Vec<Document> },
+    DropIndexes { ns: Namespace, names: Vec<String> },
+}
+
+/// What one change event asks of the target.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    Write(DocWrite),
+    Ddl(Ddl),
+    /// Not replicated (filtered out, or an event type without effect on the data).
+    Skip,
+    /// The stream ended (collection or database scope after a drop or rename); reopen it with
+    /// `startAfter` this event's token.
+    Invalidate,
+}
+
+/// The operation label used in metrics.
+pub fn operation_label(event: &Document) -> &'static str {
+    match event.get_str("operationType").unwrap_or("unknown") {
+        "insert" => "insert",
+        "update" => "update",
+        "replace" => "replace",
+        "delete" => "delete",
+        _ => "ddl",
+    }
+}
+
+/// The source cluster time of an event, if it carries one.
+pub fn cluster_time(event: &Document) -> Option<Timestamp> {
+    match event.get("clusterTime") {
+        Some(Bson::Timestamp(ts)) => Some(*ts),
+        _ => None,
+    }
+}
+
+/// An event the replicator cannot interpret.
+#[derive(Debug, thiserror::Error)]
+#[error("change event {operation} lacks {field}")]
+pub struct MalformedEvent {
+    pub operation: String,
+    pub field: &'static str,
+}
+
+fn ns_of(event: &Document, field: &'static str, operation: &str) -> Result<Namespace, MalformedEvent> {
+    let missing = || MalformedEvent { operation: operation.to_string(), field };
+    let ns = event.get_document(field).map_err(|_| missing())?;
+    let db = ns.get_str("db").map_err(|_| missing())?;
+    let coll = ns.get_str("coll").map_err(|_| missing())?;
+    Ok(Namespace::new(db, coll))
+}
+
+/// Maps one raw change event to what the target must do.
+pub fn map_event(event: &Document, map: &NamespaceMap) -> Result<Action, MalformedEvent> {
+    let operation = event.get_str("operationType").unwrap_or("unknown");
+    let malformed = |field| MalformedEvent { operation: operation.to_string(), field };
+    match operation {
+        "insert" | "replace" | "update" => {
+            let ns = ns_of(event, "ns", operation)?;
+            if !map.includes(&ns) {
+                return Ok(Action::Skip);
+            }
+            let key = event.get_document("documentKey").map_err(|_| malformed("documentKey"))?.clone();
+            match event.get("fullDocument") {
+                Some(Bson::Document(doc)) => Ok(Action::Write(DocWrite {
+                    ns: map.target(&ns),
+                    key,
+                    kind: DocWriteKind::Upsert(doc.clone()),
+                })),
+                // Deleted before the lookup: the delete event follows on this stream.
+                Some(Bson::Null) | None if operation == "update" => Ok(Action::Skip),
+                _ => Err(malformed("fullDocument")),
+            }
+        }
+        "delete" => {
+            let ns = ns_of(event, "ns", operation)?;
+            if !map.includes(&ns) {
+                return Ok(Action::Skip);
+            }
+            let key = event.get_document("documentKey").map_err(|_| malformed("documentKey"))?.clone();
+            Ok(Action::Write(DocWrite { ns: map.target(&ns), key, kind: DocWriteKind::Delete }))
+        }
+        "drop" => {
+            let ns = ns_of(event, "ns", operation)?;
+            Ok(if map.includes(&ns) { Action::Ddl(Ddl::DropCollection(map.target(&ns))) } else { Action::Skip })
+        }
+        "rename" => {
+            let from = ns_of(event, "ns", operation)?;
+            let to = ns_of(event, "to", operation)?;
+            Ok(match (map.includes(&from), map.includes(&to)) {
+                (true, true) => Action::Ddl(Ddl::RenameCollection { from: map.target(&from), to: map.target(&to) }),
+                (true, false) => Action::Ddl(Ddl::DropCollection(map.target(&from))),
+                (false, true) => Action::Ddl(Ddl::CopyCollection { target: map.target(&to), source: to }),
+                (false, false) => Action::Skip,
+            })
+        }
+        "dropDatabase" => {
+            let db = event.get_document("ns").and_then(|ns| ns.get_str("db")).map_err(|_| malformed("ns.db"))?;
+            Ok(match map.target_database(db) {
+                Some(target_db) if map.may_include_database(db) => {
+                    Action::Ddl(Ddl::DropDatabase { source_db: db.to_string(), target_db })
+                }
+                _ => Action::Skip,
+            })
+        }
+        "create" => {
+            let ns = ns_of(event, "ns", operation)?;
+            if !map.includes(&ns) {
+                return Ok(Action::Skip);
+            }
+            let mut options = event.get_document("operationDescription").cloned().unwrap_or_default();
+            // The _id index comes with every collection.
+            options.remove("idIndex");
+            Ok(Action::Ddl(Ddl::CreateCollection { ns: map.target(&ns), options }))
+        }
+        "createIndexes" => {
+            let ns = ns_of(event, "ns", operation)?;
+            if !map.includes(&ns) {
+                return Ok(Action::Skip);
+            }
+            let indexes = index_specs(event).ok_or_else(|| malformed("operationDescription.indexes"))?;
+            Ok(Action::Ddl(Ddl::CreateIndexes { ns: map.target(&ns), indexes }))
+        }
+        "dropIndexes" => {
+            let ns = ns_of(event, "ns", operation)?;
+            if !map.includes(&ns) {
+                return Ok(Action::Skip);
+            }
+            let indexes = index_specs(event).ok_or_else(|| malformed("operationDescription.indexes"))?;
+            let names = indexes.iter().filter_map(|i| i.get_str("name").ok().map(str::to_string)).collect();
+            Ok(Action::Ddl(Ddl::DropIndexes { ns: map.target(&ns), names }))
+        }
+        "invalidate" => Ok(Action::Invalidate),
+        // modify, shardCollection, refineCollectionShardKey, reshardCollection, ...: no data to move.
+        _ => Ok(Action::Skip),
+    }
+}
+
+fn index_specs(event: &Document) -> Option<Vec<Document>> {
+    let indexes = event.get_document("operationDescription").ok()?.get_array("indexes").ok()?;
+    Some(
+        indexes
+            .iter()
+            .filter_map(|i| i.as_document().cloned())
+            .map(|mut spec| {
+                // `v` and `ns` describe the source's storage, not the index.
+                spec.remove("v");
+                spec.remove("ns");
+                spec
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{NamespaceFilter, RenameRule};
+    use mongodb::bson::doc;
+
+    fn map() -> NamespaceMap {
+        let filter = NamespaceFilter {
+            include: vec!["shop.*".into(), "crm.customers".into()],
+            exclude: vec!["shop.tmp".into()],
+            rename: vec![RenameRule { from: "shop.*".into(), to: "shop_dr.*".into() }],
+        };
+        NamespaceMap::new(Some(&filter), "mongo_replicator").expect("valid filter")
+    }
+
+    fn ns(db: &str, coll: &str) -> Document {
+        doc! {"db": db, "coll": coll}
+    }
+
+    #[test]
+    fn inserts_replaces_and_updates_become_upserts_of_the_full_document_in_the_renamed_namespace() {
+        for op in ["insert", "replace", "update"] {
+            let event = doc! {"operationType": op, "ns": ns("shop", "items"), "documentKey": {"_id": 1}, "fullDocument": {"_id": 1, "a.b": 2}};
+            assert_eq!(
+                map_event(&event, &map()).unwrap(),
+                Action::Write(DocWrite {
+                    ns: Namespace::new("shop_dr", "items"),
+                    key: doc! {"_id": 1},
+                    kind: DocWriteKind::Upsert(doc! {"_id": 1, "a.b": 2})
+                }),
+                "{op}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_update_whose_document_is_gone_is_skipped_but_an_insert_without_document_is_malformed() {
+        let update = doc! {"operationType": "update", "ns": ns("shop", "items"), "documentKey": {"_id": 1}, "fullDocument": Bson::Null};
+        assert_eq!(map_event(&update, &map()).unwrap(), Action::Skip);
+        let insert = doc! {"operationType": "insert", "ns": ns("shop", "items"), "documentKey": {"_id": 1}};
+        assert!(map_event(&insert, &map()).is_err());
+    }
+
+    #[test]
+    fn deletes_key_by_document_key() {
+        let event = doc! {"operationType": "delete", "ns": ns("crm", "customers"), "documentKey": {"_id": "c1"}};
+        assert_eq!(
+            map_event(&event, &map()).unwrap(),
+            Action::Write(DocWrite { ns: Namespace::new("crm", "customers"), key: doc! {"_id": "c1"}, kind: DocWriteKind::Delete })
+        );
+    }
+
+    #[test]
+    fn filtered_namespaces_are_skipped() {
+        for (db, coll) in [("shop", "tmp"), ("crm", "leads"), ("other", "x")] {
+            let event = doc! {"operationType": "insert", "ns": ns(db, coll), "documentKey": {"_id": 1}, "fullDocument": {"_id": 1}};
+            assert_eq!(map_event(&event, &map()).unwrap(), Action::Skip, "{db}.{coll}");
+        }
+    }
+
+    #[test]
+    fn renames_follow_the_filter_on_both_sides() {
+        let rename = |from: (&str, &str), to: (&str, &str)| {
+            map_event(&doc! {"operationType": "rename", "ns": ns(from.0, from.1), "to": ns(to.0, to.1)}, &map()).unwrap()
+        };
+        assert_eq!(
+            rename(("shop", "a"), ("shop", "b")),
+            Action::Ddl(Ddl::RenameCollection { from: Namespace::new("shop_dr", "a"), to: Namespace::new("shop_dr", "b") })
+        );
+        assert_eq!(rename(("shop", "a"), ("shop", "tmp")), Action::Ddl(Ddl::DropCollection(Namespace::new("shop_dr", "a"))));
+        assert_eq!(
+            rename(("shop", "tmp"), ("shop", "b")),
+            Action::Ddl(Ddl::CopyCollection { source: Namespace::new("shop", "b"), target: Namespace::new("shop_dr", "b") })
+        );
+        assert_eq!(rename(("x", "a"), ("x", "b")), Action::Skip);
+    }
+
+    #[test]
+    fn drops_and_index_ddl_map_to_the_target() {
+        let drop = doc! {"operationType": "drop", "ns": ns("shop", "items")};
+        assert_eq!(map_event(&drop, &map()).unwrap(), Action::Ddl(Ddl::DropCollection(Namespace::new("shop_dr", "items"))));
+        let create = doc! {"operationType": "createIndexes", "ns": ns("shop", "items"),
+            "operationDescription": {"indexes": [{"v": 2, "key": {"sku": 1}, "name": "sku_1", "unique": true}]}};
+        assert_eq!(
+            map_event(&create, &map()).unwrap(),
+            Action::Ddl(Ddl::CreateIndexes {
+                ns: Namespace::new("shop_dr", "items"),
+                indexes: vec![doc! {"key": {"sku": 1}, "name": "sku_1", "unique": true}]
+            })
+        );
+        let dropped = doc! {"operationType": "dropIndexes", "ns": ns("shop", "items"),
+            "operationDescription": {"indexes": [{"v": 2, "key": {"sku": 1}, "name": "sku_1"}]}};
+        assert_eq!(
+            map_event(&dropped, &map()).unwrap(),
+            Action::Ddl(Ddl::DropIndexes { ns: Namespace::new("shop_dr", "items"), names: vec!["sku_1".into()] })
+        );
+        let created = doc! {"operationType": "create", "ns": ns("shop", "log"),
+            "operationDescription": {"capped": true, "size": 4096, "idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"}}};
+        assert_eq!(
+            map_event(&created, &map()).unwrap(),
+            Action::Ddl(Ddl::CreateCollection { ns: Namespace::new("shop_dr", "log"), options: doc! {"capped": true, "size": 4096} })
+        );
+    }
+
+    #[test]
+    fn drop_database_maps_whole_database_renames_only() {
+        let drop_db = |db: &str| map_event(&doc! {"operationType": "dropDatabase", "ns": {"db": db}}, &map()).unwrap();
+        assert_eq!(drop_db("shop"), Action::Ddl(Ddl::DropDatabase { source_db: "shop".into(), target_db: "shop_dr".into() }));
+        assert_eq!(drop_db("other"), Action::Skip);
+    }
+
+    #[test]
+    fn invalidate_and_unknown_events() {
+        assert_eq!(map_event(&doc! {"operationType": "invalidate"}, &map()).unwrap(), Action::Invalidate);
+        assert_eq!(map_event(&doc! {"operationType": "modify", "ns": ns("shop", "x")}, &map()).unwrap(), Action::Skip);
+        assert_eq!(operation_label(&doc! {"operationType": "rename"}), "ddl");
+        assert_eq!(operation_label(&doc! {"operationType": "delete"}), "delete");
+    }
+}

@@ -1,0 +1,344 @@
+//! The target side: idempotent batched writes and DDL, retried while errors are transient.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::TryStreamExt;
+use mongodb::bson::{Bson, Document, doc};
+use mongodb::{Client, Database};
+use tokio_util::sync::CancellationToken;
+
+use super::event::{Ddl, DocWrite, DocWriteKind};
+use super::namespace::{Namespace, NamespaceMap};
+use super::retry::{Backoff, error_code, is_transient};
+use crate::telemetry::Metrics;
+
+/// Most bytes of documents in one write command; the server refuses commands over 16 MB and one
+/// large document must still fit beside the command's own fields.
+const MAX_COMMAND_BYTES: usize = 8 * 1024 * 1024;
+
+/// A write the target refused for good.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("target refused a write to {ns} (code {code}): {message}")]
+    WriteRefused { ns: String, code: i32, message: String },
+    #[error("target command {command} on {ns} failed: {source}")]
+    Command {
+        command: &'static str,
+        ns: String,
+        #[source]
+        source: mongodb::error::Error,
+    },
+    #[error("stopped while retrying a write to {ns}")]
+    Cancelled { ns: String },
+}
+
+impl SinkError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SinkError::WriteRefused { .. } => "TargetWriteRefused",
+            SinkError::Command { .. } => "TargetCommandFailed",
+            SinkError::Cancelled { .. } => "Cancelled",
+        }
+    }
+}
+
+/// Writes to the target.
+#[derive(Clone)]
+pub struct Sink {
+    client: Client,
+    map: Arc<NamespaceMap>,
+    metrics: Arc<Metrics>,
+    batch_size: usize,
+    /// Retries stop when this is cancelled (a forced shutdown); writes in flight are idempotent.
+    cancel: CancellationToken,
+}
+
+/// Server codes that mean "already done" for DDL replayed after a crash.
+const NAMESPACE_NOT_FOUND: i32 = 26;
+const INDEX_NOT_FOUND: i32 = 27;
+const NAMESPACE_EXISTS: i32 = 48;
+const DUPLICATE_KEY: i32 = 11000;
+
+impl Sink {
+    pub fn new(client: Client, map: Arc<NamespaceMap>, metrics: Arc<Metrics>, batch_size: usize, cancel: CancellationToken) -> Self {
+        Self { client, map, metrics, batch_size, cancel }
+    }
+
+    fn db(&self, ns: &Namespace) -> Database {
+        self.client.database(&ns.db)
+    }
+
+    /// Runs a command, retrying transient failures with backoff until it succeeds, fails for
+    /// good, or the sink is cancelled.
+    async fn command(&self, ns: &Namespace, name: &'static str, command: Document) -> Result<Document, SinkError> {
+        let mut backoff = Backoff::default();
+        loop {
+            match self.db(ns).run_command(command.clone()).await {
+                Ok(reply) => return Ok(reply),
+                Err(err) if is_transient(&err) && !self.cancel.is_cancelled() => {
+                    self.metrics.retry("write");
+                    let delay = backoff.next_delay();
+                    tracing::warn!(ns = %ns, command = name, error = %err, retry_in = ?delay, "transient write failure; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.cancel.cancelled() => return Err(SinkError::Cancelled { ns: ns.to_string() }),
+                    }
+                }
+                Err(source) => return Err(SinkError::Command { command: name, ns: ns.to_string(), source }),
+            }
+        }
+    }
+
+    /// Applies document writes in order per document: for each document only its last write
+    /// counts (every write is a whole-document replacement or a delete), so a batch shrinks to one
+    /// upsert or delete per key, sent as unordered `update` and `delete` commands per collection.
+    pub async fn apply(&self, writes: Vec<DocWrite>) -> Result<(), SinkError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let count = writes.len() as u64;
+        for (ns, writes) in coalesce(writes) {
+            let mut upserts = Vec::new();
+            let mut deletes = Vec::new();
+            for write in writes {
+                match write.kind {
+                    DocWriteKind::Upsert(doc) => upserts.push(doc! {"q": write.key, "u": doc, "upsert": true}),
+                    DocWriteKind::Delete => deletes.push(doc! {"q": write.key, "limit": 1}),
+                }
+            }
+            for chunk in chunks(upserts, self.batch_size) {
+                let reply = self.command(&ns, "update", doc! {"update": &ns.coll, "updates": chunk, "ordered": false}).await?;
+                check_write_errors(&ns, &reply, false)?;
+            }
+            for chunk in chunks(deletes, self.batch_size) {
+                let reply = self.command(&ns, "delete", doc! {"delete": &ns.coll, "deletes": chunk, "ordered": false}).await?;
+                check_write_errors(&ns, &reply, false)?;
+            }
+        }
+        self.metrics.observe_apply_batch(started.elapsed().as_secs_f64(), count);
+        Ok(())
+    }
+
+    /// Inserts copied documents; documents already in the target (a range copied again after a
+    /// crash) are left as they are: the change stream brings them up to date.
+    pub async fn insert_copied(&self, ns: &Namespace, docs: Vec<Document>) -> Result<(), SinkError> {
+        for chunk in chunks(docs, self.batch_size) {
+            let reply = self.command(ns, "insert", doc! {"insert": &ns.coll, "documents": chunk, "ordered": false}).await?;
+            check_write_errors(ns, &reply, true)?;
+        }
+        Ok(())
+    }
+
+    /// Applies a DDL change. Replaying one after a crash is harmless: "already done" answers
+    /// (namespace not found, exists, index not found) count as success.
+    pub async fn apply_ddl(&self, ddl: &Ddl) -> Result<(), SinkError> {
+        let result = match ddl {
+            Ddl::CreateCollection { ns, options } => {
+                let mut command = doc! {"create": &ns.coll};
+                command.extend(options.clone());
+                self.command(ns, "create", command).await.map(drop)
+            }
+            Ddl::DropCollection(ns) => self.command(ns, "drop", doc! {"drop": &ns.coll}).await.map(drop),
+            Ddl::RenameCollection { from, to } => {
+                let admin = Namespace::new("admin", "$cmd");
+                let command = doc! {"renameCollection": from.to_string(), "to": to.to_string(), "dropTarget": true};
+                self.command(&admin, "renameCollection", command).await.map(drop)
+            }
+            Ddl::DropDatabase { source_db, target_db } => self.drop_database(source_db, target_db).await,
+            Ddl::CreateIndexes { ns, indexes } => self.create_indexes(ns, indexes.clone()).await,
+            Ddl::DropIndexes { ns, names } => {
+                self.command(ns, "dropIndexes", doc! {"dropIndexes": &ns.coll, "index": names.clone()}).await.map(drop)
+            }
+            // Copied by the snapshot copier, which owns the source side, before this is called.
+            Ddl::CopyCollection { .. } => Ok(()),
+        };
+        match result {
+            Err(SinkError::Command { source, .. })
+                if matches!(error_code(&source), Some(NAMESPACE_NOT_FOUND | INDEX_NOT_FOUND | NAMESPACE_EXISTS)) =>
+            {
+                Ok(())
+            }
+            other => other,
+        }?;
+        self.metrics.events_applied("ddl", 1);
+        Ok(())
+    }
+
+    pub async fn create_indexes(&self, ns: &Namespace, indexes: Vec<Document>) -> Result<(), SinkError> {
+        if indexes.is_empty() {
+            return Ok(());
+        }
+        self.command(ns, "createIndexes", doc! {"createIndexes": &ns.coll, "indexes": indexes}).await.map(drop)
+    }
+
+    /// Drops the target collections that came from `source_db`; other collections a person keeps
+    /// in the same target database stay.
+    async fn drop_database(&self, source_db: &str, target_db: &str) -> Result<(), SinkError> {
+        let target = Namespace::new(target_db, "$cmd");
+        let names: Vec<String> = self
+            .client
+            .database(target_db)
+            .list_collection_names()
+            .await
+            .map_err(|source| SinkError::Command { command: "listCollections", ns: target.to_string(), source })?;
+        for coll in names {
+            let source = Namespace::new(source_db, coll.clone());
+            let mapped = Namespace::new(target_db, coll);
+            if self.map.includes(&source) && self.map.target(&source) == mapped {
+                match self.command(&mapped, "drop", doc! {"drop": &mapped.coll}).await {
+                    Err(SinkError::Command { source, .. }) if error_code(&source) == Some(NAMESPACE_NOT_FOUND) => {}
+                    other => other.map(drop)?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The secondary indexes of a collection (for copying them), without their storage details.
+    pub async fn list_indexes(client: &Client, ns: &Namespace) -> mongodb::error::Result<Vec<Document>> {
+        let cursor = client.database(&ns.db).collection::<Document>(&ns.coll).list_indexes().await?;
+        let models: Vec<mongodb::IndexModel> = cursor.try_collect().await?;
+        let mut specs = Vec::new();
+        for model in models {
+            let mut spec = match mongodb::bson::to_document(&model.options) {
+                Ok(options) => options,
+                Err(_) => Document::new(),
+            };
+            if spec.get_str("name").ok() == Some("_id_") {
+                continue;
+            }
+            spec.insert("key", model.keys);
+            spec.remove("v");
+            spec.remove("ns");
+            specs.push(spec);
+        }
+        Ok(specs)
+    }
+}
+
+/// Groups writes by namespace, keeping only the last write of each document key, in first-seen order.
+fn coalesce(writes: Vec<DocWrite>) -> Vec<(Namespace, Vec<DocWrite>)> {
+    let mut by_ns: Vec<(Namespace, Vec<DocWrite>, HashMap<Vec<u8>, usize>)> = Vec::new();
+    for write in writes {
+        let slot = match by_ns.iter().position(|(ns, _, _)| *ns == write.ns) {
+            Some(i) => i,
+            None => {
+                by_ns.push((write.ns.clone(), Vec::new(), HashMap::new()));
+                by_ns.len() - 1
+            }
+        };
+        let (_, list, index) = &mut by_ns[slot];
+        let key = mongodb::bson::to_vec(&write.key).unwrap_or_default();
+        match index.get(&key) {
+            Some(&i) => list[i] = write,
+            None => {
+                index.insert(key, list.len());
+                list.push(write);
+            }
+        }
+    }
+    by_ns.into_iter().map(|(ns, list, _)| (ns, list)).collect()
+}
+
+/// Splits statements into commands of at most `max` statements and about `MAX_COMMAND_BYTES`.
+fn chunks(statements: Vec<Document>, max: usize) -> Vec<Vec<Document>> {
+    let mut out = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = 0;
+    for statement in statements {
+        let size = approximate_size(&statement);
+        if !current.is_empty() && (current.len() >= max || bytes + size > MAX_COMMAND_BYTES) {
+            out.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes += size;
+        current.push(statement);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+/// The BSON size of a document, counting only what is large (strings and binaries) precisely
+/// enough to stay under the server's limit without serializing every document twice.
+fn approximate_size(doc: &Document) -> usize {
+    fn bson_size(value: &Bson) -> usize {
+        match value {
+            Bson::String(s) => s.len() + 8,
+            Bson::Binary(b) => b.bytes.len() + 8,
+            Bson::Document(d) => d.iter().map(|(k, v)| k.len() + 2 + bson_size(v)).sum::<usize>() + 5,
+            Bson::Array(a) => a.iter().map(|v| 4 + bson_size(v)).sum::<usize>() + 5,
+            Bson::Decimal128(_) => 16,
+            _ => 9,
+        }
+    }
+    doc.iter().map(|(k, v)| k.len() + 2 + bson_size(v)).sum::<usize>() + 5
+}
+
+/// Turns `writeErrors` of a write command's reply into an error; duplicate keys are expected
+/// (and ignored) only for copied inserts.
+fn check_write_errors(ns: &Namespace, reply: &Document, ignore_duplicates: bool) -> Result<(), SinkError> {
+    let Ok(errors) = reply.get_array("writeErrors") else {
+        return Ok(());
+    };
+    for error in errors.iter().filter_map(Bson::as_document) {
+        let code = error.get_i32("code").unwrap_or_default();
+        if ignore_duplicates && code == DUPLICATE_KEY {
+            continue;
+        }
+        let message = error.get_str("errmsg").unwrap_or("(no message)").chars().take(500).collect();
+        return Err(SinkError::WriteRefused { ns: ns.to_string(), code, message });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(coll: &str, id: i32, kind: DocWriteKind) -> DocWrite {
+        DocWrite { ns: Namespace::new("db", coll), key: doc! {"_id": id}, kind }
+    }
+
+    #[test]
+    fn coalescing_keeps_the_last_write_per_document() {
+        let writes = vec![
+            write("a", 1, DocWriteKind::Upsert(doc! {"_id": 1, "v": 1})),
+            write("b", 1, DocWriteKind::Delete),
+            write("a", 2, DocWriteKind::Upsert(doc! {"_id": 2})),
+            write("a", 1, DocWriteKind::Delete),
+            write("a", 1, DocWriteKind::Upsert(doc! {"_id": 1, "v": 3})),
+        ];
+        let grouped = coalesce(writes);
+        assert_eq!(grouped.len(), 2);
+        assert_eq!(grouped[0].0, Namespace::new("db", "a"));
+        assert_eq!(
+            grouped[0].1,
+            vec![write("a", 1, DocWriteKind::Upsert(doc! {"_id": 1, "v": 3})), write("a", 2, DocWriteKind::Upsert(doc! {"_id": 2}))]
+        );
+        assert_eq!(grouped[1].1, vec![write("b", 1, DocWriteKind::Delete)]);
+    }
+
+    #[test]
+    fn chunks_respect_count_and_size() {
+        let small: Vec<_> = (0..25).map(|i| doc! {"_id": i}).collect();
+        assert_eq!(chunks(small, 10).iter().map(Vec::len).collect::<Vec<_>>(), [10, 10, 5]);
+        let big = || doc! {"_id": 1, "blob": "x".repeat(3 * 1024 * 1024)};
+        let sizes: Vec<_> = chunks(vec![big(), big(), big(), big()], 1000).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [2, 2]);
+    }
+
+    #[test]
+    fn duplicate_keys_are_ignored_only_for_copies() {
+        let ns = Namespace::new("db", "c");
+        let reply = doc! {"ok": 1, "writeErrors": [{"index": 0, "code": 11000, "errmsg": "E11000 duplicate key"}]};
+        assert!(check_write_errors(&ns, &reply, true).is_ok());
+        let err = check_write_errors(&ns, &reply, false).unwrap_err();
+        assert!(err.to_string().contains("db.c") && err.to_string().contains("11000"));
+        assert!(check_write_errors(&ns, &doc! {"ok": 1, "n": 3}, false).is_ok());
+    }
+}

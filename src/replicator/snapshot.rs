@@ -1,0 +1,467 @@
+//! The snapshot: copies the included collections, in parallel and in `_id` ranges, recording
+//! progress after every batch so a restart continues where it stopped.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use mongodb::bson::{Bson, Document, doc};
+use mongodb::options::FindOptions;
+use mongodb::Client;
+use tokio_util::sync::CancellationToken;
+
+use super::checkpoint::{CheckpointStore, RangeId, RangeProgress};
+use super::namespace::{Namespace, NamespaceMap};
+use super::retry::{Backoff, is_transient};
+use super::sink::{Sink, SinkError};
+use crate::telemetry::Metrics;
+
+/// Why the snapshot stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("cannot read {ns} from the source: {source}")]
+    Read {
+        ns: String,
+        #[source]
+        source: mongodb::error::Error,
+    },
+    #[error("cannot list the source's {what}: {source}")]
+    List {
+        what: String,
+        #[source]
+        source: mongodb::error::Error,
+    },
+    #[error("cannot record snapshot progress in the target: {0}")]
+    Progress(#[source] mongodb::error::Error),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("snapshot stopped by shutdown")]
+    Cancelled,
+}
+
+impl SnapshotError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SnapshotError::Read { .. } => "SourceReadFailed",
+            SnapshotError::List { .. } => "SourceListFailed",
+            SnapshotError::Progress(_) => "CheckpointWriteFailed",
+            SnapshotError::Sink(e) => e.reason(),
+            SnapshotError::Cancelled => "Cancelled",
+        }
+    }
+
+    /// Whether trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SnapshotError::Read { source, .. } | SnapshotError::List { source, .. } | SnapshotError::Progress(source) => {
+                is_transient(source)
+            }
+            SnapshotError::Sink(SinkError::Command { source, .. }) => is_transient(source),
+            _ => false,
+        }
+    }
+}
+
+/// Copies collections from the source into the target.
+#[derive(Clone)]
+pub struct Copier {
+    pub source: Client,
+    pub sink: Sink,
+    pub store: CheckpointStore,
+    pub map: Arc<NamespaceMap>,
+    pub metrics: Arc<Metrics>,
+    pub workers: usize,
+    pub batch_size: usize,
+    pub partition_documents: u64,
+    pub cancel: CancellationToken,
+    pub copied: Arc<AtomicU64>,
+}
+
+/// An included source collection and its creation options.
+#[derive(Clone, Debug)]
+pub struct SourceCollection {
+    pub ns: Namespace,
+    pub options: Document,
+}
+
+impl Copier {
+    /// The included collections of the source (views and system collections are left out).
+    pub async fn included_collections(&self) -> Result<Vec<SourceCollection>, SnapshotError> {
+        let list_err = |what: &str| {
+            let what = what.to_string();
+            move |source| SnapshotError::List { what: what.clone(), source }
+        };
+        let mut out = Vec::new();
+        let dbs = self.source.list_database_names().await.map_err(list_err("databases"))?;
+        for db in dbs.into_iter().filter(|db| self.map.may_include_database(db)) {
+            let specs: Vec<Document> = self
+                .source
+                .database(&db)
+                .run_cursor_command(doc! {"listCollections": 1, "filter": {"type": "collection"}})
+                .await
+                .map_err(list_err(&format!("collections of {db}")))?
+                .try_collect()
+                .await
+                .map_err(list_err(&format!("collections of {db}")))?;
+            for spec in specs {
+                let Ok(name) = spec.get_str("name") else { continue };
+                let ns = Namespace::new(db.clone(), name);
+                if self.map.includes(&ns) {
+                    let options = spec.get_document("options").cloned().unwrap_or_default();
+                    out.push(SourceCollection { ns, options });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.ns.cmp(&b.ns));
+        Ok(out)
+    }
+
+    /// Copies every included collection; finished ranges are skipped. Returns the documents copied.
+    pub async fn copy_all(&self) -> Result<u64, SnapshotError> {
+        let collections = self.included_collections().await?;
+        let mut ranges = Vec::new();
+        for collection in &collections {
+            let target = self.map.target(&collection.ns);
+            self.create_collection(&target, &collection.options).await?;
+            for range in self.plan(&collection.ns).await? {
+                if !range.done {
+                    ranges.push((collection.ns.clone(), target.clone(), range));
+                }
+            }
+        }
+        tracing::info!(collections = collections.len(), ranges = ranges.len(), "snapshot: copying");
+        let progress = self.progress_line(collections.len());
+        let results: Vec<Result<u64, SnapshotError>> = futures::stream::iter(ranges)
+            .map(|(source, target, range)| self.copy_range(source, target, range))
+            .buffer_unordered(self.workers)
+            .collect()
+            .await;
+        progress.cancel();
+        let mut total = 0;
+        for result in results {
+            total += result?;
+        }
+        // Indexes after the data: building them once is faster than maintaining them per insert.
+        for collection in &collections {
+            self.copy_indexes(&collection.ns, &self.map.target(&collection.ns)).await?;
+        }
+        Ok(total)
+    }
+
+    /// Copies one collection afresh (a collection renamed into the replicated set mid-stream).
+    pub async fn copy_collection(&self, source: &Namespace, target: &Namespace) -> Result<u64, SnapshotError> {
+        self.store.forget_ranges(&[source.to_string()]).await.map_err(SnapshotError::Progress)?;
+        self.create_collection(target, &Document::new()).await?;
+        let mut total = 0;
+        for range in self.plan(source).await? {
+            total += self.copy_range(source.clone(), target.clone(), range).await?;
+        }
+        self.copy_indexes(source, target).await?;
+        Ok(total)
+    }
+
+    async fn create_collection(&self, target: &Namespace, options: &Document) -> Result<(), SnapshotError> {
+        let ddl = super::event::Ddl::CreateCollection { ns: target.clone(), options: options.clone() };
+        Ok(self.sink.apply_ddl(&ddl).await?)
+    }
+
+    async fn copy_indexes(&self, source: &Namespace, target: &Namespace) -> Result<(), SnapshotError> {
+        let indexes = Sink::list_indexes(&self.source, source)
+            .await
+            .map_err(|e| SnapshotError::List { what: format!("indexes of {source}"), source: e })?;
+        Ok(self.sink.create_indexes(target, indexes).await?)
+    }
+
+    /// The ranges of a collection: the saved plan when it is complete, else a new one. Large
+    /// collections whose `_id`s are all of one kind are split at `_id`s found by skipping.
+    async fn plan(&self, ns: &Namespace) -> Result<Vec<RangeProgress>, SnapshotError> {
+        let key = ns.to_string();
+        let saved = self.store.ranges(&key).await.map_err(SnapshotError::Progress)?;
+        if is_complete_plan(&saved) {
+            return Ok(saved);
+        }
+        let coll = self.source.database(&ns.db).collection::<Document>(&ns.coll);
+        let read_err = |source| SnapshotError::Read { ns: key.clone(), source };
+        let count = coll.estimated_document_count().await.map_err(read_err)?;
+        let mut bounds: Vec<Bson> = Vec::new();
+        if count > self.partition_documents && self.partition_documents > 0 {
+            let parts = count.div_ceil(self.partition_documents).min(self.workers as u64 * 4);
+            let step = count / parts;
+            let first = self.id_at(ns, 0).await?;
+            let last = self.id_at_end(ns).await?;
+            if let (Some(first), Some(last)) = (&first, &last)
+                && type_rank(first) == type_rank(last)
+            {
+                for i in 1..parts {
+                    if let Some(id) = self.id_at(ns, i * step).await?
+                        && bounds.last().is_none_or(|b| b != &id)
+                    {
+                        bounds.push(id);
+                    }
+                }
+            }
+        }
+        let mut ranges = Vec::new();
+        let mut lower = None;
+        for (i, upper) in bounds.into_iter().map(Some).chain(std::iter::once(None)).enumerate() {
+            let range = RangeProgress {
+                id: RangeId { replication: self.store.name().to_string(), ns: key.clone(), range: i as u32 },
+                lower: lower.clone(),
+                upper: upper.clone(),
+                last_id: None,
+                copied: 0,
+                done: false,
+            };
+            self.store.save_range(&range).await.map_err(SnapshotError::Progress)?;
+            ranges.push(range);
+            lower = upper;
+        }
+        Ok(ranges)
+    }
+
+    async fn id_at(&self, ns: &Namespace, skip: u64) -> Result<Option<Bson>, SnapshotError> {
+        self.edge_id(ns, doc! {"_id": 1}, skip).await
+    }
+
+    async fn id_at_end(&self, ns: &Namespace) -> Result<Option<Bson>, SnapshotError> {
+        self.edge_id(ns, doc! {"_id": -1}, 0).await
+    }
+
+    async fn edge_id(&self, ns: &Namespace, sort: Document, skip: u64) -> Result<Option<Bson>, SnapshotError> {
+        let coll = self.source.database(&ns.db).collection::<Document>(&ns.coll);
+        let doc = coll
+            .find_one(doc! {})
+            .sort(sort)
+            .skip(skip)
+            .projection(doc! {"_id": 1})
+            .await
+            .map_err(|source| SnapshotError::Read { ns: ns.to_string(), source })?;
+        Ok(doc.and_then(|d| d.get("_id").cloned()))
+    }
+
+    /// Copies one range, resuming after its last copied `_id`; transient read or write failures
+    /// restart the range from its saved progress.
+    async fn copy_range(&self, source: Namespace, target: Namespace, mut range: RangeProgress) -> Result<u64, SnapshotError> {
+        let mut backoff = Backoff::default();
+        let mut total = 0;
+        loop {
+            match self.copy_range_once(&source, &target, &mut range).await {
+                Ok(n) => return Ok(total + n),
+                Err((n, err)) if err.is_transient() && !self.cancel.is_cancelled() => {
+                    total += n;
+                    self.metrics.retry("read");
+                    let delay = backoff.next_delay();
+                    tracing::warn!(ns = %source, error = %err, retry_in = ?delay, "snapshot: transient failure; resuming the range");
+                    tokio::time::sleep(delay).await;
+                }
+                Err((_, err)) => return Err(err),
+            }
+        }
+    }
+
+    async fn copy_range_once(
+        &self,
+        source: &Namespace,
+        target: &Namespace,
+        range: &mut RangeProgress,
+    ) -> Result<u64, (u64, SnapshotError)> {
+        let coll = self.source.database(&source.db).collection::<Document>(&source.coll);
+        let filter = range_filter(range.lower.as_ref(), range.upper.as_ref(), range.last_id.as_ref());
+        let read_err = |source_err| SnapshotError::Read { ns: source.to_string(), source: source_err };
+        let options = FindOptions::builder().sort(doc! {"_id": 1}).batch_size(self.batch_size as u32).build();
+        let mut cursor = coll.find(filter).with_options(options).await.map_err(|e| (0, read_err(e)))?;
+        let mut copied = 0;
+        let mut batch = Vec::with_capacity(self.batch_size);
+        loop {
+            if self.cancel.is_cancelled() {
+                return Err((copied, SnapshotError::Cancelled));
+            }
+            let next = cursor.try_next().await.map_err(|e| (copied, read_err(e)))?;
+            let end = next.is_none();
+            if let Some(doc) = next {
+                batch.push(doc);
+            }
+            if batch.len() >= self.batch_size || (end && !batch.is_empty()) {
+                let last_id = batch.last().and_then(|d| d.get("_id").cloned());
+                let n = batch.len() as u64;
+                self.sink.insert_copied(target, std::mem::take(&mut batch)).await.map_err(|e| (copied, e.into()))?;
+                copied += n;
+                range.last_id = last_id;
+                range.copied += n as i64;
+                self.store.save_range(range).await.map_err(|e| (copied, SnapshotError::Progress(e)))?;
+                self.metrics.documents_copied(n);
+                self.copied.fetch_add(n, Ordering::Relaxed);
+            }
+            if end {
+                range.done = true;
+                self.store.save_range(range).await.map_err(|e| (copied, SnapshotError::Progress(e)))?;
+                return Ok(copied);
+            }
+        }
+    }
+
+    /// On a terminal, a live line with the documents copied and the rate.
+    fn progress_line(&self, collections: usize) -> CancellationToken {
+        let stop = CancellationToken::new();
+        if !std::io::stderr().is_terminal() {
+            return stop;
+        }
+        let copied = self.copied.clone();
+        let token = stop.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = token.cancelled() => { eprintln!(); return; }
+                }
+                let n = copied.load(Ordering::Relaxed);
+                let rate = n as f64 / started.elapsed().as_secs_f64().max(0.001);
+                eprint!("\rsnapshot: {n} documents copied from {collections} collections ({rate:.0}/s)   ");
+            }
+        });
+        stop
+    }
+}
+
+/// A saved plan is usable when its ranges cover all `_id`s: the first starts at the beginning,
+/// each starts where the previous ends, and the last runs to the end.
+fn is_complete_plan(ranges: &[RangeProgress]) -> bool {
+    let (Some(first), Some(last)) = (ranges.first(), ranges.last()) else {
+        return false;
+    };
+    first.lower.is_none()
+        && last.upper.is_none()
+        && ranges.windows(2).all(|w| w[0].upper.is_some() && w[0].upper == w[1].lower)
+        && ranges.iter().enumerate().all(|(i, r)| r.id.range as usize == i)
+}
+
+/// MongoDB's order of BSON types (numbers compare with each other, as do strings and symbols).
+pub fn type_rank(value: &Bson) -> u8 {
+    match value {
+        Bson::MinKey => 0,
+        Bson::Null | Bson::Undefined => 1,
+        Bson::Int32(_) | Bson::Int64(_) | Bson::Double(_) | Bson::Decimal128(_) => 2,
+        Bson::String(_) | Bson::Symbol(_) => 3,
+        Bson::Document(_) => 4,
+        Bson::Array(_) => 5,
+        Bson::Binary(_) => 6,
+        Bson::ObjectId(_) => 7,
+        Bson::Boolean(_) => 8,
+        Bson::DateTime(_) => 9,
+        Bson::Timestamp(_) => 10,
+        Bson::RegularExpression(_) => 11,
+        Bson::MaxKey => 13,
+        _ => 12,
+    }
+}
+
+/// `$type` names of the types that sort after the given rank.
+fn types_after(rank: u8) -> Vec<&'static str> {
+    const BY_RANK: &[(u8, &[&str])] = &[
+        (1, &["null", "undefined"]),
+        (2, &["int", "long", "double", "decimal"]),
+        (3, &["string", "symbol"]),
+        (4, &["object"]),
+        (6, &["binData"]),
+        (7, &["objectId"]),
+        (8, &["bool"]),
+        (9, &["date"]),
+        (10, &["timestamp"]),
+        (11, &["regex"]),
+        (12, &["dbPointer", "javascript", "javascriptWithScope"]),
+        (13, &["maxKey"]),
+    ];
+    BY_RANK.iter().filter(|(r, _)| *r > rank).flat_map(|(_, names)| names.iter().copied()).collect()
+}
+
+/// The filter of a range `[lower, upper)` resumed after `last`. Range queries only match values
+/// of the bound's own type, so a resumed whole-collection range also asks for every later type.
+pub fn range_filter(lower: Option<&Bson>, upper: Option<&Bson>, last: Option<&Bson>) -> Document {
+    let mut id = Document::new();
+    match (last, lower) {
+        (Some(last), _) => {
+            id.insert("$gt", last.clone());
+        }
+        (None, Some(lower)) => {
+            id.insert("$gte", lower.clone());
+        }
+        (None, None) => {}
+    }
+    if let Some(upper) = upper {
+        id.insert("$lt", upper.clone());
+    }
+    // An open-ended range also takes every type that sorts after its anchor's.
+    match (last.or(lower), upper) {
+        (None, None) => doc! {},
+        (Some(anchor), None) => doc! {"$or": [{"_id": id}, {"_id": {"$type": types_after(type_rank(anchor))}}]},
+        (_, Some(_)) => doc! {"_id": id},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_whole_range_reads_everything() {
+        assert_eq!(range_filter(None, None, None), doc! {});
+    }
+
+    #[test]
+    fn a_resumed_whole_range_continues_after_the_last_id_and_into_later_types() {
+        let filter = range_filter(None, None, Some(&Bson::Int64(41)));
+        assert_eq!(
+            filter,
+            doc! {"$or": [{"_id": {"$gt": 41_i64}}, {"_id": {"$type": [
+                "string", "symbol", "object", "binData", "objectId", "bool", "date", "timestamp", "regex",
+                "dbPointer", "javascript", "javascriptWithScope", "maxKey"]}}]}
+        );
+    }
+
+    #[test]
+    fn split_ranges_use_their_bounds() {
+        let (lo, hi) = (Bson::Int64(100), Bson::Int64(200));
+        assert_eq!(range_filter(Some(&lo), Some(&hi), None), doc! {"_id": {"$gte": 100_i64, "$lt": 200_i64}});
+        assert_eq!(range_filter(Some(&lo), Some(&hi), Some(&Bson::Int64(150))), doc! {"_id": {"$gt": 150_i64, "$lt": 200_i64}});
+        assert_eq!(range_filter(None, Some(&lo), None), doc! {"_id": {"$lt": 100_i64}});
+        let last = range_filter(Some(&hi), None, None);
+        assert_eq!(last.get_array("$or").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn plans_must_cover_every_id() {
+        let range = |i: u32, lower: Option<i64>, upper: Option<i64>| RangeProgress {
+            id: RangeId { replication: "r".into(), ns: "db.c".into(), range: i },
+            lower: lower.map(Bson::Int64),
+            upper: upper.map(Bson::Int64),
+            last_id: None,
+            copied: 0,
+            done: false,
+        };
+        assert!(is_complete_plan(&[range(0, None, None)]));
+        assert!(is_complete_plan(&[range(0, None, Some(5)), range(1, Some(5), None)]));
+        assert!(!is_complete_plan(&[range(0, None, Some(5))]));
+        assert!(!is_complete_plan(&[range(0, None, Some(5)), range(1, Some(6), None)]));
+        assert!(!is_complete_plan(&[]));
+    }
+
+    #[test]
+    fn type_ranks_follow_mongodb_order() {
+        let ordered = [
+            Bson::MinKey,
+            Bson::Null,
+            Bson::Int32(1),
+            Bson::String("a".into()),
+            Bson::Document(doc! {}),
+            Bson::ObjectId(mongodb::bson::oid::ObjectId::new()),
+            Bson::Boolean(true),
+            Bson::DateTime(mongodb::bson::DateTime::now()),
+            Bson::MaxKey,
+        ];
+        assert!(ordered.windows(2).all(|w| type_rank(&w[0]) < type_rank(&w[1])));
+    }
+}

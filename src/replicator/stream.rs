@@ -1,0 +1,357 @@
+//! The change stream: read in windows, route each window's writes to parallel writers by
+//! namespace and document key (so each document's changes apply in order), apply DDL between
+//! flushes, and checkpoint the resume token below which everything is applied.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use mongodb::Client;
+use mongodb::bson::{DateTime, Document, Timestamp};
+use mongodb::change_stream::ChangeStream;
+use mongodb::change_stream::event::ResumeToken;
+use mongodb::options::{ChangeStreamOptions, FullDocumentType};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::checkpoint::{Checkpoint, CheckpointStore};
+use super::event::{Action, Ddl, DocWrite, MalformedEvent, cluster_time, map_event, operation_label};
+use super::namespace::{NamespaceMap, StreamScope};
+use super::retry::{CHANGE_STREAM_HISTORY_LOST, error_code, is_transient};
+use super::sink::{Sink, SinkError};
+use super::snapshot::{Copier, SnapshotError};
+use crate::telemetry::Metrics;
+
+/// Where a change stream starts.
+#[derive(Clone, Debug)]
+pub enum StartPoint {
+    /// After the change this token names (the usual restart from a checkpoint).
+    ResumeAfter(ResumeToken),
+    /// After an invalidate event.
+    StartAfter(ResumeToken),
+    /// At a source cluster time.
+    AtClusterTime(Timestamp),
+    /// From now.
+    Now,
+}
+
+impl std::fmt::Display for StartPoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let data = |t: &ResumeToken| super::checkpoint::token_data(t).unwrap_or_else(|| "?".into());
+        match self {
+            StartPoint::ResumeAfter(t) => write!(f, "after token {}", data(t)),
+            StartPoint::StartAfter(t) => write!(f, "after invalidate {}", data(t)),
+            StartPoint::AtClusterTime(ts) => write!(f, "at cluster time {}.{}", ts.time, ts.increment),
+            StartPoint::Now => f.write_str("now"),
+        }
+    }
+}
+
+/// Why streaming stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("the source's change stream failed: {0}")]
+    Source(#[source] mongodb::error::Error),
+    #[error(
+        "the source no longer has the change history the checkpoint needs (its oplog was truncated past the saved resume token); \
+         set onHistoryLost: Resync to copy the data again, or grow the source's oplog"
+    )]
+    HistoryLost(#[source] mongodb::error::Error),
+    #[error("the source does not support change streams here: {0}")]
+    Unsupported(#[source] mongodb::error::Error),
+    #[error(transparent)]
+    Malformed(#[from] MalformedEvent),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Copy(#[from] SnapshotError),
+    #[error("cannot save the checkpoint in the target: {0}")]
+    Checkpoint(#[source] mongodb::error::Error),
+}
+
+impl StreamError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            StreamError::Source(_) => "SourceStreamFailed",
+            StreamError::HistoryLost(_) => "ChangeStreamHistoryLost",
+            StreamError::Unsupported(_) => "ChangeStreamsUnsupported",
+            StreamError::Malformed(_) => "MalformedChangeEvent",
+            StreamError::Sink(e) => e.reason(),
+            StreamError::Copy(e) => e.reason(),
+            StreamError::Checkpoint(_) => "CheckpointWriteFailed",
+        }
+    }
+
+    /// Whether reopening the stream from the checkpoint may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StreamError::Source(e) | StreamError::Checkpoint(e) => is_transient(e),
+            StreamError::Sink(SinkError::Command { source, .. }) => is_transient(source),
+            StreamError::Copy(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+
+    fn from_source(err: mongodb::error::Error) -> Self {
+        match error_code(&err) {
+            Some(CHANGE_STREAM_HISTORY_LOST) => StreamError::HistoryLost(err),
+            // 40573: not a replica set; 115/40324: $changeStream unknown; 136: change streams disabled.
+            Some(40573 | 115 | 40324 | 136) => StreamError::Unsupported(err),
+            _ => StreamError::Source(err),
+        }
+    }
+}
+
+/// Opens a change stream of the given scope.
+pub async fn open(
+    source: &Client,
+    scope: &StreamScope,
+    start: &StartPoint,
+    max_await: Duration,
+    batch_size: u32,
+) -> Result<ChangeStream<Document>, StreamError> {
+    let mut options = ChangeStreamOptions::builder()
+        .full_document(Some(FullDocumentType::UpdateLookup))
+        .show_expanded_events(Some(true))
+        .max_await_time(Some(max_await))
+        .batch_size(Some(batch_size))
+        .build();
+    match start {
+        StartPoint::ResumeAfter(token) => options.resume_after = Some(token.clone()),
+        StartPoint::StartAfter(token) => options.start_after = Some(token.clone()),
+        StartPoint::AtClusterTime(ts) => options.start_at_operation_time = Some(*ts),
+        StartPoint::Now => {}
+    }
+    let stream = match scope {
+        StreamScope::Cluster => source.watch().with_options(options).await,
+        StreamScope::Database(db) => source.database(db).watch().with_options(options).await,
+        StreamScope::Collection(ns) => {
+            source.database(&ns.db).collection::<Document>(&ns.coll).watch().with_options(options).await
+        }
+    };
+    Ok(stream.map_err(StreamError::from_source)?.with_type::<Document>())
+}
+
+/// A run of change events read together, and the token after the last of them.
+struct Window {
+    actions: Vec<(Action, &'static str)>,
+    token: Option<ResumeToken>,
+    newest: Option<Timestamp>,
+}
+
+/// Live figures shared with the progress reporter.
+#[derive(Default)]
+pub struct StreamFigures {
+    pub events_applied: AtomicU64,
+    pub lag_millis: AtomicU64,
+}
+
+/// Follows the change stream until cancelled or a permanent error.
+pub struct Streamer {
+    pub source: Client,
+    pub sink: Sink,
+    pub copier: Copier,
+    pub store: CheckpointStore,
+    pub map: Arc<NamespaceMap>,
+    pub metrics: Arc<Metrics>,
+    pub workers: usize,
+    pub batch_size: usize,
+    pub flush_interval: Duration,
+    pub cancel: CancellationToken,
+    pub figures: Arc<StreamFigures>,
+}
+
+impl Streamer {
+    /// Streams from `start`, saving progress into `checkpoint` (at least once a second under
+    /// load, on idle batches and on shutdown). Returns Ok when cancelled and drained.
+    pub async fn run(&self, start: StartPoint, checkpoint: &mut Checkpoint) -> Result<(), StreamError> {
+        let scope = self.map.stream_scope();
+        let max_await = self.flush_interval.max(Duration::from_millis(100));
+        let stream = open(&self.source, &scope, &start, max_await, self.batch_size as u32).await?;
+        tracing::info!(scope = ?scope, start = %start, "streaming");
+        self.metrics.set_phase("stream");
+
+        // The reader fills windows while the writers apply the previous one.
+        let (tx, mut rx) = mpsc::channel::<Result<Window, StreamError>>(2);
+        let reader = Reader {
+            source: self.source.clone(),
+            scope,
+            map: self.map.clone(),
+            max_await,
+            batch_size: self.batch_size,
+            window_events: self.batch_size * self.workers,
+            flush_interval: self.flush_interval,
+            cancel: self.cancel.clone(),
+        };
+        let reader_task = tokio::spawn(reader.run(stream, tx));
+
+        let mut last_save = Instant::now();
+        let mut saved_token = checkpoint.token.clone();
+        let result = loop {
+            let Some(window) = rx.recv().await else { break Ok(()) };
+            let window = match window {
+                Ok(w) => w,
+                Err(err) => break Err(err),
+            };
+            if let Err(err) = self.apply(&window).await {
+                break Err(err);
+            }
+            let count = window.actions.len() as i64;
+            checkpoint.events_applied += count;
+            self.figures.events_applied.fetch_add(count as u64, Ordering::Relaxed);
+            if let Some(ts) = window.newest {
+                checkpoint.last_applied_cluster_time = Some(ts);
+                let lag = (DateTime::now().timestamp_millis() / 1000 - i64::from(ts.time)).max(0);
+                self.metrics.set_lag_seconds(lag as f64);
+                self.figures.lag_millis.store(lag as u64 * 1000, Ordering::Relaxed);
+            } else {
+                // An empty window means the stream is caught up with the source.
+                self.metrics.set_lag_seconds(0.0);
+                self.figures.lag_millis.store(0, Ordering::Relaxed);
+            }
+            if window.token.is_some() {
+                checkpoint.token = window.token.clone();
+            }
+            if checkpoint.token != saved_token && last_save.elapsed() >= Duration::from_secs(1) {
+                self.save(checkpoint).await?;
+                saved_token = checkpoint.token.clone();
+                last_save = Instant::now();
+            }
+        };
+        reader_task.abort();
+        // Whatever happened, what was applied is kept.
+        if checkpoint.token != saved_token {
+            self.save(checkpoint).await?;
+        }
+        result
+    }
+
+    async fn save(&self, checkpoint: &mut Checkpoint) -> Result<(), StreamError> {
+        checkpoint.saved_at = DateTime::now();
+        self.store.save(checkpoint).await.map_err(StreamError::Checkpoint)?;
+        self.metrics.checkpoint_saved();
+        Ok(())
+    }
+
+    /// Applies one window: document writes in parallel by key, DDL in order between flushes.
+    async fn apply(&self, window: &Window) -> Result<(), StreamError> {
+        let mut buckets: Vec<Vec<DocWrite>> = vec![Vec::new(); self.workers];
+        for (action, operation) in &window.actions {
+            match action {
+                Action::Write(write) => {
+                    buckets[bucket_of(write, self.workers)].push(write.clone());
+                    self.metrics.events_applied(operation, 1);
+                }
+                Action::Ddl(ddl) => {
+                    self.flush(&mut buckets).await?;
+                    tracing::info!(ddl = ?ddl, "applying DDL");
+                    if let Ddl::CopyCollection { source, target } = ddl {
+                        self.copier.copy_collection(source, target).await?;
+                        self.metrics.events_applied("ddl", 1);
+                    } else {
+                        self.sink.apply_ddl(ddl).await?;
+                    }
+                }
+                Action::Skip | Action::Invalidate => {}
+            }
+        }
+        self.flush(&mut buckets).await
+    }
+
+    async fn flush(&self, buckets: &mut [Vec<DocWrite>]) -> Result<(), StreamError> {
+        let mut tasks = JoinSet::new();
+        for bucket in buckets.iter_mut().filter(|b| !b.is_empty()) {
+            let sink = self.sink.clone();
+            let writes = std::mem::take(bucket);
+            tasks.spawn(async move { sink.apply(writes).await });
+        }
+        let mut first_error = None;
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    first_error.get_or_insert(StreamError::Sink(err));
+                }
+                Err(join) => std::panic::resume_unwind(join.into_panic()),
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// The writer a document goes to: the same namespace and key always go to the same one.
+fn bucket_of(write: &DocWrite, workers: usize) -> usize {
+    let mut hasher = DefaultHasher::new();
+    write.ns.hash(&mut hasher);
+    mongodb::bson::to_vec(&write.key).unwrap_or_default().hash(&mut hasher);
+    (hasher.finish() % workers as u64) as usize
+}
+
+struct Reader {
+    source: Client,
+    scope: StreamScope,
+    map: Arc<NamespaceMap>,
+    max_await: Duration,
+    batch_size: usize,
+    window_events: usize,
+    flush_interval: Duration,
+    cancel: CancellationToken,
+}
+
+impl Reader {
+    async fn run(self, mut stream: ChangeStream<Document>, tx: mpsc::Sender<Result<Window, StreamError>>) {
+        loop {
+            if self.cancel.is_cancelled() {
+                return;
+            }
+            let window = self.read_window(&mut stream).await;
+            let reopen = match &window {
+                Ok((_, Some(token))) => Some(token.clone()),
+                _ => None,
+            };
+            let failed = window.is_err();
+            if tx.send(window.map(|(w, _)| w)).await.is_err() || failed {
+                return;
+            }
+            if let Some(token) = reopen {
+                match open(&self.source, &self.scope, &StartPoint::StartAfter(token), self.max_await, self.batch_size as u32).await {
+                    Ok(s) => stream = s,
+                    Err(err) => {
+                        let _ = tx.send(Err(err)).await;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads until the window is full, the flush interval passes or the server's batch runs
+    /// dry. Returns the window and, after an invalidate, the token to reopen after.
+    async fn read_window(&self, stream: &mut ChangeStream<Document>) -> Result<(Window, Option<ResumeToken>), StreamError> {
+        let deadline = Instant::now() + self.flush_interval;
+        let mut actions = Vec::new();
+        let mut newest = None;
+        loop {
+            // Not raced against cancellation: a cancelled getMore leaves the driver's cursor
+            // unusable (LAB-NOTES); it returns within max_await anyway.
+            let Some(event) = stream.next_if_any().await.map_err(StreamError::from_source)? else { break };
+            if let Some(ts) = cluster_time(&event) {
+                newest = Some(ts);
+            }
+            let action = map_event(&event, &self.map)?;
+            if action == Action::Invalidate {
+                let token = stream.resume_token();
+                return Ok((Window { actions, token: token.clone(), newest }, token));
+            }
+            if action != Action::Skip {
+                actions.push((action, operation_label(&event)));
+            }
+            if actions.len() >= self.window_events || Instant::now() >= deadline || self.cancel.is_cancelled() {
+                break;
+            }
+        }
+        Ok((Window { actions, token: stream.resume_token(), newest }, None))
+    }
+}

@@ -1,0 +1,188 @@
+//! `mrep-bench`: the replicator's throughput against the lab's SecantusDB servers, measured in one
+//! run beside the target's raw bulk-insert ceiling at the same batch size and writer count.
+//!
+//! For each worker count it prints: the ceiling (a Rust client inserting batches with that many
+//! concurrent writers), snapshot documents/s, sustained streaming events/s while another process
+//! writes the source as fast as it can, the replicator's CPU-seconds per 100k events, and the
+//! ratios snapshot/ceiling and stream/ceiling.
+//!
+//! Usage: mrep-bench [--docs N] [--events N] [--batch-size N] [--workers 1,2,4,8]
+//! (build the replicator first: `cargo build --release`; MONGO_REPLICATOR_BIN overrides its path)
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures::future::try_join_all;
+use mongo_replicator_lab::{SecantusOptions, SecantusServer};
+use mongodb::Client;
+use mongodb::bson::{Document, doc};
+
+struct Args {
+    docs: usize,
+    events: usize,
+    batch_size: usize,
+    workers: Vec<usize>,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args { docs: 200_000, events: 200_000, batch_size: 1000, workers: vec![1, 2, 4, 8] };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--docs" => args.docs = value.parse()?,
+            "--events" => args.events = value.parse()?,
+            "--batch-size" => args.batch_size = value.parse()?,
+            "--workers" => args.workers = value.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            _ => bail!("unknown flag {flag}"),
+        }
+    }
+    Ok(args)
+}
+
+fn replicator_bin() -> PathBuf {
+    std::env::var_os("MONGO_REPLICATOR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/release/mongo-replicator")))
+}
+
+/// A document of about 100 bytes, like the lab's measurements.
+fn doc_of(i: usize) -> Document {
+    doc! {"_id": i as i64, "name": format!("customer-{i:08}"), "balance": (i % 10_000) as f64 * 1.25, "tags": ["a", "b"], "active": i % 3 == 0}
+}
+
+/// `writers` tasks inserting `total` documents in batches; returns documents/s.
+async fn bulk_insert(client: &Client, db: &str, total: usize, batch: usize, writers: usize, offset: usize) -> Result<f64> {
+    let coll = client.database(db).collection::<Document>("bench");
+    let started = Instant::now();
+    let per_writer = total.div_ceil(writers);
+    try_join_all((0..writers).map(|w| {
+        let coll = coll.clone();
+        async move {
+            let start = offset + w * per_writer;
+            let end = (start + per_writer).min(offset + total);
+            let mut i = start;
+            while i < end {
+                let n = batch.min(end - i);
+                coll.insert_many((i..i + n).map(doc_of)).ordered(false).await?;
+                i += n;
+            }
+            anyhow::Ok(())
+        }
+    }))
+    .await?;
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+/// User and system CPU seconds a process has used.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat.rsplit_once(')').context("odd /proc stat")?.1.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / hz)
+}
+
+async fn count(client: &Client, db: &str) -> Result<u64> {
+    Ok(client.database(db).collection::<Document>("bench").count_documents(doc! {}).await?)
+}
+
+struct Replicator(tokio::process::Child);
+
+impl Replicator {
+    fn start(source: &SecantusServer, target: &SecantusServer, mode: &str, workers: usize, batch: usize, name: &str) -> Result<Self> {
+        let child = tokio::process::Command::new(replicator_bin())
+            .args(["replicate", "--name", name, "--include", "bench.*", "--mode", mode, "--metrics-address", "none"])
+            .args(["--workers", &workers.to_string(), "--batch-size", &batch.to_string(), "--log-level", "warn"])
+            .env("MREP_SOURCE_URI", source.uri())
+            .env("MREP_TARGET_URI", target.uri())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", replicator_bin().display()))?;
+        Ok(Self(child))
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id().unwrap_or_default()
+    }
+}
+
+async fn wait_for_count(client: &Client, db: &str, expected: u64, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while count(client, db).await? < expected {
+        if Instant::now() > deadline {
+            bail!("target has {} of {expected} documents after {timeout:?}", count(client, db).await?);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = parse_args()?;
+    if !replicator_bin().exists() {
+        bail!("{} not found: run `cargo build --release` first", replicator_bin().display());
+    }
+    println!(
+        "mrep-bench: {} snapshot docs, {} stream events, batch {} (~100 B documents); source, target, load and replicator share this machine's {} cores",
+        args.docs,
+        args.events,
+        args.batch_size,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    println!("{:>7} {:>12} {:>12} {:>12} {:>14} {:>10} {:>10}", "workers", "ceiling/s", "snapshot/s", "stream/s", "cpu-s/100k", "snap/ceil", "strm/ceil");
+    for &workers in &args.workers {
+        let source = SecantusServer::start(SecantusOptions::default()).await?;
+        let target = SecantusServer::start(SecantusOptions::default()).await?;
+        let (src, dst) = (source.admin_client().await?, target.admin_client().await?);
+
+        // Ceiling: the target's raw bulk insert at the replicator's batch size and concurrency.
+        let ceiling = bulk_insert(&dst, "ceiling", args.docs, args.batch_size, workers, 0).await?;
+        dst.database("ceiling").drop().await?;
+
+        // Snapshot.
+        bulk_insert(&src, "bench", args.docs, args.batch_size, 4, 0).await?;
+        let started = Instant::now();
+        let mut snap = Replicator::start(&source, &target, "snapshot-only", workers, args.batch_size, "bench-snapshot")?;
+        let status = snap.0.wait().await?;
+        if !status.success() {
+            bail!("snapshot replicator exited with {status}");
+        }
+        let snapshot_rate = args.docs as f64 / started.elapsed().as_secs_f64();
+        wait_for_count(&dst, "bench", args.docs as u64, Duration::from_secs(5)).await?;
+
+        // Stream: a caught-up replicator follows a source written as fast as another process can.
+        dst.database("bench").drop().await?;
+        dst.database("mongo_replicator").drop().await?;
+        src.database("bench").drop().await?;
+        let stream = Replicator::start(&source, &target, "stream-only", workers, args.batch_size, "bench-stream")?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let cpu_before = cpu_seconds(stream.pid())?;
+        let started = Instant::now();
+        let load = tokio::spawn({
+            let src = src.clone();
+            let (events, batch) = (args.events, args.batch_size);
+            async move { bulk_insert(&src, "bench", events, batch, 2, 10_000_000).await }
+        });
+        wait_for_count(&dst, "bench", args.events as u64, Duration::from_secs(600)).await?;
+        let stream_rate = args.events as f64 / started.elapsed().as_secs_f64();
+        let cpu = cpu_seconds(stream.pid())? - cpu_before;
+        load.await??;
+        drop(stream);
+
+        println!(
+            "{:>7} {:>12.0} {:>12.0} {:>12.0} {:>14.2} {:>10.2} {:>10.2}",
+            workers,
+            ceiling,
+            snapshot_rate,
+            stream_rate,
+            cpu / args.events as f64 * 100_000.0,
+            snapshot_rate / ceiling,
+            stream_rate / ceiling
+        );
+    }
+    Ok(())
+}
