@@ -3,5 +3,6 @@
 
 mod crd_api;
 mod crd_drift;
+mod replication;
 mod secantus;
 mod support;

@@ -97,10 +97,6 @@ impl ReplicatorProcess {
         Self::start_in(self._dir.clone(), args, env)
     }
 
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
-    }
-
     /// SIGKILL: no drain, no final checkpoint.
     pub async fn kill(&mut self) -> Result<()> {
         self.child.kill().await?;

@@ -1,0 +1,214 @@
+//! `mongo-replicator replicate` as a real process between real SecantusDB servers: the target
+//! converges to the source, document for document, through crashes, restarts and DDL.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use mongo_replicator_lab::workload::{self, WorkloadSpec};
+use mongo_replicator_lab::{ScramUser, SecantusOptions, SecantusServer};
+use mongodb::bson::{Document, doc};
+use rand::Rng;
+
+use crate::support::{ReplicatorProcess, eventually};
+
+const CONVERGE: Duration = Duration::from_secs(120);
+
+fn env(source: &SecantusServer, target: &SecantusServer) -> Vec<(&'static str, String)> {
+    vec![("MREP_SOURCE_URI", source.uri()), ("MREP_TARGET_URI", target.uri())]
+}
+
+fn args(extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["--name", "it", "--metrics-address", "none"].iter().map(|s| s.to_string()).collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+async fn servers() -> Result<(SecantusServer, SecantusServer)> {
+    Ok((SecantusServer::start(SecantusOptions::default()).await?, SecantusServer::start(SecantusOptions::default()).await?))
+}
+
+/// The replicator's checkpoint document in the target.
+async fn checkpoint(target: &mongodb::Client) -> Result<Option<Document>> {
+    Ok(target.database("mongo_replicator").collection::<Document>("checkpoints").find_one(doc! {"_id": "it"}).await?)
+}
+
+#[tokio::test]
+async fn snapshot_then_stream_converges_with_varied_bson() -> Result<()> {
+    let (source, target) = servers().await?;
+    let (src, dst) = (source.admin_client().await?, target.admin_client().await?);
+    let spec = WorkloadSpec { seed: 7, ..Default::default() };
+    workload::seed(&src, &spec).await?;
+
+    let mut replicator = ReplicatorProcess::start(&args(&["--workers", "4"]), &env(&source, &target))?;
+    let load = workload::Workload::start(src.clone(), spec.clone());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let stats = load.stop().await?;
+    ensure!(stats.total > 100, "the workload did too little: {stats:?}");
+
+    eventually(CONVERGE, || workload::assert_same_all(&src, &dst)).await?;
+    let code = replicator.terminate(Duration::from_secs(30)).await?;
+    assert_eq!(code, Some(0), "SIGTERM should drain and exit 0; log:\n{}", replicator.log_tail(20));
+    let saved = checkpoint(&dst).await?.context("no checkpoint saved")?;
+    assert_eq!(saved.get_str("phase")?, "stream");
+    assert!(saved.get_document("token").is_ok(), "the checkpoint has no resume token: {saved}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigkill_in_snapshot_and_stream_never_loses_a_write_or_recopies_a_finished_range() -> Result<()> {
+    let (source, target) = servers().await?;
+    let (src, dst) = (source.admin_client().await?, target.admin_client().await?);
+    let spec = WorkloadSpec { seed: 11, initial_docs_per_collection: 3000, large_doc_every: None, ..Default::default() };
+    let seeded = workload::seed(&src, &spec).await?;
+    // Small batches and ranges make the snapshot long enough to be killed in the middle of it.
+    let run_args = args(&["--workers", "2", "--batch-size", "50"]);
+    let env = env(&source, &target);
+    let mut replicator = ReplicatorProcess::start(&run_args, &env)?;
+    let load = workload::Workload::start(src.clone(), spec.clone());
+    let mut rng = rand::rng();
+    let mut kills_in_snapshot = 0;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..1500))).await;
+        if checkpoint(&dst).await?.and_then(|c| c.get_str("phase").ok().map(str::to_string)).as_deref() == Some("snapshot") {
+            kills_in_snapshot += 1;
+        }
+        replicator.kill().await?;
+        replicator = replicator.restart(&run_args, &env)?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stats = load.stop().await?;
+    eventually(CONVERGE, || workload::assert_same_all(&src, &dst)).await?;
+    assert_eq!(replicator.terminate(Duration::from_secs(30)).await?, Some(0));
+
+    assert!(kills_in_snapshot >= 1, "no kill landed in the snapshot; make the snapshot longer");
+    // Each kill may repeat at most one unsaved batch per range in flight; a finished range is never copied again.
+    let ranges: Vec<Document> = futures::TryStreamExt::try_collect(
+        dst.database("mongo_replicator").collection::<Document>("snapshot").find(doc! {}).await?,
+    )
+    .await?;
+    let copied: i64 = ranges.iter().map(|r| r.get_i64("copied").unwrap_or_default()).sum();
+    ensure!(ranges.iter().all(|r| r.get_bool("done").unwrap_or(false)), "unfinished ranges: {ranges:?}");
+    ensure!(
+        copied as usize <= seeded + stats.inserts + 6 * 2 * 50,
+        "copied {copied} documents for {seeded} seeded + {} inserted: something was copied twice",
+        stats.inserts
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn source_restart_and_ddl_mid_stream_converge() -> Result<()> {
+    let (mut source, target) = servers().await?;
+    let src = source.admin_client().await?;
+    let dst = target.admin_client().await?;
+    let spec = WorkloadSpec { seed: 23, initial_docs_per_collection: 300, large_doc_every: None, ..Default::default() };
+    workload::seed(&src, &spec).await?;
+    let mut replicator = ReplicatorProcess::start(&args(&[]), &env(&source, &target))?;
+    workload::run_for(src.clone(), spec.clone(), 300).await?;
+
+    // The source goes away and comes back on the same storage; the replicator reconnects and resumes.
+    source.restart().await?;
+    let src = source.admin_client().await?;
+    workload::run_for(src.clone(), spec.clone(), 300).await?;
+
+    // DDL: index, rename within the set, drop, a whole database, and a collection created afresh.
+    let db = &spec.databases[0];
+    let colls = &spec.collections;
+    src.database(db).collection::<Document>(&colls[0]).create_index(mongodb::IndexModel::builder().keys(doc! {"n": 1}).build()).await?;
+    src.database("admin").run_command(doc! {"renameCollection": format!("{db}.{}", colls[1]), "to": format!("{db}.renamed")}).await?;
+    src.database(db).collection::<Document>(&colls[2]).drop().await?;
+    src.database(&spec.databases[1]).drop().await?;
+    src.database(db).collection::<Document>("fresh").insert_one(doc! {"_id": 1, "after": "ddl"}).await?;
+
+    eventually(CONVERGE, || async {
+        workload::assert_same_all(&src, &dst).await?;
+        let indexes = dst.database(db).collection::<Document>(&colls[0]).list_index_names().await?;
+        ensure!(indexes.contains(&"n_1".to_string()), "index not replicated: {indexes:?}");
+        Ok(())
+    })
+    .await?;
+    assert_eq!(replicator.terminate(Duration::from_secs(30)).await?, Some(0), "{}", replicator.log_tail(20));
+    Ok(())
+}
+
+#[tokio::test]
+async fn filters_and_renames_apply_to_data_and_ddl() -> Result<()> {
+    let (source, target) = servers().await?;
+    let (src, dst) = (source.admin_client().await?, target.admin_client().await?);
+    for (db, coll) in [("shop", "items"), ("shop", "tmp_cache"), ("crm", "customers"), ("crm", "leads")] {
+        src.database(db).collection::<Document>(coll).insert_many((0..50).map(|i| doc! {"_id": i, "v": i})).await?;
+    }
+    let filter = ["--include", "shop.*", "--include", "crm.customers", "--exclude", "shop.tmp_*", "--rename", "shop.*=shop_dr.*"];
+    let mut replicator = ReplicatorProcess::start(&args(&filter), &env(&source, &target))?;
+    src.database("shop").collection::<Document>("items").insert_one(doc! {"_id": 100}).await?;
+    src.database("crm").collection::<Document>("leads").insert_one(doc! {"_id": 100}).await?;
+    src.database("admin").run_command(doc! {"renameCollection": "shop.items", "to": "shop.archive"}).await?;
+
+    let expected = [("shop.archive", "shop_dr.archive"), ("crm.customers", "crm.customers")];
+    eventually(CONVERGE, || async {
+        let pairs: Vec<(String, String)> = expected.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        workload::assert_same(&src, &dst, &pairs).await?;
+        let mut names = workload::user_namespaces(&dst).await?;
+        names.sort();
+        ensure!(names == ["crm.customers", "shop_dr.archive"], "unexpected target namespaces {names:?}");
+        Ok(())
+    })
+    .await?;
+    assert_eq!(replicator.terminate(Duration::from_secs(30)).await?, Some(0));
+    Ok(())
+}
+
+#[tokio::test]
+async fn tls_and_scram_through_connection_strings_and_no_secret_in_the_logs() -> Result<()> {
+    let password = "Pa55-w0rd/with:odd@chars";
+    let admin = ScramUser::new("replicator", password, &[("admin", "root")]);
+    let options = SecantusOptions { tls: true, users: vec![admin.clone()], ..Default::default() };
+    let source = SecantusServer::start(options.clone()).await?;
+    let target = SecantusServer::start(options).await?;
+    let (src, dst) = (source.admin_client().await?, target.admin_client().await?);
+    src.database("app").collection::<Document>("events").insert_many((0..200).map(|i| doc! {"_id": i})).await?;
+    let env = vec![("MREP_SOURCE_URI", source.uri_for(&admin)), ("MREP_TARGET_URI", target.uri_for(&admin))];
+    let mut replicator = ReplicatorProcess::start(&args(&[]), &env)?;
+    src.database("app").collection::<Document>("events").insert_one(doc! {"_id": "streamed"}).await?;
+    eventually(CONVERGE, || workload::assert_same_all(&src, &dst)).await?;
+    assert_eq!(replicator.terminate(Duration::from_secs(30)).await?, Some(0));
+    let log = replicator.log();
+    assert!(!log.contains(password) && !log.contains("Pa55"), "the password reached the log");
+
+    // A wrong password is a clear, final error with its own exit code, and still no secret.
+    let wrong = ScramUser::new("replicator", "not-the-password", &[]);
+    let env = vec![("MREP_SOURCE_URI", source.uri_for(&wrong)), ("MREP_TARGET_URI", target.uri_for(&admin))];
+    let mut refused = ReplicatorProcess::start(&args(&[]), &env)?;
+    assert_eq!(refused.wait(Duration::from_secs(60)).await?, Some(4), "{}", refused.log_tail(10));
+    let log = refused.log();
+    assert!(log.contains("source: login refused"), "{}", refused.log_tail(10));
+    assert!(!log.contains("not-the-password") && !log.contains(password));
+    Ok(())
+}
+
+#[tokio::test]
+async fn lost_change_history_is_reported_plainly_and_resync_recovers() -> Result<()> {
+    let source = SecantusServer::start(SecantusOptions { oplog_max_entries: Some(200), ..Default::default() }).await?;
+    let target = SecantusServer::start(SecantusOptions::default()).await?;
+    let (src, dst) = (source.admin_client().await?, target.admin_client().await?);
+    let coll = src.database("app").collection::<Document>("events");
+    coll.insert_many((0..50).map(|i| doc! {"_id": i})).await?;
+    let env = env(&source, &target);
+    let mut first = ReplicatorProcess::start(&args(&[]), &env)?;
+    eventually(CONVERGE, || workload::assert_same_all(&src, &dst)).await?;
+    assert_eq!(first.terminate(Duration::from_secs(30)).await?, Some(0));
+
+    // While the replicator is away the source writes far more than its oplog keeps.
+    for i in 0..1000 {
+        coll.update_one(doc! {"_id": i % 50}, doc! {"$set": {"v": i}}).await?;
+    }
+    coll.delete_one(doc! {"_id": 0}).await?;
+    let mut lost = ReplicatorProcess::start(&args(&[]), &env)?;
+    assert_eq!(lost.wait(Duration::from_secs(60)).await?, Some(5), "{}", lost.log_tail(10));
+    assert!(lost.log().contains("no longer has the change history"), "{}", lost.log_tail(10));
+
+    let mut resync = ReplicatorProcess::start(&args(&["--on-history-lost", "resync"]), &env)?;
+    eventually(CONVERGE, || workload::assert_same_all(&src, &dst)).await?;
+    assert_eq!(resync.terminate(Duration::from_secs(30)).await?, Some(0));
+    Ok(())
+}
