@@ -58,13 +58,12 @@ impl ConnectionString {
         let mut out = text.replace(&self.0, &self.redacted());
         if let Some((_, rest)) = self.0.split_once("://")
             && let Some((userinfo, _)) = rest.split('/').next().unwrap_or_default().rsplit_once('@')
+            && let Some((_, password)) = userinfo.split_once(':')
+            // Very short passwords would blank out unrelated text; the whole URI is gone anyway.
+            && password.len() >= 3
         {
-            if let Some((_, password)) = userinfo.split_once(':')
-                && password.len() >= 3
-            {
-                out = out.replace(password, "***");
-                out = out.replace(&percent_decode(password), "***");
-            }
+            out = out.replace(password, "***");
+            out = out.replace(&percent_decode(password), "***");
         }
         out
     }

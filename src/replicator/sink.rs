@@ -219,28 +219,34 @@ impl Sink {
     }
 }
 
+/// The writes to one namespace, with the position of each document key's write.
+struct NamespaceWrites {
+    ns: Namespace,
+    writes: Vec<DocWrite>,
+    by_key: HashMap<Vec<u8>, usize>,
+}
+
 /// Groups writes by namespace, keeping only the last write of each document key, in first-seen order.
 fn coalesce(writes: Vec<DocWrite>) -> Vec<(Namespace, Vec<DocWrite>)> {
-    let mut by_ns: Vec<(Namespace, Vec<DocWrite>, HashMap<Vec<u8>, usize>)> = Vec::new();
+    let mut groups: Vec<NamespaceWrites> = Vec::new();
     for write in writes {
-        let slot = match by_ns.iter().position(|(ns, _, _)| *ns == write.ns) {
-            Some(i) => i,
+        let group = match groups.iter().position(|g| g.ns == write.ns) {
+            Some(i) => &mut groups[i],
             None => {
-                by_ns.push((write.ns.clone(), Vec::new(), HashMap::new()));
-                by_ns.len() - 1
+                groups.push(NamespaceWrites { ns: write.ns.clone(), writes: Vec::new(), by_key: HashMap::new() });
+                groups.last_mut().expect("just pushed")
             }
         };
-        let (_, list, index) = &mut by_ns[slot];
         let key = mongodb::bson::to_vec(&write.key).unwrap_or_default();
-        match index.get(&key) {
-            Some(&i) => list[i] = write,
+        match group.by_key.get(&key) {
+            Some(&i) => group.writes[i] = write,
             None => {
-                index.insert(key, list.len());
-                list.push(write);
+                group.by_key.insert(key, group.writes.len());
+                group.writes.push(write);
             }
         }
     }
-    by_ns.into_iter().map(|(ns, list, _)| (ns, list)).collect()
+    groups.into_iter().map(|g| (g.ns, g.writes)).collect()
 }
 
 /// Splits statements into commands of at most `max` statements and about `MAX_COMMAND_BYTES`.

@@ -60,7 +60,7 @@ pub fn random_document(rng: &mut impl Rng, id: &Bson, large: bool) -> Document {
     let nested = |rng: &mut dyn rand::RngCore| doc! {"level1": {"level2": {"level3": rng.next_u32() as i64, "tag": "deep"}}};
     let mut d = doc! {
         "_id": id.clone(),
-        "n": rng.random_range(0..1000) as i32,
+        "n": rng.random_range(0..1000_i32),
         "big": rng.random::<i64>(),
         "ratio": rng.random::<f64>(),
         "price": format!("{}.{:04}", rng.random_range(0..1_000_000), rng.random_range(0..10_000)).parse::<Decimal128>().expect("a valid decimal"),
@@ -183,7 +183,7 @@ async fn write(client: Client, spec: WorkloadSpec, writer: u64, ops: Option<usiz
         } else if roll < 70 {
             stats.updates += 1;
             let update = match rng.random_range(0..4) {
-                0 => doc! {"$set": {"n": rng.random_range(0..1000) as i32, "nested.level1.level2.tag": "updated"}},
+                0 => doc! {"$set": {"n": rng.random_range(0..1000_i32), "nested.level1.level2.tag": "updated"}},
                 1 => doc! {"$inc": {"n": 1}},
                 2 => doc! {"$unset": {"ratio": ""}},
                 _ => doc! {"$push": {"tags": UNICODE[rng.random_range(0..UNICODE.len())]}},
