@@ -102,6 +102,9 @@ pub struct ReplicateArgs {
     /// Most documents per write command.
     #[arg(long, default_value_t = 1000)]
     pub batch_size: usize,
+    /// Collections with more documents than this are copied as parallel `_id` ranges.
+    #[arg(long, default_value_t = 200_000)]
+    pub partition_documents: u64,
     /// Database in the target holding checkpoints.
     #[arg(long, default_value = "mongo_replicator")]
     pub checkpoint_database: String,
@@ -188,6 +191,7 @@ impl ReplicateArgs {
                 config.start_at = start_at;
                 config.workers = self.workers;
                 config.batch_size = self.batch_size;
+                config.partition_documents = self.partition_documents;
                 config.checkpoint_database = self.checkpoint_database.clone();
                 config.on_history_lost = match self.on_history_lost {
                     HistoryFlag::Fail => HistoryLostPolicy::Fail,

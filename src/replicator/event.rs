@@ -23,6 +23,9 @@ pub struct DocWrite {
 /// What happens to one document.
 #[derive(Clone, Debug, PartialEq)]
 pub enum DocWriteKind {
+    /// A new document. Written with a plain insert (the fast path); when the target already has
+    /// it (a replay after a crash, or a copy that saw it) it is replaced instead.
+    Insert(Document),
     /// Replace (or insert) the whole document.
     Upsert(Document),
     Delete,
@@ -107,7 +110,7 @@ pub fn map_event(event: &Document, map: &NamespaceMap) -> Result<Action, Malform
                 Some(Bson::Document(doc)) => Ok(Action::Write(DocWrite {
                     ns: map.target(&ns),
                     key,
-                    kind: DocWriteKind::Upsert(doc.clone()),
+                    kind: if operation == "insert" { DocWriteKind::Insert(doc.clone()) } else { DocWriteKind::Upsert(doc.clone()) },
                 })),
                 // Deleted before the lookup: the delete event follows on this stream.
                 Some(Bson::Null) | None if operation == "update" => Ok(Action::Skip),
@@ -214,16 +217,14 @@ mod tests {
     }
 
     #[test]
-    fn inserts_replaces_and_updates_become_upserts_of_the_full_document_in_the_renamed_namespace() {
+    fn inserts_replaces_and_updates_write_the_full_document_in_the_renamed_namespace() {
         for op in ["insert", "replace", "update"] {
             let event = doc! {"operationType": op, "ns": ns("shop", "items"), "documentKey": {"_id": 1}, "fullDocument": {"_id": 1, "a.b": 2}};
+            let full = doc! {"_id": 1, "a.b": 2};
+            let kind = if op == "insert" { DocWriteKind::Insert(full) } else { DocWriteKind::Upsert(full) };
             assert_eq!(
                 map_event(&event, &map()).unwrap(),
-                Action::Write(DocWrite {
-                    ns: Namespace::new("shop_dr", "items"),
-                    key: doc! {"_id": 1},
-                    kind: DocWriteKind::Upsert(doc! {"_id": 1, "a.b": 2})
-                }),
+                Action::Write(DocWrite { ns: Namespace::new("shop_dr", "items"), key: doc! {"_id": 1}, kind }),
                 "{op}"
             );
         }

@@ -72,9 +72,10 @@ impl Sink {
 
     /// Runs a command, retrying transient failures with backoff until it succeeds, fails for
     /// good, or the sink is cancelled.
-    async fn command(&self, ns: &Namespace, name: &'static str, command: Document) -> Result<Document, SinkError> {
+    async fn command(&self, ns: &Namespace, name: &'static str, command: &Document) -> Result<Document, SinkError> {
         let mut backoff = Backoff::default();
         loop {
+            // The driver takes the command by value; keeping ours lets a retry resend it.
             match self.db(ns).run_command(command.clone()).await {
                 Ok(reply) => return Ok(reply),
                 Err(err) if is_transient(&err) && !self.cancel.is_cancelled() => {
@@ -101,33 +102,64 @@ impl Sink {
         let started = Instant::now();
         let count = writes.len() as u64;
         for (ns, writes) in coalesce(writes) {
+            let mut inserts = Vec::new();
             let mut upserts = Vec::new();
             let mut deletes = Vec::new();
             for write in writes {
                 match write.kind {
-                    DocWriteKind::Upsert(doc) => upserts.push(doc! {"q": write.key, "u": doc, "upsert": true}),
+                    DocWriteKind::Insert(doc) => inserts.push((write.key, doc)),
+                    DocWriteKind::Upsert(doc) => upserts.push(upsert_statement(write.key, doc)),
                     DocWriteKind::Delete => deletes.push(doc! {"q": write.key, "limit": 1}),
                 }
             }
+            // Inserts first: the documents the target already has come back as upserts.
+            upserts.extend(self.insert_new(&ns, inserts).await?);
             for chunk in chunks(upserts, self.batch_size) {
-                let reply = self.command(&ns, "update", doc! {"update": &ns.coll, "updates": chunk, "ordered": false}).await?;
-                check_write_errors(&ns, &reply, false)?;
+                let reply = self.command(&ns, "update", &doc! {"update": &ns.coll, "updates": chunk, "ordered": false}).await?;
+                check_write_errors(&ns, &reply, &[])?;
             }
             for chunk in chunks(deletes, self.batch_size) {
-                let reply = self.command(&ns, "delete", doc! {"delete": &ns.coll, "deletes": chunk, "ordered": false}).await?;
-                check_write_errors(&ns, &reply, false)?;
+                let reply = self.command(&ns, "delete", &doc! {"delete": &ns.coll, "deletes": chunk, "ordered": false}).await?;
+                check_write_errors(&ns, &reply, &[])?;
             }
         }
         self.metrics.observe_apply_batch(started.elapsed().as_secs_f64(), count);
         Ok(())
     }
 
+    /// Inserts new documents with plain inserts, the cheapest write; returns replacement
+    /// statements for the ones whose `_id` the target already holds.
+    async fn insert_new(&self, ns: &Namespace, inserts: Vec<(Document, Document)>) -> Result<Vec<Document>, SinkError> {
+        let mut existing = Vec::new();
+        let (mut keys, docs): (Vec<Document>, Vec<Document>) = inserts.into_iter().unzip();
+        let mut offset = 0;
+        for chunk in chunks(docs, self.batch_size) {
+            let len = chunk.len();
+            let command = doc! {"insert": &ns.coll, "documents": chunk, "ordered": false};
+            let duplicates = check_write_errors(ns, &self.command(ns, "insert", &command).await?, &[DUPLICATE_KEY])?;
+            if !duplicates.is_empty() {
+                let docs = command.get_array("documents").map_err(|_| SinkError::WriteRefused {
+                    ns: ns.to_string(),
+                    code: 0,
+                    message: "insert command lost its documents".into(),
+                })?;
+                for index in duplicates {
+                    if let Some(Bson::Document(doc)) = docs.get(index) {
+                        existing.push(upsert_statement(std::mem::take(&mut keys[offset + index]), doc.clone()));
+                    }
+                }
+            }
+            offset += len;
+        }
+        Ok(existing)
+    }
+
     /// Inserts copied documents; documents already in the target (a range copied again after a
     /// crash) are left as they are: the change stream brings them up to date.
     pub async fn insert_copied(&self, ns: &Namespace, docs: Vec<Document>) -> Result<(), SinkError> {
         for chunk in chunks(docs, self.batch_size) {
-            let reply = self.command(ns, "insert", doc! {"insert": &ns.coll, "documents": chunk, "ordered": false}).await?;
-            check_write_errors(ns, &reply, true)?;
+            let reply = self.command(ns, "insert", &doc! {"insert": &ns.coll, "documents": chunk, "ordered": false}).await?;
+            check_write_errors(ns, &reply, &[DUPLICATE_KEY])?;
         }
         Ok(())
     }
@@ -139,18 +171,18 @@ impl Sink {
             Ddl::CreateCollection { ns, options } => {
                 let mut command = doc! {"create": &ns.coll};
                 command.extend(options.clone());
-                self.command(ns, "create", command).await.map(drop)
+                self.command(ns, "create", &command).await.map(drop)
             }
-            Ddl::DropCollection(ns) => self.command(ns, "drop", doc! {"drop": &ns.coll}).await.map(drop),
+            Ddl::DropCollection(ns) => self.command(ns, "drop", &doc! {"drop": &ns.coll}).await.map(drop),
             Ddl::RenameCollection { from, to } => {
                 let admin = Namespace::new("admin", "$cmd");
                 let command = doc! {"renameCollection": from.to_string(), "to": to.to_string(), "dropTarget": true};
-                self.command(&admin, "renameCollection", command).await.map(drop)
+                self.command(&admin, "renameCollection", &command).await.map(drop)
             }
             Ddl::DropDatabase { source_db, target_db } => self.drop_database(source_db, target_db).await,
             Ddl::CreateIndexes { ns, indexes } => self.create_indexes(ns, indexes.clone()).await,
             Ddl::DropIndexes { ns, names } => {
-                self.command(ns, "dropIndexes", doc! {"dropIndexes": &ns.coll, "index": names.clone()}).await.map(drop)
+                self.command(ns, "dropIndexes", &doc! {"dropIndexes": &ns.coll, "index": names.clone()}).await.map(drop)
             }
             // Copied by the snapshot copier, which owns the source side, before this is called.
             Ddl::CopyCollection { .. } => Ok(()),
@@ -171,7 +203,7 @@ impl Sink {
         if indexes.is_empty() {
             return Ok(());
         }
-        self.command(ns, "createIndexes", doc! {"createIndexes": &ns.coll, "indexes": indexes}).await.map(drop)
+        self.command(ns, "createIndexes", &doc! {"createIndexes": &ns.coll, "indexes": indexes}).await.map(drop)
     }
 
     /// Drops the target collections that came from `source_db`; other collections a person keeps
@@ -188,7 +220,7 @@ impl Sink {
             let source = Namespace::new(source_db, coll.clone());
             let mapped = Namespace::new(target_db, coll);
             if self.map.includes(&source) && self.map.target(&source) == mapped {
-                match self.command(&mapped, "drop", doc! {"drop": &mapped.coll}).await {
+                match self.command(&mapped, "drop", &doc! {"drop": &mapped.coll}).await {
                     Err(SinkError::Command { source, .. }) if error_code(&source) == Some(NAMESPACE_NOT_FOUND) => {}
                     other => other.map(drop)?,
                 }
@@ -285,21 +317,29 @@ fn approximate_size(doc: &Document) -> usize {
     doc.iter().map(|(k, v)| k.len() + 2 + bson_size(v)).sum::<usize>() + 5
 }
 
-/// Turns `writeErrors` of a write command's reply into an error; duplicate keys are expected
-/// (and ignored) only for copied inserts.
-fn check_write_errors(ns: &Namespace, reply: &Document, ignore_duplicates: bool) -> Result<(), SinkError> {
+fn upsert_statement(key: Document, doc: Document) -> Document {
+    doc! {"q": key, "u": doc, "upsert": true}
+}
+
+/// Turns `writeErrors` of a write command's reply into an error, except for the `expected`
+/// codes, whose statement indexes are returned.
+fn check_write_errors(ns: &Namespace, reply: &Document, expected: &[i32]) -> Result<Vec<usize>, SinkError> {
     let Ok(errors) = reply.get_array("writeErrors") else {
-        return Ok(());
+        return Ok(Vec::new());
     };
+    let mut indexes = Vec::new();
     for error in errors.iter().filter_map(Bson::as_document) {
         let code = error.get_i32("code").unwrap_or_default();
-        if ignore_duplicates && code == DUPLICATE_KEY {
+        // Only duplicates of `_id` are expected: a unique secondary index is a real conflict.
+        let on_id = error.get_document("keyPattern").map(|k| k.keys().eq(["_id"])).unwrap_or(true);
+        if expected.contains(&code) && on_id {
+            indexes.push(error.get_i32("index").unwrap_or_default() as usize);
             continue;
         }
         let message = error.get_str("errmsg").unwrap_or("(no message)").chars().take(500).collect();
         return Err(SinkError::WriteRefused { ns: ns.to_string(), code, message });
     }
-    Ok(())
+    Ok(indexes)
 }
 
 #[cfg(test)]
@@ -339,12 +379,14 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_keys_are_ignored_only_for_copies() {
+    fn duplicate_ids_are_returned_only_when_expected() {
         let ns = Namespace::new("db", "c");
-        let reply = doc! {"ok": 1, "writeErrors": [{"index": 0, "code": 11000, "errmsg": "E11000 duplicate key"}]};
-        assert!(check_write_errors(&ns, &reply, true).is_ok());
-        let err = check_write_errors(&ns, &reply, false).unwrap_err();
+        let reply = doc! {"ok": 1, "writeErrors": [{"index": 2, "code": 11000, "errmsg": "E11000 duplicate key", "keyPattern": {"_id": 1}}]};
+        assert_eq!(check_write_errors(&ns, &reply, &[DUPLICATE_KEY]).unwrap(), vec![2]);
+        let err = check_write_errors(&ns, &reply, &[]).unwrap_err();
         assert!(err.to_string().contains("db.c") && err.to_string().contains("11000"));
-        assert!(check_write_errors(&ns, &doc! {"ok": 1, "n": 3}, false).is_ok());
+        let secondary = doc! {"ok": 1, "writeErrors": [{"index": 0, "code": 11000, "errmsg": "E11000", "keyPattern": {"sku": 1}}]};
+        assert!(check_write_errors(&ns, &secondary, &[DUPLICATE_KEY]).is_err(), "a unique secondary index is a real conflict");
+        assert!(check_write_errors(&ns, &doc! {"ok": 1, "n": 3}, &[]).unwrap().is_empty());
     }
 }

@@ -274,6 +274,8 @@ impl Copier {
         let mut cursor = coll.find(filter).with_options(options).await.map_err(|e| (0, read_err(e)))?;
         let mut copied = 0;
         let mut batch = Vec::with_capacity(self.batch_size);
+        // One batch is written while the next is read; its progress is saved once it is written.
+        let mut in_flight: Option<InFlight> = None;
         loop {
             if self.cancel.is_cancelled() {
                 return Err((copied, SnapshotError::Cancelled));
@@ -284,22 +286,40 @@ impl Copier {
                 batch.push(doc);
             }
             if batch.len() >= self.batch_size || (end && !batch.is_empty()) {
-                let last_id = batch.last().and_then(|d| d.get("_id").cloned());
-                let n = batch.len() as u64;
-                self.sink.insert_copied(target, std::mem::take(&mut batch)).await.map_err(|e| (copied, e.into()))?;
-                copied += n;
-                range.last_id = last_id;
-                range.copied += n as i64;
-                self.store.save_range(range).await.map_err(|e| (copied, SnapshotError::Progress(e)))?;
-                self.metrics.documents_copied(n);
-                self.copied.fetch_add(n, Ordering::Relaxed);
+                if let Some(previous) = in_flight.take() {
+                    copied += self.finish(previous, range).await.map_err(|e| (copied, e))?;
+                }
+                let docs = std::mem::take(&mut batch);
+                let (sink, target) = (self.sink.clone(), target.clone());
+                in_flight = Some(InFlight {
+                    last_id: docs.last().and_then(|d| d.get("_id").cloned()),
+                    count: docs.len() as u64,
+                    write: tokio::spawn(async move { sink.insert_copied(&target, docs).await }),
+                });
             }
             if end {
+                if let Some(previous) = in_flight.take() {
+                    copied += self.finish(previous, range).await.map_err(|e| (copied, e))?;
+                }
                 range.done = true;
                 self.store.save_range(range).await.map_err(|e| (copied, SnapshotError::Progress(e)))?;
                 return Ok(copied);
             }
         }
+    }
+
+    /// Waits for a batch's write, then records it in the range's progress.
+    async fn finish(&self, batch: InFlight, range: &mut RangeProgress) -> Result<u64, SnapshotError> {
+        match batch.write.await {
+            Ok(result) => result?,
+            Err(join) => std::panic::resume_unwind(join.into_panic()),
+        }
+        range.last_id = batch.last_id;
+        range.copied += batch.count as i64;
+        self.store.save_range(range).await.map_err(SnapshotError::Progress)?;
+        self.metrics.documents_copied(batch.count);
+        self.copied.fetch_add(batch.count, Ordering::Relaxed);
+        Ok(batch.count)
     }
 
     /// On a terminal, a live line with the documents copied and the rate.
@@ -325,6 +345,13 @@ impl Copier {
         });
         stop
     }
+}
+
+/// A batch of copied documents being written.
+struct InFlight {
+    last_id: Option<Bson>,
+    count: u64,
+    write: tokio::task::JoinHandle<Result<(), SinkError>>,
 }
 
 /// A saved plan is usable when its ranges cover all `_id`s: the first starts at the beginning,

@@ -18,13 +18,38 @@ fn env(source: &SecantusServer, target: &SecantusServer) -> Vec<(&'static str, S
 }
 
 fn args(extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = ["--name", "it", "--metrics-address", "none"].iter().map(|s| s.to_string()).collect();
+    let mut args: Vec<String> = ["--name", "it"].iter().map(|s| s.to_string()).collect();
+    if !extra.contains(&"--metrics-address") {
+        args.extend(["--metrics-address".to_string(), "none".to_string()]);
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     args
 }
 
 async fn servers() -> Result<(SecantusServer, SecantusServer)> {
     Ok((SecantusServer::start(SecantusOptions::default()).await?, SecantusServer::start(SecantusOptions::default()).await?))
+}
+
+/// Waits until the target equals the source; a failure carries the replicator's log tail.
+async fn converge(src: &mongodb::Client, dst: &mongodb::Client, replicator: &ReplicatorProcess) -> Result<()> {
+    eventually(CONVERGE, || workload::assert_same_all(src, dst))
+        .await
+        .with_context(|| format!("replicator log ends with:\n{}", replicator.log_tail(15)))
+}
+
+/// GETs a path of the replicator's metrics endpoint; the body.
+async fn http_get(port: u16, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    ensure!(response.starts_with("HTTP/1.1 200"), "GET {path}: {response}");
+    Ok(response)
+}
+
+fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
 }
 
 /// The replicator's checkpoint document in the target.
@@ -39,13 +64,25 @@ async fn snapshot_then_stream_converges_with_varied_bson() -> Result<()> {
     let spec = WorkloadSpec { seed: 7, ..Default::default() };
     workload::seed(&src, &spec).await?;
 
-    let mut replicator = ReplicatorProcess::start(&args(&["--workers", "4"]), &env(&source, &target))?;
+    let port = mongo_replicator_lab::process::free_port()?;
+    let metrics_address = format!("127.0.0.1:{port}");
+    let mut replicator = ReplicatorProcess::start(&args(&["--workers", "4", "--metrics-address", &metrics_address]), &env(&source, &target))?;
     let load = workload::Workload::start(src.clone(), spec.clone());
     tokio::time::sleep(Duration::from_secs(5)).await;
     let stats = load.stop().await?;
     ensure!(stats.total > 100, "the workload did too little: {stats:?}");
 
-    eventually(CONVERGE, || workload::assert_same_all(&src, &dst)).await?;
+    converge(&src, &dst, &replicator).await?;
+    // What Prometheus scrapes says the same.
+    let metrics = http_get(port, "/metrics").await?;
+    for expected in ["mongo_replicator_documents_copied_total", "mongo_replicator_events_applied_total{operation=\"insert\"}", "mongo_replicator_checkpoint_age_seconds", "mongo_replicator_phase{phase=\"stream\"} 1"] {
+        ensure!(metrics.contains(expected), "/metrics lacks {expected}:\n{metrics}");
+    }
+    let copied = metric_value(&metrics, "mongo_replicator_documents_copied_total").unwrap_or_default();
+    ensure!(copied >= 1200.0, "documents_copied_total = {copied}");
+    let inserts = metric_value(&metrics, "mongo_replicator_events_applied_total{operation=\"insert\"}").unwrap_or_default();
+    ensure!(inserts > 0.0, "no insert events counted");
+    ensure!(http_get(port, "/readyz").await?.contains("ok"), "not ready while streaming");
     let code = replicator.terminate(Duration::from_secs(30)).await?;
     assert_eq!(code, Some(0), "SIGTERM should drain and exit 0; log:\n{}", replicator.log_tail(20));
     let saved = checkpoint(&dst).await?.context("no checkpoint saved")?;
@@ -61,7 +98,7 @@ async fn sigkill_in_snapshot_and_stream_never_loses_a_write_or_recopies_a_finish
     let spec = WorkloadSpec { seed: 11, initial_docs_per_collection: 3000, large_doc_every: None, ..Default::default() };
     let seeded = workload::seed(&src, &spec).await?;
     // Small batches and ranges make the snapshot long enough to be killed in the middle of it.
-    let run_args = args(&["--workers", "2", "--batch-size", "50"]);
+    let run_args = args(&["--workers", "2", "--batch-size", "50", "--partition-documents", "1000"]);
     let env = env(&source, &target);
     let mut replicator = ReplicatorProcess::start(&run_args, &env)?;
     let load = workload::Workload::start(src.clone(), spec.clone());
@@ -77,7 +114,7 @@ async fn sigkill_in_snapshot_and_stream_never_loses_a_write_or_recopies_a_finish
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let stats = load.stop().await?;
-    eventually(CONVERGE, || workload::assert_same_all(&src, &dst)).await?;
+    converge(&src, &dst, &replicator).await?;
     assert_eq!(replicator.terminate(Duration::from_secs(30)).await?, Some(0));
 
     assert!(kills_in_snapshot >= 1, "no kill landed in the snapshot; make the snapshot longer");
@@ -170,7 +207,7 @@ async fn tls_and_scram_through_connection_strings_and_no_secret_in_the_logs() ->
     let env = vec![("MREP_SOURCE_URI", source.uri_for(&admin)), ("MREP_TARGET_URI", target.uri_for(&admin))];
     let mut replicator = ReplicatorProcess::start(&args(&[]), &env)?;
     src.database("app").collection::<Document>("events").insert_one(doc! {"_id": "streamed"}).await?;
-    eventually(CONVERGE, || workload::assert_same_all(&src, &dst)).await?;
+    converge(&src, &dst, &replicator).await?;
     assert_eq!(replicator.terminate(Duration::from_secs(30)).await?, Some(0));
     let log = replicator.log();
     assert!(!log.contains(password) && !log.contains("Pa55"), "the password reached the log");
@@ -195,7 +232,7 @@ async fn lost_change_history_is_reported_plainly_and_resync_recovers() -> Result
     coll.insert_many((0..50).map(|i| doc! {"_id": i})).await?;
     let env = env(&source, &target);
     let mut first = ReplicatorProcess::start(&args(&[]), &env)?;
-    eventually(CONVERGE, || workload::assert_same_all(&src, &dst)).await?;
+    converge(&src, &dst, &first).await?;
     assert_eq!(first.terminate(Duration::from_secs(30)).await?, Some(0));
 
     // While the replicator is away the source writes far more than its oplog keeps.
@@ -208,7 +245,41 @@ async fn lost_change_history_is_reported_plainly_and_resync_recovers() -> Result
     assert!(lost.log().contains("no longer has the change history"), "{}", lost.log_tail(10));
 
     let mut resync = ReplicatorProcess::start(&args(&["--on-history-lost", "resync"]), &env)?;
-    eventually(CONVERGE, || workload::assert_same_all(&src, &dst)).await?;
+    converge(&src, &dst, &resync).await?;
     assert_eq!(resync.terminate(Duration::from_secs(30)).await?, Some(0));
+    Ok(())
+}
+
+#[tokio::test]
+async fn stream_only_follows_changes_without_copying_and_snapshot_only_stops() -> Result<()> {
+    let (source, target) = servers().await?;
+    let (src, dst) = (source.admin_client().await?, target.admin_client().await?);
+    let coll = src.database("app").collection::<Document>("events");
+    coll.insert_many((0..20).map(|i| doc! {"_id": i, "old": true})).await?;
+
+    let mut streaming = ReplicatorProcess::start(&args(&["--mode", "stream-only"]), &env(&source, &target))?;
+    // The start point is saved before the first change arrives.
+    eventually(CONVERGE, || async { checkpoint(&dst).await?.map(drop).context("no checkpoint yet") }).await?;
+    coll.insert_one(doc! {"_id": 100, "new": true}).await?;
+    coll.update_one(doc! {"_id": 1}, doc! {"$set": {"touched": true}}).await?;
+    let target_events = dst.database("app").collection::<Document>("events");
+    eventually(CONVERGE, || async {
+        let ids: Vec<Document> = futures::TryStreamExt::try_collect(target_events.find(doc! {}).sort(doc! {"_id": 1}).await?).await?;
+        ensure!(ids == vec![doc! {"_id": 1, "old": true, "touched": true}, doc! {"_id": 100, "new": true}], "target holds {ids:?}");
+        Ok(())
+    })
+    .await?;
+    assert_eq!(streaming.terminate(Duration::from_secs(30)).await?, Some(0));
+
+    // SnapshotOnly copies and exits 0 by itself; a second run has nothing to do.
+    let (source, target) = servers().await?;
+    let (src, dst) = (source.admin_client().await?, target.admin_client().await?);
+    src.database("app").collection::<Document>("events").insert_many((0..20).map(|i| doc! {"_id": i})).await?;
+    for _ in 0..2 {
+        let mut once = ReplicatorProcess::start(&args(&["--mode", "snapshot-only"]), &env(&source, &target))?;
+        assert_eq!(once.wait(Duration::from_secs(60)).await?, Some(0), "{}", once.log_tail(10));
+    }
+    workload::assert_same_all(&src, &dst).await?;
+    assert_eq!(checkpoint(&dst).await?.context("no checkpoint")?.get_str("phase")?, "done");
     Ok(())
 }

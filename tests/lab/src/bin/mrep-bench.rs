@@ -92,9 +92,12 @@ async fn count(client: &Client, db: &str) -> Result<u64> {
 struct Replicator(tokio::process::Child);
 
 impl Replicator {
-    fn start(source: &SecantusServer, target: &SecantusServer, mode: &str, workers: usize, batch: usize, name: &str) -> Result<Self> {
+    fn start(source: &SecantusServer, target: &SecantusServer, mode: &str, workers: usize, batch: usize, name: &str, docs: usize) -> Result<Self> {
+        // Two ranges per worker, so the snapshot copies with as many writers as the ceiling uses.
+        let partition = (docs / (workers * 2)).max(1);
         let child = tokio::process::Command::new(replicator_bin())
             .args(["replicate", "--name", name, "--include", "bench.*", "--mode", mode, "--metrics-address", "none"])
+            .args(["--partition-documents", &partition.to_string()])
             .args(["--workers", &workers.to_string(), "--batch-size", &batch.to_string(), "--log-level", "warn"])
             .env("MREP_SOURCE_URI", source.uri())
             .env("MREP_TARGET_URI", target.uri())
@@ -146,7 +149,7 @@ async fn main() -> Result<()> {
         // Snapshot.
         bulk_insert(&src, "bench", args.docs, args.batch_size, 4, 0).await?;
         let started = Instant::now();
-        let mut snap = Replicator::start(&source, &target, "snapshot-only", workers, args.batch_size, "bench-snapshot")?;
+        let mut snap = Replicator::start(&source, &target, "snapshot-only", workers, args.batch_size, "bench-snapshot", args.docs)?;
         let status = snap.0.wait().await?;
         if !status.success() {
             bail!("snapshot replicator exited with {status}");
@@ -158,7 +161,7 @@ async fn main() -> Result<()> {
         dst.database("bench").drop().await?;
         dst.database("mongo_replicator").drop().await?;
         src.database("bench").drop().await?;
-        let stream = Replicator::start(&source, &target, "stream-only", workers, args.batch_size, "bench-stream")?;
+        let stream = Replicator::start(&source, &target, "stream-only", workers, args.batch_size, "bench-stream", args.docs)?;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let cpu_before = cpu_seconds(stream.pid())?;
         let started = Instant::now();
