@@ -7,24 +7,36 @@ use std::fmt;
 
 use crate::crd::NamespaceFilter;
 
-/// A MongoDB namespace.
+/// Databases MongoDB keeps for itself: never read from, never written to.
+const SYSTEM_DATABASES: [&str; 3] = ["admin", "local", "config"];
+
+/// Characters a database pattern may not hold: what the CRD's pattern rule refuses, so a filter
+/// given on the command line is held to the same rules as one given in a `Replication`.
+const PATTERN_DATABASE_FORBIDDEN: &[char] = &['/', '\\', '.', ' ', '"', '$', '<', '>', ':', '|', '?'];
+
+/// Characters no database name may hold on any server; checked on names a rename builds.
+const DATABASE_FORBIDDEN: &[char] = &['/', '\\', '.', ' ', '"', '$', '\0'];
+
+/// A MongoDB namespace: one collection of one database.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Namespace {
+    /// The database name; never holds a `.`.
     pub db: String,
+    /// The collection name; may hold dots (`customers.archive`).
     pub coll: String,
 }
 
 impl Namespace {
+    /// The namespace `db.coll`.
     pub fn new(db: impl Into<String>, coll: impl Into<String>) -> Self {
         Self { db: db.into(), coll: coll.into() }
     }
 
     /// Splits at the first `.`: `crm.customers.archive` is collection `customers.archive` of `crm`.
     pub fn parse(s: &str) -> Result<Self, NamespaceError> {
-        match s.split_once('.') {
-            Some((db, coll)) if !db.is_empty() && !coll.is_empty() => Ok(Self::new(db, coll)),
-            _ => Err(NamespaceError::InvalidPattern { pattern: s.to_string(), why: "expected database.collection" }),
-        }
+        split_namespace(s)
+            .map(|(db, coll)| Self::new(db, coll))
+            .map_err(|why| NamespaceError::InvalidPattern { pattern: s.to_string(), why })
     }
 }
 
@@ -37,21 +49,27 @@ impl fmt::Display for Namespace {
 /// The narrowest change-stream scope that sees every included namespace.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StreamScope {
+    /// Watch one collection.
     Collection(Namespace),
+    /// Watch every collection of one database.
     Database(String),
+    /// Watch the whole deployment.
     Cluster,
 }
 
-/// A filter that cannot work.
+/// A namespace filter that cannot work.
 #[derive(Debug, thiserror::Error)]
 pub enum NamespaceError {
+    /// A namespace or an include/exclude pattern that is not `database.collection`.
     #[error("namespace pattern {pattern:?}: {why}")]
     InvalidPattern { pattern: String, why: &'static str },
+    /// A rename whose `from` or `to` is malformed, or whose `to` would write where it must not.
     #[error("rename {from:?} -> {to:?}: {why}")]
     InvalidRename { from: String, to: String, why: &'static str },
 }
 
 impl NamespaceError {
+    /// Stable reason for conditions, Events and metric labels.
     pub fn reason(&self) -> &'static str {
         match self {
             NamespaceError::InvalidPattern { .. } => "InvalidNamespacePattern",
@@ -60,8 +78,14 @@ impl NamespaceError {
     }
 }
 
-const SYSTEM_DATABASES: [&str; 3] = ["admin", "local", "config"];
+fn split_namespace(s: &str) -> Result<(&str, &str), &'static str> {
+    match s.split_once('.') {
+        Some((db, coll)) if !db.is_empty() && !coll.is_empty() => Ok((db, coll)),
+        _ => Err("expected database.collection with neither part empty"),
+    }
+}
 
+/// One `database.collection` pattern, split at its first `.`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Pattern {
     db: String,
@@ -69,21 +93,43 @@ struct Pattern {
 }
 
 impl Pattern {
-    fn parse(s: &str) -> Result<Self, NamespaceError> {
-        let ns = Namespace::parse(s)?;
-        Ok(Self { db: ns.db, coll: ns.coll })
+    fn parse(s: &str) -> Result<Self, &'static str> {
+        let (db, coll) = split_namespace(s)?;
+        if db.contains(PATTERN_DATABASE_FORBIDDEN) {
+            return Err("the database part may not hold any of / \\ . space \" $ < > : | ?");
+        }
+        if coll.contains('$') {
+            return Err("the collection part may not hold $");
+        }
+        Ok(Self { db: db.to_string(), coll: coll.to_string() })
     }
 
     fn stars(&self) -> usize {
         self.db.matches('*').count() + self.coll.matches('*').count()
     }
 
-    fn matches(&self, ns: &Namespace) -> bool {
-        glob_matches(self.db.as_bytes(), ns.db.as_bytes()) && glob_matches(self.coll.as_bytes(), ns.coll.as_bytes())
-    }
-
     fn is_literal(&self) -> bool {
         !self.db.contains('*') && !self.coll.contains('*')
+    }
+
+    fn matches_database(&self, db: &str) -> bool {
+        glob(&self.db, db, |_| {})
+    }
+
+    /// A pattern whose collection part is all stars covers every collection of the databases it matches.
+    fn covers_whole_databases(&self) -> bool {
+        self.coll.chars().all(|c| c == '*')
+    }
+
+    fn matches(&self, ns: &Namespace) -> bool {
+        self.matches_database(&ns.db) && glob(&self.coll, &ns.coll, |_| {})
+    }
+
+    /// What each `*` matched, database part first, or None without a match.
+    fn captures<'t>(&self, ns: &'t Namespace) -> Option<Vec<&'t str>> {
+        let mut captures = Vec::with_capacity(self.stars());
+        let matched = glob(&self.db, &ns.db, |c| captures.push(c)) && glob(&self.coll, &ns.coll, |c| captures.push(c));
+        matched.then_some(captures)
     }
 }
 
@@ -91,6 +137,15 @@ impl Pattern {
 struct Rename {
     from: Pattern,
     to: Pattern,
+}
+
+impl Rename {
+    fn apply(&self, ns: &Namespace) -> Option<Namespace> {
+        let mut captures = self.from.captures(ns)?.into_iter();
+        let db = fill(&self.to.db, &mut captures);
+        let coll = fill(&self.to.coll, &mut captures);
+        Some(Namespace::new(db, coll))
+    }
 }
 
 /// A compiled [`NamespaceFilter`].
@@ -103,20 +158,33 @@ pub struct NamespaceMap {
 }
 
 impl NamespaceMap {
-    /// `filter` None means every user namespace. `checkpoint_db` is never replicated.
+    /// `filter` None means every user namespace. `checkpoint_db` is never replicated, nor written
+    /// to by a rename.
     pub fn new(filter: Option<&NamespaceFilter>, checkpoint_db: &str) -> Result<Self, NamespaceError> {
         let empty = NamespaceFilter::default();
         let filter = filter.unwrap_or(&empty);
-        let patterns = |list: &[String]| list.iter().map(|p| Pattern::parse(p)).collect::<Result<Vec<_>, _>>();
-        let mut rename = Vec::new();
+        let patterns = |list: &[String]| {
+            list.iter()
+                .map(|p| Pattern::parse(p).map_err(|why| NamespaceError::InvalidPattern { pattern: p.clone(), why }))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let mut rename = Vec::with_capacity(filter.rename.len());
         for rule in &filter.rename {
-            let (from, to) = (Pattern::parse(&rule.from)?, Pattern::parse(&rule.to)?);
             let invalid = |why| NamespaceError::InvalidRename { from: rule.from.clone(), to: rule.to.clone(), why };
+            let from = Pattern::parse(&rule.from).map_err(invalid)?;
+            let to = Pattern::parse(&rule.to).map_err(invalid)?;
             if from.stars() != to.stars() {
                 return Err(invalid("to must have as many * wildcards as from"));
             }
             if SYSTEM_DATABASES.contains(&to.db.as_str()) {
                 return Err(invalid("cannot rename into admin, local or config"));
+            }
+            // The replicator keeps its checkpoints there; user data could overwrite them.
+            if to.db == checkpoint_db {
+                return Err(invalid("cannot rename into the checkpoint database"));
+            }
+            if to.coll.starts_with("system.") {
+                return Err(invalid("cannot rename into a system. collection"));
             }
             rename.push(Rename { from, to });
         }
@@ -132,58 +200,80 @@ impl NamespaceMap {
         !SYSTEM_DATABASES.contains(&db) && db != self.checkpoint_db
     }
 
-    /// Whether a source namespace is replicated.
-    pub fn includes(&self, ns: &Namespace) -> bool {
-        self.replicable_database(&ns.db)
-            && !ns.coll.starts_with("system.")
-            && (self.include.is_empty() || self.include.iter().any(|p| p.matches(ns)))
-            && !self.exclude.iter().any(|p| p.matches(ns))
+    fn replicable(&self, ns: &Namespace) -> bool {
+        self.replicable_database(&ns.db) && !ns.coll.starts_with("system.")
     }
 
-    /// Whether any collection of this source database could be included.
+    /// Whether a rename built a name the target can hold and the replicator may write: a
+    /// wildcard `to` can put a captured `admin` or a dotted collection name into the database part.
+    fn writable_target(&self, ns: &Namespace) -> bool {
+        self.writable_database(&ns.db) && !ns.coll.is_empty() && !ns.coll.starts_with("system.")
+    }
+
+    fn writable_database(&self, db: &str) -> bool {
+        !db.is_empty() && !db.contains(DATABASE_FORBIDDEN) && self.replicable_database(db)
+    }
+
+    fn renamed(&self, ns: &Namespace) -> Option<Namespace> {
+        self.rename.iter().find_map(|rule| rule.apply(ns))
+    }
+
+    /// Whether a source namespace is replicated. Never: databases admin, local, config and the
+    /// checkpoint database; `system.` collections; namespaces a rename would send to such a place
+    /// or to an invalid name. Otherwise when it matches some include (or include is empty) and no exclude.
+    pub fn includes(&self, ns: &Namespace) -> bool {
+        self.replicable(ns)
+            && (self.include.is_empty() || self.include.iter().any(|p| p.matches(ns)))
+            && !self.exclude.iter().any(|p| p.matches(ns))
+            && self.renamed(ns).is_none_or(|target| self.writable_target(&target))
+    }
+
+    /// Whether any collection of this source database could be included (false lets the snapshot
+    /// skip listing its collections).
     pub fn may_include_database(&self, db: &str) -> bool {
         self.replicable_database(db)
-            && (self.include.is_empty() || self.include.iter().any(|p| glob_matches(p.db.as_bytes(), db.as_bytes())))
+            && (self.include.is_empty() || self.include.iter().any(|p| p.matches_database(db)))
+            && !self.exclude.iter().any(|p| p.covers_whole_databases() && p.matches_database(db))
     }
 
     /// The target namespace of an included source namespace: the first matching rename, else unchanged.
     pub fn target(&self, ns: &Namespace) -> Namespace {
-        for rule in &self.rename {
-            let (Some(db_caps), Some(coll_caps)) =
-                (glob_captures(&rule.from.db, &ns.db), glob_captures(&rule.from.coll, &ns.coll))
-            else {
-                continue;
-            };
-            let mut captures = db_caps.into_iter().chain(coll_caps);
-            let db = fill(&rule.to.db, &mut captures);
-            let coll = fill(&rule.to.coll, &mut captures);
-            return Namespace::new(db, coll);
-        }
-        ns.clone()
+        self.renamed(ns).unwrap_or_else(|| ns.clone())
     }
 
-    /// The one target database every collection of source database `db` lands in, when the
-    /// mapping is database-wide; None when collections of `db` may scatter.
+    /// The one target database every collection of source database `db` lands in, keeping its
+    /// name: when no rename matches `db`, or the first that does is `<dbpattern>.* -> <x>.*`.
+    /// None when collections of `db` may scatter or be renamed (then dropDatabase cannot be
+    /// applied to one target database), or when `db` is never replicated.
     pub fn target_database(&self, db: &str) -> Option<String> {
-        for rule in &self.rename {
-            let Some(captures) = glob_captures(&rule.from.db, db) else { continue };
-            let whole_database = rule.from.coll == "*" && rule.to.coll == "*";
-            if !whole_database || rule.to.db.matches('*').count() > captures.len() {
-                return None;
-            }
-            return Some(fill(&rule.to.db, &mut captures.into_iter()));
+        if !self.replicable_database(db) {
+            return None;
         }
-        Some(db.to_string())
+        let Some(rule) = self.rename.iter().find(|rule| rule.from.matches_database(db)) else {
+            return Some(db.to_string());
+        };
+        // Equal star counts then mean `to`'s database part uses exactly the database captures.
+        if rule.from.coll != "*" || rule.to.coll != "*" {
+            return None;
+        }
+        let mut captures = Vec::new();
+        glob(&rule.from.db, db, |c| captures.push(c));
+        let target = fill(&rule.to.db, &mut captures.into_iter());
+        self.writable_database(&target).then_some(target)
     }
 
-    /// The narrowest change-stream scope that covers every included namespace.
+    /// The narrowest change-stream scope that sees every included namespace: one collection when
+    /// include is a single literal, included namespace; one database when every include names the
+    /// same literal, replicable database; else the whole deployment.
     pub fn stream_scope(&self) -> StreamScope {
         match self.include.as_slice() {
-            [] => StreamScope::Cluster,
             [only] if only.is_literal() && self.includes(&Namespace::new(&only.db, &only.coll)) => {
                 StreamScope::Collection(Namespace::new(&only.db, &only.coll))
             }
-            [first, rest @ ..] if !first.db.contains('*') && rest.iter().all(|p| p.db == first.db) => {
+            // Change streams cannot be opened on admin, local or config.
+            [first, rest @ ..]
+                if !first.db.contains('*') && self.replicable_database(&first.db) && rest.iter().all(|p| p.db == first.db) =>
+            {
                 StreamScope::Database(first.db.clone())
             }
             _ => StreamScope::Cluster,
@@ -193,7 +283,7 @@ impl NamespaceMap {
 
 /// Replaces each `*` of `pattern` with the next capture.
 fn fill<'a>(pattern: &str, captures: &mut impl Iterator<Item = &'a str>) -> String {
-    let mut out = String::new();
+    let mut out = String::with_capacity(pattern.len());
     for (i, part) in pattern.split('*').enumerate() {
         if i > 0 {
             out.push_str(captures.next().unwrap_or_default());
@@ -203,64 +293,33 @@ fn fill<'a>(pattern: &str, captures: &mut impl Iterator<Item = &'a str>) -> Stri
     out
 }
 
-/// Whether `text` matches a `*` pattern: the two-pointer algorithm, linear in practice and
-/// O(len(pattern) × len(text)) at worst.
-fn glob_matches(pattern: &[u8], text: &[u8]) -> bool {
-    let (mut p, mut t) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while t < text.len() {
-        if p < pattern.len() && pattern[p] == b'*' {
-            star = Some((p, t));
-            p += 1;
-        } else if p < pattern.len() && pattern[p] == text[t] {
-            p += 1;
-            t += 1;
-        } else if let Some((sp, st)) = star {
-            // Let the last star take one more character and retry from there.
-            p = sp + 1;
-            t = st + 1;
-            star = Some((sp, st + 1));
-        } else {
-            return false;
-        }
+/// Whether `text` matches a `*` pattern, handing what each `*` matched to `capture`, left to
+/// right; on false the captures handed so far mean nothing.
+///
+/// The literal runs between stars must appear in order: the first at the start, the last at the
+/// end, each middle one at its leftmost place after the one before. Leftmost placement never
+/// loses a match and makes each `*` take as little as it can, and no step backtracks, so the time
+/// is linear (`str::find` is two-way), however many stars. Slicing is safe: every cut is at the
+/// start or end of a literal run of a `str`, hence on a character boundary.
+fn glob<'t>(pattern: &str, text: &'t str, mut capture: impl FnMut(&'t str)) -> bool {
+    let Some((head, tail)) = pattern.split_once('*') else {
+        return pattern == text;
+    };
+    let (middle, last) = match tail.rsplit_once('*') {
+        Some((middle, last)) => (Some(middle), last),
+        None => (None, tail),
+    };
+    if text.len() < head.len() + last.len() || !text.starts_with(head) || !text.ends_with(last) {
+        return false;
     }
-    pattern[p..].iter().all(|&c| c == b'*')
-}
-
-/// What each `*` matched (leftmost stars take as little as possible), or None without a match.
-/// Dynamic programming over suffixes keeps adversarial patterns polynomial.
-fn glob_captures<'t>(pattern: &str, text: &'t str) -> Option<Vec<&'t str>> {
-    let (p, t) = (pattern.as_bytes(), text.as_bytes());
-    // ok[i][j]: pattern[i..] matches text[j..].
-    let mut ok = vec![vec![false; t.len() + 1]; p.len() + 1];
-    ok[p.len()][t.len()] = true;
-    for i in (0..p.len()).rev() {
-        for j in (0..=t.len()).rev() {
-            ok[i][j] = if p[i] == b'*' {
-                ok[i + 1][j] || (j < t.len() && ok[i][j + 1])
-            } else {
-                j < t.len() && p[i] == t[j] && ok[i + 1][j + 1]
-            };
-        }
+    let mut rest = &text[head.len()..text.len() - last.len()];
+    for run in middle.into_iter().flat_map(|m| m.split('*')) {
+        let Some(at) = rest.find(run) else { return false };
+        capture(&rest[..at]);
+        rest = &rest[at + run.len()..];
     }
-    if !ok[0][0] {
-        return None;
-    }
-    let mut captures = Vec::new();
-    let (mut i, mut j) = (0, 0);
-    while i < p.len() {
-        if p[i] == b'*' {
-            let start = j;
-            while !ok[i + 1][j] {
-                j += 1;
-            }
-            captures.push(&text[start..j]);
-        } else {
-            j += 1;
-        }
-        i += 1;
-    }
-    Some(captures)
+    capture(rest);
+    true
 }
 
 #[cfg(test)]
@@ -269,109 +328,266 @@ mod tests {
     use crate::crd::RenameRule;
     use proptest::prelude::*;
 
-    fn map(include: &[&str], exclude: &[&str], rename: &[(&str, &str)]) -> NamespaceMap {
-        let filter = NamespaceFilter {
+    const CHECKPOINTS: &str = "mongo_replicator";
+
+    fn filter(include: &[&str], exclude: &[&str], rename: &[(&str, &str)]) -> NamespaceFilter {
+        NamespaceFilter {
             include: include.iter().map(|s| s.to_string()).collect(),
             exclude: exclude.iter().map(|s| s.to_string()).collect(),
             rename: rename.iter().map(|(f, t)| RenameRule { from: f.to_string(), to: t.to_string() }).collect(),
-        };
-        NamespaceMap::new(Some(&filter), "mongo_replicator").expect("valid filter")
+        }
+    }
+
+    fn map(include: &[&str], exclude: &[&str], rename: &[(&str, &str)]) -> NamespaceMap {
+        NamespaceMap::new(Some(&filter(include, exclude, rename)), CHECKPOINTS).expect("valid filter")
+    }
+
+    fn refusal(include: &[&str], rename: &[(&str, &str)]) -> &'static str {
+        NamespaceMap::new(Some(&filter(include, &[], rename)), CHECKPOINTS).expect_err("refused").reason()
     }
 
     fn ns(s: &str) -> Namespace {
         Namespace::parse(s).unwrap()
     }
 
+    /// Reference matcher: tries every length for each star, shortest first, by backtracking.
+    fn naive_ranges(p: &[u8], text: &[u8], from: usize, ranges: &mut Vec<(usize, usize)>) -> bool {
+        match p.split_first() {
+            None => from == text.len(),
+            Some((b'*', rest)) => {
+                for end in from..=text.len() {
+                    ranges.push((from, end));
+                    if naive_ranges(rest, text, end, ranges) {
+                        return true;
+                    }
+                    ranges.pop();
+                }
+                false
+            }
+            Some((c, rest)) => text.get(from) == Some(c) && naive_ranges(rest, text, from + 1, ranges),
+        }
+    }
+
+    fn naive<'t>(pattern: &str, text: &'t str) -> Option<Vec<&'t str>> {
+        let mut ranges = Vec::new();
+        naive_ranges(pattern.as_bytes(), text.as_bytes(), 0, &mut ranges).then(|| ranges.iter().map(|&(a, b)| &text[a..b]).collect())
+    }
+
+    fn captures<'t>(pattern: &str, text: &'t str) -> Option<Vec<&'t str>> {
+        let mut out = Vec::new();
+        glob(pattern, text, |c| out.push(c)).then_some(out)
+    }
+
     #[test]
     fn namespaces_split_at_the_first_dot() {
         assert_eq!(ns("crm.customers.archive"), Namespace::new("crm", "customers.archive"));
         assert_eq!(ns("crm.customers.archive").to_string(), "crm.customers.archive");
-        assert!(Namespace::parse("orders").is_err());
-        assert!(Namespace::parse(".x").is_err());
+        for bad in ["orders", ".items", "orders.", ""] {
+            let err = Namespace::parse(bad).unwrap_err();
+            assert_eq!(err.reason(), "InvalidNamespacePattern", "{bad:?}");
+            assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
+        }
     }
 
     #[test]
-    fn include_exclude_and_the_never_replicated() {
-        let m = map(&["orders.*", "crm.customers"], &["orders.tmp_*"], &[]);
+    fn includes_and_excludes_with_exclusion_winning() {
+        let m = map(&["orders.*", "crm.customers", "*.events"], &["orders.tmp_*", "audit.events"], &[]);
         assert!(m.includes(&ns("orders.items")));
-        assert!(m.includes(&ns("orders.items.v2")));
+        assert!(m.includes(&ns("orders.items.v2")), "collection names may hold dots");
         assert!(m.includes(&ns("crm.customers")));
+        assert!(m.includes(&ns("billing.events")));
         assert!(!m.includes(&ns("crm.leads")));
-        assert!(!m.includes(&ns("orders.tmp_1")), "exclusion wins");
-        assert!(!m.includes(&ns("orders.system.views")));
-        let all = NamespaceMap::new(None, "mongo_replicator").unwrap();
+        assert!(!m.includes(&ns("crm.customers.archive")), "a literal matches only itself");
+        assert!(!m.includes(&ns("orders.tmp_import")), "exclusion wins");
+        assert!(!m.includes(&ns("audit.events")), "exclusion wins");
+        // `*` stays within its part: `*.events` is no match for a dotted collection ending in events.
+        assert!(!m.includes(&ns("billing.archive.events")));
+        let no_include = map(&[], &["crm.*"], &[]);
+        assert!(no_include.includes(&ns("orders.items")) && !no_include.includes(&ns("crm.leads")));
+    }
+
+    #[test]
+    fn system_databases_system_collections_and_checkpoints_are_never_replicated() {
+        let all = NamespaceMap::new(None, CHECKPOINTS).unwrap();
         assert!(all.includes(&ns("anything.at_all")));
-        for never in ["admin.users", "local.oplog.rs", "config.system.sessions", "mongo_replicator.checkpoints"] {
+        for never in ["admin.users", "local.oplog.rs", "config.system.sessions", "mongo_replicator.checkpoints", "orders.system.views", "orders.system.profile"] {
             assert!(!all.includes(&ns(never)), "{never}");
         }
-        assert!(all.may_include_database("shop") && !all.may_include_database("local"));
-        assert!(m.may_include_database("orders") && !m.may_include_database("shop"));
+        let explicit = map(&["admin.*", "mongo_replicator.*", "orders.*"], &[], &[]);
+        assert!(!explicit.includes(&ns("admin.users")) && !explicit.includes(&ns("mongo_replicator.checkpoints")));
+        assert!(!explicit.includes(&ns("orders.system.js")));
+        assert!(explicit.includes(&ns("orders.systems")), "only the system. prefix is reserved");
+    }
+
+    #[test]
+    fn databases_are_listed_only_when_something_in_them_could_be_included() {
+        let all = NamespaceMap::new(None, CHECKPOINTS).unwrap();
+        assert!(all.may_include_database("shop"));
+        for never in ["admin", "local", "config", CHECKPOINTS] {
+            assert!(!all.may_include_database(never), "{never}");
+        }
+        let m = map(&["orders.*", "*_archive.customers", "crm.customers"], &["crm.*", "orders.tmp_*"], &[]);
+        assert!(m.may_include_database("orders"), "a partial exclude leaves the rest");
+        assert!(m.may_include_database("2025_archive"));
+        assert!(!m.may_include_database("shop"));
+        assert!(!m.may_include_database("crm"), "excluded as a whole");
     }
 
     #[test]
     fn renames_carry_wildcards_and_the_first_match_wins() {
-        let m = map(&[], &[], &[("orders.special", "vip.special"), ("orders.*", "orders_dr.*"), ("*.log_*", "logs.*_*")]);
+        let m = map(
+            &[],
+            &[],
+            &[("orders.special", "vip.special"), ("orders.*", "orders_dr.*"), ("*.log_*", "logs.*_*"), ("app_*.events_*", "events.*.*")],
+        );
         assert_eq!(m.target(&ns("orders.special")), ns("vip.special"));
+        assert_eq!(m.target(&ns("orders.items")), ns("orders_dr.items"));
         assert_eq!(m.target(&ns("orders.items.v2")), ns("orders_dr.items.v2"));
+        assert_eq!(m.target(&ns("orders.log_2026")), ns("orders_dr.log_2026"), "the earlier rule wins");
         assert_eq!(m.target(&ns("shop.log_2026")), ns("logs.shop_2026"));
-        assert_eq!(m.target(&ns("crm.customers")), ns("crm.customers"));
+        assert_eq!(m.target(&ns("app_eu.events_2026_01")), ns("events.eu.2026_01"));
+        assert_eq!(m.target(&ns("crm.customers")), ns("crm.customers"), "no rule: unchanged");
+        // Each star takes as little as it can, so the first `_` splits.
+        let split = map(&[], &[], &[("logs.*_*", "logs_by_app.*.*")]);
+        assert_eq!(split.target(&ns("logs.web_api_errors")), ns("logs_by_app.web.api_errors"));
     }
 
     #[test]
-    fn bad_renames_are_refused() {
-        let filter = |from: &str, to: &str| NamespaceFilter {
-            rename: vec![RenameRule { from: from.into(), to: to.into() }],
-            ..Default::default()
-        };
-        assert!(NamespaceMap::new(Some(&filter("orders.*", "dr.all")), "m").is_err());
-        assert_eq!(NamespaceMap::new(Some(&filter("x.y", "admin.y")), "m").unwrap_err().reason(), "InvalidRename");
-        let bad = NamespaceFilter { include: vec!["orders".into()], ..Default::default() };
-        assert_eq!(NamespaceMap::new(Some(&bad), "m").unwrap_err().reason(), "InvalidNamespacePattern");
+    fn renames_that_would_build_a_forbidden_name_leave_the_namespace_out() {
+        let m = map(&[], &[], &[("copy_*.*", "*.*"), ("flat.*", "*.docs")]);
+        assert!(m.includes(&ns("copy_shop.items")));
+        assert_eq!(m.target(&ns("copy_shop.items")), ns("shop.items"));
+        assert!(!m.includes(&ns("copy_admin.users")), "would write into admin");
+        assert!(!m.includes(&ns(&format!("copy_{CHECKPOINTS}.checkpoints"))), "would overwrite checkpoints");
+        assert!(!m.includes(&ns("copy_shop.system.views")));
+        assert!(m.includes(&ns("flat.customers")));
+        assert!(!m.includes(&ns("flat.customers.archive")), "a dot cannot go into a database name");
+        assert!(!m.includes(&ns("flat.my orders")), "nor a space");
+    }
+
+    #[test]
+    fn bad_filters_are_refused_with_stable_reasons() {
+        assert_eq!(refusal(&[], &[("orders.*", "orders_dr.all")]), "InvalidRename");
+        assert_eq!(refusal(&[], &[("orders.items", "orders.*")]), "InvalidRename");
+        for system in ["admin", "local", "config", CHECKPOINTS] {
+            assert_eq!(refusal(&[], &[("orders.*", &format!("{system}.*"))]), "InvalidRename", "{system}");
+        }
+        assert_eq!(refusal(&[], &[("orders.views", "orders.system.views")]), "InvalidRename");
+        assert_eq!(refusal(&[], &[("orders", "orders_dr")]), "InvalidRename");
+        assert_eq!(refusal(&[], &[("orders.*", "my orders.*")]), "InvalidRename");
+        for pattern in ["orders", "orders.", ".items", "my db.items", "a/b.items", "shop.$cmd"] {
+            assert_eq!(refusal(&[pattern], &[]), "InvalidNamespacePattern", "{pattern:?}");
+        }
+        let err = NamespaceMap::new(Some(&filter(&[], &["crm"], &[])), CHECKPOINTS).unwrap_err();
+        assert_eq!(err.reason(), "InvalidNamespacePattern");
+        // A rename into a database named like admin but not admin is fine.
+        assert!(NamespaceMap::new(Some(&filter(&[], &[], &[("x.*", "admin_dr.*")])), CHECKPOINTS).is_ok());
     }
 
     #[test]
     fn target_database_only_for_database_wide_mappings() {
-        let m = map(&[], &[], &[("orders.*", "orders_dr.*"), ("crm.leads", "sales.leads"), ("*.*", "all_*.*")]);
+        let none = map(&[], &[], &[]);
+        assert_eq!(none.target_database("shop").as_deref(), Some("shop"));
+        assert_eq!(none.target_database("admin"), None);
+        assert_eq!(none.target_database(CHECKPOINTS), None);
+        let m = map(
+            &[],
+            &[],
+            &[("orders.*", "orders_dr.*"), ("crm.leads", "sales.leads"), ("crm.*", "crm_dr.*"), ("bi_*.*", "*_bi.*"), ("flat.*", "*.docs"), ("*.*", "all_*.*")],
+        );
         assert_eq!(m.target_database("orders").as_deref(), Some("orders_dr"));
-        assert_eq!(m.target_database("crm"), None);
+        assert_eq!(m.target_database("crm"), None, "crm.leads goes elsewhere: the first rule for crm is collection-level");
+        assert_eq!(m.target_database("bi_eu").as_deref(), Some("eu_bi"));
+        assert_eq!(m.target_database("flat"), None, "collections become databases");
         assert_eq!(m.target_database("shop").as_deref(), Some("all_shop"));
-        assert_eq!(map(&[], &[], &[]).target_database("shop").as_deref(), Some("shop"));
+        let into_admin = map(&[], &[], &[("copy_*.*", "*.*")]);
+        assert_eq!(into_admin.target_database("copy_admin"), None);
+        assert_eq!(into_admin.target_database("copy_shop").as_deref(), Some("shop"));
     }
 
     #[test]
     fn stream_scope_is_as_narrow_as_the_includes_allow() {
-        assert_eq!(map(&["shop.items"], &[], &[]).stream_scope(), StreamScope::Collection(ns("shop.items")));
-        assert_eq!(map(&["shop.items", "shop.orders"], &[], &[]).stream_scope(), StreamScope::Database("shop".into()));
-        assert_eq!(map(&["shop.*"], &[], &[]).stream_scope(), StreamScope::Database("shop".into()));
-        assert_eq!(map(&["shop.*", "crm.x"], &[], &[]).stream_scope(), StreamScope::Cluster);
-        assert_eq!(map(&["*.x"], &[], &[]).stream_scope(), StreamScope::Cluster);
-        assert_eq!(map(&[], &[], &[]).stream_scope(), StreamScope::Cluster);
+        let scope = |include: &[&str], exclude: &[&str]| map(include, exclude, &[]).stream_scope();
+        assert_eq!(scope(&["shop.items"], &[]), StreamScope::Collection(ns("shop.items")));
+        assert_eq!(scope(&["crm.customers.archive"], &[]), StreamScope::Collection(ns("crm.customers.archive")));
+        assert_eq!(scope(&["shop.items", "shop.orders"], &[]), StreamScope::Database("shop".into()));
+        assert_eq!(scope(&["shop.*"], &[]), StreamScope::Database("shop".into()));
+        assert_eq!(scope(&["shop.items"], &["shop.items"]), StreamScope::Database("shop".into()), "an excluded literal");
+        assert_eq!(scope(&["shop.*", "crm.customers"], &[]), StreamScope::Cluster);
+        assert_eq!(scope(&["*.events"], &[]), StreamScope::Cluster);
+        assert_eq!(scope(&["shop_*.events"], &[]), StreamScope::Cluster);
+        assert_eq!(scope(&["admin.users"], &[]), StreamScope::Cluster, "no stream can watch admin");
+        assert_eq!(scope(&[], &["crm.*"]), StreamScope::Cluster);
+        assert_eq!(NamespaceMap::new(None, CHECKPOINTS).unwrap().stream_scope(), StreamScope::Cluster);
+    }
+
+    #[test]
+    fn glob_agrees_with_a_reference_on_edge_cases() {
+        for (pattern, text) in [("", ""), ("*", ""), ("**", "ab"), ("a*", "a"), ("*a", "a"), ("a*a", "a"), ("a*a", "aa"), ("ab*ba", "aba"), ("*ab*", "aab"), ("é*日", "é日"), ("*日*", "本日本")] {
+            assert_eq!(captures(pattern, text), naive(pattern, text), "{pattern:?} on {text:?}");
+        }
     }
 
     #[test]
     fn adversarial_patterns_finish() {
         let pattern = format!("{}b", "a*".repeat(30));
-        let text = "a".repeat(200);
-        assert!(!glob_matches(pattern.as_bytes(), text.as_bytes()));
-        assert!(glob_captures(&pattern, &text).is_none());
+        let name = "a".repeat(255);
+        assert!(!glob(&pattern, &name, |_| {}));
+        let m = map(&[&format!("{}.{pattern}", "*".repeat(30))], &[], &[(&format!("*.{pattern}"), &format!("x*.{pattern}"))]);
+        assert!(!m.includes(&Namespace::new("a".repeat(64), &name)));
+        assert_eq!(m.target(&Namespace::new("db", &name)), Namespace::new("db", &name));
     }
 
     proptest! {
         #[test]
-        fn any_substring_replaced_by_a_star_still_matches(db in "[a-z0-9_]{1,12}", coll in "[a-z0-9_.]{1,20}", a in 0usize..20, b in 0usize..20) {
-            let (lo, hi) = (a.min(b).min(coll.len()), a.max(b).min(coll.len()));
-            let pattern = format!("{db}.{}*{}", &coll[..lo], &coll[hi..]);
-            let m = map(&[&pattern], &[], &[]);
-            prop_assert!(m.includes(&Namespace::new(&db, &coll)));
+        fn a_namespace_matches_itself_with_any_part_replaced_by_a_star(
+            db in ("[a-z0-9_é]{0,5}", "[a-z0-9_é]{0,5}", "[a-z0-9_é]{0,5}"),
+            coll in ("[a-z0-9_.日]{0,8}", "[a-z0-9_.日]{0,8}", "[a-z0-9_.日]{0,8}"),
+            star_in_db: bool,
+            star_in_coll: bool,
+        ) {
+            let (db_name, coll_name) = (format!("{}{}{}", db.0, db.1, db.2), format!("{}{}{}", coll.0, coll.1, coll.2));
+            prop_assume!(!db_name.is_empty() && !coll_name.is_empty());
+            let db_pattern = if star_in_db { format!("{}*{}", db.0, db.2) } else { db_name.clone() };
+            let coll_pattern = if star_in_coll { format!("{}*{}", coll.0, coll.2) } else { coll_name.clone() };
+            let pattern = Pattern::parse(&format!("{db_pattern}.{coll_pattern}")).unwrap();
+            let namespace = Namespace::new(&db_name, &coll_name);
+            prop_assert!(pattern.matches(&namespace));
+            prop_assert_eq!(pattern.captures(&namespace).map(|c| c.len()), Some(pattern.stars()));
         }
 
         #[test]
-        fn database_wide_renames_keep_the_collection(x in "[a-z]{1,8}", y in "[a-z]{1,8}", coll in "[a-z0-9_.]{1,20}") {
-            let from = format!("{x}.*");
-            let to = format!("{y}_dr.*");
-            let m = map(&[], &[], &[(&from, &to)]);
+        fn captures_put_back_rebuild_the_name(pieces in prop::collection::vec(("[ab.]{0,3}", "[ab.]{0,3}"), 0..6), last in "[ab.]{0,3}") {
+            let text: String = pieces.iter().map(|(literal, hidden)| format!("{literal}{hidden}")).collect::<String>() + &last;
+            let pattern: String = pieces.iter().map(|(literal, _)| format!("{literal}*")).collect::<String>() + &last;
+            let found = captures(&pattern, &text);
+            prop_assert!(found.is_some(), "{} on {}", pattern, text);
+            prop_assert_eq!(fill(&pattern, &mut found.unwrap().into_iter()), text);
+        }
+
+        #[test]
+        fn glob_agrees_with_the_reference(pattern in "[ab*]{0,8}", text in "[ab]{0,10}") {
+            prop_assert_eq!(captures(&pattern, &text), naive(&pattern, &text));
+        }
+
+        #[test]
+        fn database_wide_renames_keep_the_collection(x in "[a-z][a-z0-9_]{0,7}", y in "[a-z][a-z0-9_]{0,7}", coll in "[a-z0-9_.]{1,20}") {
+            prop_assume!(!SYSTEM_DATABASES.contains(&x.as_str()) && !SYSTEM_DATABASES.contains(&y.as_str()));
+            let m = map(&[], &[], &[(&format!("{x}.*"), &format!("{y}.*"))]);
             let target = m.target(&Namespace::new(&x, &coll));
-            prop_assert_eq!(target, Namespace::new(format!("{y}_dr"), coll));
+            prop_assert_eq!(&target.coll, &coll);
+            prop_assert_eq!(&target.db, &y);
+            prop_assert_eq!(m.target_database(&x), Some(y));
+        }
+
+        #[test]
+        fn many_stars_finish(stars in 1usize..=30, text in "[ab]{0,255}", tail in "[ab]{1,3}") {
+            let pattern = "a*".repeat(stars) + &tail;
+            let matched = glob(&pattern, &text, |_| {});
+            // The reference backtracks, so it checks the answer only on short names.
+            if text.len() <= 12 {
+                prop_assert_eq!(matched, naive(&pattern, &text).is_some());
+            }
         }
     }
 }
