@@ -34,9 +34,7 @@ impl Namespace {
 
     /// Splits at the first `.`: `crm.customers.archive` is collection `customers.archive` of `crm`.
     pub fn parse(s: &str) -> Result<Self, NamespaceError> {
-        split_namespace(s)
-            .map(|(db, coll)| Self::new(db, coll))
-            .map_err(|why| NamespaceError::InvalidPattern { pattern: s.to_string(), why })
+        split_namespace(s).map(|(db, coll)| Self::new(db, coll)).map_err(|why| NamespaceError::InvalidPattern { pattern: s.to_string(), why })
     }
 }
 
@@ -164,9 +162,7 @@ impl NamespaceMap {
         let empty = NamespaceFilter::default();
         let filter = filter.unwrap_or(&empty);
         let patterns = |list: &[String]| {
-            list.iter()
-                .map(|p| Pattern::parse(p).map_err(|why| NamespaceError::InvalidPattern { pattern: p.clone(), why }))
-                .collect::<Result<Vec<_>, _>>()
+            list.iter().map(|p| Pattern::parse(p).map_err(|why| NamespaceError::InvalidPattern { pattern: p.clone(), why })).collect::<Result<Vec<_>, _>>()
         };
         let mut rename = Vec::with_capacity(filter.rename.len());
         for rule in &filter.rename {
@@ -188,12 +184,7 @@ impl NamespaceMap {
             }
             rename.push(Rename { from, to });
         }
-        Ok(Self {
-            include: patterns(&filter.include)?,
-            exclude: patterns(&filter.exclude)?,
-            rename,
-            checkpoint_db: checkpoint_db.to_string(),
-        })
+        Ok(Self { include: patterns(&filter.include)?, exclude: patterns(&filter.exclude)?, rename, checkpoint_db: checkpoint_db.to_string() })
     }
 
     fn replicable_database(&self, db: &str) -> bool {
@@ -271,9 +262,7 @@ impl NamespaceMap {
                 StreamScope::Collection(Namespace::new(&only.db, &only.coll))
             }
             // Change streams cannot be opened on admin, local or config.
-            [first, rest @ ..]
-                if !first.db.contains('*') && self.replicable_database(&first.db) && rest.iter().all(|p| p.db == first.db) =>
-            {
+            [first, rest @ ..] if !first.db.contains('*') && self.replicable_database(&first.db) && rest.iter().all(|p| p.db == first.db) => {
                 StreamScope::Database(first.db.clone())
             }
             _ => StreamScope::Cluster,
@@ -298,9 +287,9 @@ fn fill<'a>(pattern: &str, captures: &mut impl Iterator<Item = &'a str>) -> Stri
 ///
 /// The literal runs between stars must appear in order: the first at the start, the last at the
 /// end, each middle one at its leftmost place after the one before. Leftmost placement never
-/// loses a match and makes each `*` take as little as it can, and no step backtracks, so the time
-/// is linear (`str::find` is two-way), however many stars. Slicing is safe: every cut is at the
-/// start or end of a literal run of a `str`, hence on a character boundary.
+/// loses a match and makes each `*` take as little as it can; nothing backtracks, so the time is
+/// about linear (`str::find` is two-way) however many stars. Every cut is at the start or end of
+/// a literal run of a `str`, hence on a character boundary, so the slicing cannot panic.
 fn glob<'t>(pattern: &str, text: &'t str, mut capture: impl FnMut(&'t str)) -> bool {
     let Some((head, tail)) = pattern.split_once('*') else {
         return pattern == text;
@@ -410,7 +399,8 @@ mod tests {
     fn system_databases_system_collections_and_checkpoints_are_never_replicated() {
         let all = NamespaceMap::new(None, CHECKPOINTS).unwrap();
         assert!(all.includes(&ns("anything.at_all")));
-        for never in ["admin.users", "local.oplog.rs", "config.system.sessions", "mongo_replicator.checkpoints", "orders.system.views", "orders.system.profile"] {
+        for never in ["admin.users", "local.oplog.rs", "config.system.sessions", "mongo_replicator.checkpoints", "orders.system.views", "orders.system.profile"]
+        {
             assert!(!all.includes(&ns(never)), "{never}");
         }
         let explicit = map(&["admin.*", "mongo_replicator.*", "orders.*"], &[], &[]);
@@ -435,11 +425,7 @@ mod tests {
 
     #[test]
     fn renames_carry_wildcards_and_the_first_match_wins() {
-        let m = map(
-            &[],
-            &[],
-            &[("orders.special", "vip.special"), ("orders.*", "orders_dr.*"), ("*.log_*", "logs.*_*"), ("app_*.events_*", "events.*.*")],
-        );
+        let m = map(&[], &[], &[("orders.special", "vip.special"), ("orders.*", "orders_dr.*"), ("*.log_*", "logs.*_*"), ("app_*.events_*", "events.*.*")]);
         assert_eq!(m.target(&ns("orders.special")), ns("vip.special"));
         assert_eq!(m.target(&ns("orders.items")), ns("orders_dr.items"));
         assert_eq!(m.target(&ns("orders.items.v2")), ns("orders_dr.items.v2"));
@@ -523,7 +509,19 @@ mod tests {
 
     #[test]
     fn glob_agrees_with_a_reference_on_edge_cases() {
-        for (pattern, text) in [("", ""), ("*", ""), ("**", "ab"), ("a*", "a"), ("*a", "a"), ("a*a", "a"), ("a*a", "aa"), ("ab*ba", "aba"), ("*ab*", "aab"), ("é*日", "é日"), ("*日*", "本日本")] {
+        for (pattern, text) in [
+            ("", ""),
+            ("*", ""),
+            ("**", "ab"),
+            ("a*", "a"),
+            ("*a", "a"),
+            ("a*a", "a"),
+            ("a*a", "aa"),
+            ("ab*ba", "aba"),
+            ("*ab*", "aab"),
+            ("é*日", "é日"),
+            ("*日*", "本日本"),
+        ] {
             assert_eq!(captures(pattern, text), naive(pattern, text), "{pattern:?} on {text:?}");
         }
     }

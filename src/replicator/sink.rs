@@ -194,9 +194,7 @@ impl Sink {
                 Ok(())
             }
             other => other,
-        }?;
-        self.metrics.events_applied("ddl", 1);
-        Ok(())
+        }
     }
 
     pub async fn create_indexes(&self, ns: &Namespace, indexes: Vec<Document>) -> Result<(), SinkError> {

@@ -249,10 +249,10 @@ impl Streamer {
                     tracing::info!(ddl = ?ddl, "applying DDL");
                     if let Ddl::CopyCollection { source, target } = ddl {
                         self.copier.copy_collection(source, target).await?;
-                        self.metrics.events_applied("ddl", 1);
                     } else {
                         self.sink.apply_ddl(ddl).await?;
                     }
+                    self.metrics.events_applied(operation, 1);
                 }
                 Action::Skip | Action::Invalidate => {}
             }

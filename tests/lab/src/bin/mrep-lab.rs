@@ -1,7 +1,8 @@
 //! `mrep-lab`: the lab from a terminal.
 //!
 //! - `mrep-lab demo` starts the control plane, installs the CRD with `mongo-replicator crd`,
-//!   applies an example and shows it the way a user would see it.
+//!   applies an example and shows it the way a user would see it; then replicates between two
+//!   SecantusDB servers with `mongo-replicator replicate`.
 //! - `mrep-lab up` starts the control plane and a SecantusDB server and waits for Ctrl-C,
 //!   printing a KUBECONFIG and a connection string to use meanwhile.
 
@@ -90,12 +91,85 @@ spec:
         bail!("the apiserver accepted an invalid MongoReplication");
     }
 
+    replicate_demo(&operator).await?;
+
     if keep {
         println!("\nThe lab keeps running; in another shell:\n  export KUBECONFIG={}\n  export PATH={}:$PATH\nCtrl-C stops it.", lab.kubeconfig().display(), lab.bin_dir().display());
         tokio::signal::ctrl_c().await?;
     }
     step("stopping the lab");
     Ok(())
+}
+
+/// Replicates between two SecantusDB servers with `mongo-replicator replicate`, as a person would
+/// outside Kubernetes: a snapshot, then changes followed from the stream, then a clean stop.
+async fn replicate_demo(operator: &Path) -> Result<()> {
+    use mongodb::bson::{Document, doc};
+    step("starting two SecantusDB servers (source and target)");
+    let source = SecantusServer::start(SecantusOptions::default()).await?;
+    let target = SecantusServer::start(SecantusOptions::default()).await?;
+    let (src, dst) = (source.admin_client().await?, target.admin_client().await?);
+    let orders = src.database("orders").collection::<Document>("items");
+    orders.insert_many((0..10_000).map(|i| doc! {"_id": i, "sku": format!("sku-{i}"), "qty": i % 7})).await?;
+    println!("   source: {}  target: {}  (10000 documents in orders.items)", source.uri(), target.uri());
+
+    step("mongo-replicator replicate --include 'orders.*' --rename 'orders.*=orders_dr.*'");
+    let port = mongo_replicator_lab::process::free_port()?;
+    let mut replicator = Command::new(operator)
+        .args(["replicate", "--name", "demo", "--include", "orders.*", "--rename", "orders.*=orders_dr.*", "--log-format", "text"])
+        .args(["--metrics-address", &format!("127.0.0.1:{port}")])
+        .env("MREP_SOURCE_URI", source.uri())
+        .env("MREP_TARGET_URI", target.uri())
+        .kill_on_drop(true)
+        .spawn()?;
+    let copied = dst.database("orders_dr").collection::<Document>("items");
+    wait_for(&copied, 10_000, doc! {"_id": 9_999}).await?;
+    orders.insert_one(doc! {"_id": 10_000, "sku": "new"}).await?;
+    orders.update_one(doc! {"_id": 1}, doc! {"$set": {"qty": 99}}).await?;
+    orders.delete_one(doc! {"_id": 2}).await?;
+    wait_for(&copied, 10_000, doc! {"_id": 10_000}).await?;
+    wait_for(&copied, 10_000, doc! {"_id": 1, "qty": 99}).await?;
+    let updated = copied.find_one(doc! {"_id": 1}).await?.context("document 1 missing in the target")?;
+    println!("   target orders_dr.items: {} documents; _id 1 has qty {}", copied.count_documents(doc! {}).await?, updated.get_i32("qty").unwrap_or(-1));
+    step(&format!("curl http://127.0.0.1:{port}/metrics (excerpt)"));
+    let body = http_get(port, "/metrics").await.unwrap_or_default();
+    for line in body.lines().filter(|l| l.starts_with("mongo_replicator_documents_copied_total") || l.starts_with("mongo_replicator_events_applied_total") || l.starts_with("mongo_replicator_lag_seconds")) {
+        println!("   {line}");
+    }
+    step("SIGTERM: drain, save the checkpoint, exit 0");
+    if let Some(pid) = replicator.id() {
+        std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+    }
+    let status = replicator.wait().await?;
+    println!("   {status}");
+    if !status.success() {
+        bail!("the replicator did not stop cleanly");
+    }
+    Ok(())
+}
+
+/// Waits until the target collection holds `count` documents and `check` holds.
+async fn wait_for(coll: &mongodb::Collection<mongodb::bson::Document>, count: u64, check: mongodb::bson::Document) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let n = coll.count_documents(mongodb::bson::doc! {}).await?;
+        if n == count && coll.count_documents(check.clone()).await? > 0 {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the target has {n} documents, expected {count} and one matching {check}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+async fn http_get(port: u16, path: &str) -> Result<String> {
+    use tokio::io::AsyncReadExt;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    Ok(response)
 }
 
 async fn up() -> Result<()> {
