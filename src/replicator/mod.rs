@@ -296,9 +296,10 @@ async fn advance(
         },
         (None, None) => {
             // Saved first, so a crash before the first change does not move the start to "later".
-            checkpoint.token = Some(start_token(source, map, streamer, &StartPoint::Now).await?);
+            let token = start_token(source, map, streamer, &StartPoint::Now).await?;
+            checkpoint.token = Some(token.clone());
             save(checkpoint).await?;
-            StartPoint::ResumeAfter(checkpoint.token.clone().expect("just set"))
+            StartPoint::ResumeAfter(token)
         }
     };
     streamer.run(start, checkpoint).await?;
