@@ -181,19 +181,7 @@ pub async fn run(
         cancel: cancel.clone(),
         copied: Arc::new(AtomicU64::new(0)),
     };
-    let streamer = Streamer {
-        source: source.clone(),
-        sink,
-        copier: copier.clone(),
-        store: store.clone(),
-        map: map.clone(),
-        metrics: metrics.clone(),
-        workers: config.workers,
-        batch_size: config.batch_size,
-        flush_interval: config.flush_interval(),
-        cancel: cancel.clone(),
-        figures: Arc::new(StreamFigures::default()),
-    };
+    let streamer = Streamer { copier: copier.clone(), flush_interval: config.flush_interval(), figures: Arc::new(StreamFigures::default()) };
     health.set_ready(true);
 
     let mut checkpoint = match store.load().await.map_err(ReplicatorError::Checkpoint)? {
@@ -316,7 +304,7 @@ async fn start_token(
     streamer: &Streamer,
     start: &StartPoint,
 ) -> Result<mongodb::change_stream::event::ResumeToken, ReplicatorError> {
-    let stream = stream::open(source, &map.stream_scope(), start, Duration::from_millis(100), streamer.batch_size as u32).await?;
+    let stream = stream::open(source, &map.stream_scope(), start, Duration::from_millis(100), streamer.copier.batch_size as u32).await?;
     stream.resume_token().ok_or(ReplicatorError::NoStartPoint)
 }
 

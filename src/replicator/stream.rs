@@ -16,13 +16,12 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::checkpoint::{Checkpoint, CheckpointStore};
+use super::checkpoint::Checkpoint;
 use super::event::{Action, Ddl, DocWrite, MalformedEvent, cluster_time, map_event, operation_label};
 use super::namespace::{NamespaceMap, StreamScope};
 use super::retry::{CHANGE_STREAM_HISTORY_LOST, error_code, is_transient};
-use super::sink::{Sink, SinkError};
+use super::sink::SinkError;
 use super::snapshot::{Copier, SnapshotError};
-use crate::telemetry::Metrics;
 
 /// Where a change stream starts.
 #[derive(Clone, Debug)]
@@ -148,18 +147,11 @@ pub struct StreamFigures {
     pub lag_millis: AtomicU64,
 }
 
-/// Follows the change stream until cancelled or a permanent error.
+/// Follows the change stream until cancelled or a permanent error. It shares the copier's
+/// endpoints and settings, and uses the copier for collections renamed into the replicated set.
 pub struct Streamer {
-    pub source: Client,
-    pub sink: Sink,
     pub copier: Copier,
-    pub store: CheckpointStore,
-    pub map: Arc<NamespaceMap>,
-    pub metrics: Arc<Metrics>,
-    pub workers: usize,
-    pub batch_size: usize,
     pub flush_interval: Duration,
-    pub cancel: CancellationToken,
     pub figures: Arc<StreamFigures>,
 }
 
@@ -167,23 +159,23 @@ impl Streamer {
     /// Streams from `start`, saving progress into `checkpoint` (at least once a second under
     /// load, on idle batches and on shutdown). Returns Ok when cancelled and drained.
     pub async fn run(&self, start: StartPoint, checkpoint: &mut Checkpoint) -> Result<(), StreamError> {
-        let scope = self.map.stream_scope();
+        let scope = self.copier.map.stream_scope();
         let max_await = self.flush_interval.max(Duration::from_millis(100));
-        let stream = open(&self.source, &scope, &start, max_await, self.batch_size as u32).await?;
+        let stream = open(&self.copier.source, &scope, &start, max_await, self.copier.batch_size as u32).await?;
         tracing::info!(scope = ?scope, start = %start, "streaming");
-        self.metrics.set_phase("stream");
+        self.copier.metrics.set_phase("stream");
 
         // The reader fills windows while the writers apply the previous one.
         let (tx, mut rx) = mpsc::channel::<Result<Window, StreamError>>(2);
         let reader = Reader {
-            source: self.source.clone(),
+            source: self.copier.source.clone(),
             scope,
-            map: self.map.clone(),
+            map: self.copier.map.clone(),
             max_await,
-            batch_size: self.batch_size,
-            window_events: self.batch_size * self.workers,
+            batch_size: self.copier.batch_size,
+            window_events: self.copier.batch_size * self.copier.workers,
             flush_interval: self.flush_interval,
-            cancel: self.cancel.clone(),
+            cancel: self.copier.cancel.clone(),
         };
         let reader_task = tokio::spawn(reader.run(stream, tx));
 
@@ -204,11 +196,11 @@ impl Streamer {
             if let Some(ts) = window.newest {
                 checkpoint.last_applied_cluster_time = Some(ts);
                 let lag = (DateTime::now().timestamp_millis() / 1000 - i64::from(ts.time)).max(0);
-                self.metrics.set_lag_seconds(lag as f64);
+                self.copier.metrics.set_lag_seconds(lag as f64);
                 self.figures.lag_millis.store(lag as u64 * 1000, Ordering::Relaxed);
             } else {
                 // An empty window means the stream is caught up with the source.
-                self.metrics.set_lag_seconds(0.0);
+                self.copier.metrics.set_lag_seconds(0.0);
                 self.figures.lag_millis.store(0, Ordering::Relaxed);
             }
             if window.token.is_some() {
@@ -230,19 +222,19 @@ impl Streamer {
 
     async fn save(&self, checkpoint: &mut Checkpoint) -> Result<(), StreamError> {
         checkpoint.saved_at = DateTime::now();
-        self.store.save(checkpoint).await.map_err(StreamError::Checkpoint)?;
-        self.metrics.checkpoint_saved();
+        self.copier.store.save(checkpoint).await.map_err(StreamError::Checkpoint)?;
+        self.copier.metrics.checkpoint_saved();
         Ok(())
     }
 
     /// Applies one window: document writes in parallel by key, DDL in order between flushes.
     async fn apply(&self, window: &Window) -> Result<(), StreamError> {
-        let mut buckets: Vec<Vec<DocWrite>> = vec![Vec::new(); self.workers];
+        let mut buckets: Vec<Vec<DocWrite>> = vec![Vec::new(); self.copier.workers];
         for (action, operation) in &window.actions {
             match action {
                 Action::Write(write) => {
-                    buckets[bucket_of(write, self.workers)].push(write.clone());
-                    self.metrics.events_applied(operation, 1);
+                    buckets[bucket_of(write, self.copier.workers)].push(write.clone());
+                    self.copier.metrics.events_applied(operation, 1);
                 }
                 Action::Ddl(ddl) => {
                     self.flush(&mut buckets).await?;
@@ -250,9 +242,9 @@ impl Streamer {
                     if let Ddl::CopyCollection { source, target } = ddl {
                         self.copier.copy_collection(source, target).await?;
                     } else {
-                        self.sink.apply_ddl(ddl).await?;
+                        self.copier.sink.apply_ddl(ddl).await?;
                     }
-                    self.metrics.events_applied(operation, 1);
+                    self.copier.metrics.events_applied(operation, 1);
                 }
                 Action::Skip | Action::Invalidate => {}
             }
@@ -263,7 +255,7 @@ impl Streamer {
     async fn flush(&self, buckets: &mut [Vec<DocWrite>]) -> Result<(), StreamError> {
         let mut tasks = JoinSet::new();
         for bucket in buckets.iter_mut().filter(|b| !b.is_empty()) {
-            let sink = self.sink.clone();
+            let sink = self.copier.sink.clone();
             let writes = std::mem::take(bucket);
             tasks.spawn(async move { sink.apply(writes).await });
         }
