@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::TryStreamExt;
-use mongodb::bson::{Bson, Document, doc};
+use mongodb::bson::{Bson, Document, RawDocumentBuf, doc};
+use mongodb::error::{ErrorKind, InsertManyError};
 use mongodb::{Client, Database};
 use tokio_util::sync::CancellationToken;
 
@@ -154,14 +155,34 @@ impl Sink {
         Ok(existing)
     }
 
-    /// Inserts copied documents; documents already in the target (a range copied again after a
-    /// crash) are left as they are: the change stream brings them up to date.
-    pub async fn insert_copied(&self, ns: &Namespace, docs: Vec<Document>) -> Result<(), SinkError> {
-        for chunk in chunks(docs, self.batch_size) {
-            let reply = self.command(ns, "insert", &doc! {"insert": &ns.coll, "documents": chunk, "ordered": false}).await?;
-            check_write_errors(ns, &reply, &[DUPLICATE_KEY])?;
+    /// Inserts copied documents, as read from the source (raw BSON: no parsing or re-encoding);
+    /// documents already in the target (a range copied again after a crash) are left as they
+    /// are: the change stream brings them up to date.
+    pub async fn insert_copied(&self, ns: &Namespace, docs: Vec<RawDocumentBuf>) -> Result<(), SinkError> {
+        let coll = self.client.database(&ns.db).collection::<RawDocumentBuf>(&ns.coll);
+        let mut backoff = Backoff::default();
+        loop {
+            let err = match coll.insert_many(&docs).ordered(false).await {
+                Ok(_) => return Ok(()),
+                Err(err) => err,
+            };
+            if let ErrorKind::InsertMany(InsertManyError { write_errors: Some(errors), write_concern_error: None, .. }) = err.kind.as_ref() {
+                match errors.iter().find(|e| e.code != DUPLICATE_KEY) {
+                    None => return Ok(()),
+                    Some(e) => {
+                        let message = e.message.chars().take(500).collect();
+                        return Err(SinkError::WriteRefused { ns: ns.to_string(), code: e.code, message });
+                    }
+                }
+            }
+            if !is_transient(&err) || self.cancel.is_cancelled() {
+                return Err(SinkError::Command { command: "insert", ns: ns.to_string(), source: err });
+            }
+            self.metrics.retry("write");
+            let delay = backoff.next_delay();
+            tracing::warn!(ns = %ns, error = %err, retry_in = ?delay, "transient failure copying documents; retrying");
+            tokio::time::sleep(delay).await;
         }
-        Ok(())
     }
 
     /// Applies a DDL change. Replaying one after a crash is harmless: "already done" answers

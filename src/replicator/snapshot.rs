@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use mongodb::bson::{Bson, Document, doc};
+use mongodb::bson::{Bson, Document, RawDocumentBuf, doc};
 use mongodb::options::FindOptions;
 use mongodb::Client;
 use tokio_util::sync::CancellationToken;
@@ -267,7 +267,7 @@ impl Copier {
         target: &Namespace,
         range: &mut RangeProgress,
     ) -> Result<u64, (u64, SnapshotError)> {
-        let coll = self.source.database(&source.db).collection::<Document>(&source.coll);
+        let coll = self.source.database(&source.db).collection::<RawDocumentBuf>(&source.coll);
         let filter = range_filter(range.lower.as_ref(), range.upper.as_ref(), range.last_id.as_ref());
         let read_err = |source_err| SnapshotError::Read { ns: source.to_string(), source: source_err };
         let options = FindOptions::builder().sort(doc! {"_id": 1}).batch_size(self.batch_size as u32).build();
@@ -292,7 +292,7 @@ impl Copier {
                 let docs = std::mem::take(&mut batch);
                 let (sink, target) = (self.sink.clone(), target.clone());
                 in_flight = Some(InFlight {
-                    last_id: docs.last().and_then(|d| d.get("_id").cloned()),
+                    last_id: docs.last().and_then(raw_id),
                     count: docs.len() as u64,
                     write: tokio::spawn(async move { sink.insert_copied(&target, docs).await }),
                 });
@@ -345,6 +345,11 @@ impl Copier {
         });
         stop
     }
+}
+
+/// The `_id` of a raw document.
+fn raw_id(doc: &RawDocumentBuf) -> Option<Bson> {
+    doc.get("_id").ok().flatten().and_then(|id| Bson::try_from(id).ok())
 }
 
 /// A batch of copied documents being written.
