@@ -95,28 +95,37 @@ fn ns_of(event: &Document, field: &'static str, operation: &str) -> Result<Names
     Ok(Namespace::new(db, coll))
 }
 
-/// Maps one raw change event to what the target must do.
-pub fn map_event(event: &Document, map: &NamespaceMap) -> Result<Action, MalformedEvent> {
-    let operation = event.get_str("operationType").unwrap_or("unknown");
-    let malformed = |field| MalformedEvent { operation: operation.to_string(), field };
-    match operation {
+/// Maps one raw change event to what the target must do. Takes the event by value so the full
+/// document moves into the write instead of being copied.
+pub fn map_event(mut event: Document, map: &NamespaceMap) -> Result<Action, MalformedEvent> {
+    let operation = event.get_str("operationType").unwrap_or("unknown").to_string();
+    let malformed = |field| MalformedEvent { operation: operation.clone(), field };
+    match operation.as_str() {
         "insert" | "replace" | "update" => {
-            let ns = ns_of(event, "ns", operation)?;
+            let ns = ns_of(&event, "ns", &operation)?;
             if !map.includes(&ns) {
                 return Ok(Action::Skip);
             }
             let key = event.get_document("documentKey").map_err(|_| malformed("documentKey"))?.clone();
-            match event.get("fullDocument") {
+            match event.remove("fullDocument") {
                 Some(Bson::Document(doc)) => Ok(Action::Write(DocWrite {
                     ns: map.target(&ns),
                     key,
-                    kind: if operation == "insert" { DocWriteKind::Insert(doc.clone()) } else { DocWriteKind::Upsert(doc.clone()) },
+                    kind: if operation == "insert" { DocWriteKind::Insert(doc) } else { DocWriteKind::Upsert(doc) },
                 })),
                 // Deleted before the lookup: the delete event follows on this stream.
                 Some(Bson::Null) | None if operation == "update" => Ok(Action::Skip),
                 _ => Err(malformed("fullDocument")),
             }
         }
+        _ => map_other_event(&event, &operation, map),
+    }
+}
+
+/// Everything but the document-writing events, which only borrow the event.
+fn map_other_event(event: &Document, operation: &str, map: &NamespaceMap) -> Result<Action, MalformedEvent> {
+    let malformed = |field| MalformedEvent { operation: operation.to_string(), field };
+    match operation {
         "delete" => {
             let ns = ns_of(event, "ns", operation)?;
             if !map.includes(&ns) {
@@ -223,7 +232,7 @@ mod tests {
             let full = doc! {"_id": 1, "a.b": 2};
             let kind = if op == "insert" { DocWriteKind::Insert(full) } else { DocWriteKind::Upsert(full) };
             assert_eq!(
-                map_event(&event, &map()).unwrap(),
+                map_event(event.clone(), &map()).unwrap(),
                 Action::Write(DocWrite { ns: Namespace::new("shop_dr", "items"), key: doc! {"_id": 1}, kind }),
                 "{op}"
             );
@@ -233,16 +242,16 @@ mod tests {
     #[test]
     fn an_update_whose_document_is_gone_is_skipped_but_an_insert_without_document_is_malformed() {
         let update = doc! {"operationType": "update", "ns": ns("shop", "items"), "documentKey": {"_id": 1}, "fullDocument": Bson::Null};
-        assert_eq!(map_event(&update, &map()).unwrap(), Action::Skip);
+        assert_eq!(map_event(update.clone(), &map()).unwrap(), Action::Skip);
         let insert = doc! {"operationType": "insert", "ns": ns("shop", "items"), "documentKey": {"_id": 1}};
-        assert!(map_event(&insert, &map()).is_err());
+        assert!(map_event(insert.clone(), &map()).is_err());
     }
 
     #[test]
     fn deletes_key_by_document_key() {
         let event = doc! {"operationType": "delete", "ns": ns("crm", "customers"), "documentKey": {"_id": "c1"}};
         assert_eq!(
-            map_event(&event, &map()).unwrap(),
+            map_event(event.clone(), &map()).unwrap(),
             Action::Write(DocWrite { ns: Namespace::new("crm", "customers"), key: doc! {"_id": "c1"}, kind: DocWriteKind::Delete })
         );
     }
@@ -251,14 +260,14 @@ mod tests {
     fn filtered_namespaces_are_skipped() {
         for (db, coll) in [("shop", "tmp"), ("crm", "leads"), ("other", "x")] {
             let event = doc! {"operationType": "insert", "ns": ns(db, coll), "documentKey": {"_id": 1}, "fullDocument": {"_id": 1}};
-            assert_eq!(map_event(&event, &map()).unwrap(), Action::Skip, "{db}.{coll}");
+            assert_eq!(map_event(event.clone(), &map()).unwrap(), Action::Skip, "{db}.{coll}");
         }
     }
 
     #[test]
     fn renames_follow_the_filter_on_both_sides() {
         let rename = |from: (&str, &str), to: (&str, &str)| {
-            map_event(&doc! {"operationType": "rename", "ns": ns(from.0, from.1), "to": ns(to.0, to.1)}, &map()).unwrap()
+            map_event(doc! {"operationType": "rename", "ns": ns(from.0, from.1), "to": ns(to.0, to.1)}, &map()).unwrap()
         };
         assert_eq!(
             rename(("shop", "a"), ("shop", "b")),
@@ -275,11 +284,11 @@ mod tests {
     #[test]
     fn drops_and_index_ddl_map_to_the_target() {
         let drop = doc! {"operationType": "drop", "ns": ns("shop", "items")};
-        assert_eq!(map_event(&drop, &map()).unwrap(), Action::Ddl(Ddl::DropCollection(Namespace::new("shop_dr", "items"))));
+        assert_eq!(map_event(drop.clone(), &map()).unwrap(), Action::Ddl(Ddl::DropCollection(Namespace::new("shop_dr", "items"))));
         let create = doc! {"operationType": "createIndexes", "ns": ns("shop", "items"),
             "operationDescription": {"indexes": [{"v": 2, "key": {"sku": 1}, "name": "sku_1", "unique": true}]}};
         assert_eq!(
-            map_event(&create, &map()).unwrap(),
+            map_event(create.clone(), &map()).unwrap(),
             Action::Ddl(Ddl::CreateIndexes {
                 ns: Namespace::new("shop_dr", "items"),
                 indexes: vec![doc! {"key": {"sku": 1}, "name": "sku_1", "unique": true}]
@@ -288,28 +297,28 @@ mod tests {
         let dropped = doc! {"operationType": "dropIndexes", "ns": ns("shop", "items"),
             "operationDescription": {"indexes": [{"v": 2, "key": {"sku": 1}, "name": "sku_1"}]}};
         assert_eq!(
-            map_event(&dropped, &map()).unwrap(),
+            map_event(dropped.clone(), &map()).unwrap(),
             Action::Ddl(Ddl::DropIndexes { ns: Namespace::new("shop_dr", "items"), names: vec!["sku_1".into()] })
         );
         let created = doc! {"operationType": "create", "ns": ns("shop", "log"),
             "operationDescription": {"capped": true, "size": 4096, "idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"}}};
         assert_eq!(
-            map_event(&created, &map()).unwrap(),
+            map_event(created.clone(), &map()).unwrap(),
             Action::Ddl(Ddl::CreateCollection { ns: Namespace::new("shop_dr", "log"), options: doc! {"capped": true, "size": 4096} })
         );
     }
 
     #[test]
     fn drop_database_maps_whole_database_renames_only() {
-        let drop_db = |db: &str| map_event(&doc! {"operationType": "dropDatabase", "ns": {"db": db}}, &map()).unwrap();
+        let drop_db = |db: &str| map_event(doc! {"operationType": "dropDatabase", "ns": {"db": db}}, &map()).unwrap();
         assert_eq!(drop_db("shop"), Action::Ddl(Ddl::DropDatabase { source_db: "shop".into(), target_db: "shop_dr".into() }));
         assert_eq!(drop_db("other"), Action::Skip);
     }
 
     #[test]
     fn invalidate_and_unknown_events() {
-        assert_eq!(map_event(&doc! {"operationType": "invalidate"}, &map()).unwrap(), Action::Invalidate);
-        assert_eq!(map_event(&doc! {"operationType": "modify", "ns": ns("shop", "x")}, &map()).unwrap(), Action::Skip);
+        assert_eq!(map_event(doc! {"operationType": "invalidate"}, &map()).unwrap(), Action::Invalidate);
+        assert_eq!(map_event(doc! {"operationType": "modify", "ns": ns("shop", "x")}, &map()).unwrap(), Action::Skip);
         assert_eq!(operation_label(&doc! {"operationType": "rename"}), "ddl");
         assert_eq!(operation_label(&doc! {"operationType": "delete"}), "delete");
     }

@@ -332,13 +332,14 @@ impl Reader {
             if let Some(ts) = cluster_time(&event) {
                 newest = Some(ts);
             }
-            let action = map_event(&event, &self.map)?;
+            let operation = operation_label(&event);
+            let action = map_event(event, &self.map)?;
             if action == Action::Invalidate {
                 let token = stream.resume_token();
                 return Ok((Window { actions, token: token.clone(), newest }, token));
             }
             if action != Action::Skip {
-                actions.push((action, operation_label(&event)));
+                actions.push((action, operation));
             }
             if actions.len() >= self.window_events || Instant::now() >= deadline || self.cancel.is_cancelled() {
                 break;
