@@ -336,8 +336,14 @@ fn approximate_size(doc: &Document) -> usize {
     doc.iter().map(|(k, v)| k.len() + 2 + bson_size(v)).sum::<usize>() + 5
 }
 
+/// A replacement by key. A document with a top-level `$`-prefixed field name (legal since
+/// MongoDB 5) cannot be a replacement document, so it goes through `$replaceWith` of a literal.
 fn upsert_statement(key: Document, doc: Document) -> Document {
-    doc! {"q": key, "u": doc, "upsert": true}
+    if doc.keys().any(|k| k.starts_with('$')) {
+        doc! {"q": key, "u": [{"$replaceWith": {"$literal": doc}}], "upsert": true}
+    } else {
+        doc! {"q": key, "u": doc, "upsert": true}
+    }
 }
 
 /// Turns `writeErrors` of a write command's reply into an error, except for the `expected`
@@ -386,6 +392,15 @@ mod tests {
             vec![write("a", 1, DocWriteKind::Upsert(doc! {"_id": 1, "v": 3})), write("a", 2, DocWriteKind::Upsert(doc! {"_id": 2}))]
         );
         assert_eq!(grouped[1].1, vec![write("b", 1, DocWriteKind::Delete)]);
+    }
+
+    #[test]
+    fn dollar_prefixed_fields_replace_through_a_literal_pipeline() {
+        assert_eq!(upsert_statement(doc! {"_id": 1}, doc! {"_id": 1, "a.b": 2}), doc! {"q": {"_id": 1}, "u": {"_id": 1, "a.b": 2}, "upsert": true});
+        assert_eq!(
+            upsert_statement(doc! {"_id": 1}, doc! {"_id": 1, "$price": 2}),
+            doc! {"q": {"_id": 1}, "u": [{"$replaceWith": {"$literal": {"_id": 1, "$price": 2}}}], "upsert": true}
+        );
     }
 
     #[test]

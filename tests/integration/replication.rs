@@ -266,10 +266,16 @@ async fn stream_only_follows_changes_without_copying_and_snapshot_only_stops() -
     eventually(CONVERGE, || async { checkpoint(&dst).await?.map(drop).context("no checkpoint yet") }).await?;
     coll.insert_one(doc! {"_id": 100, "new": true}).await?;
     coll.update_one(doc! {"_id": 1}, doc! {"$set": {"touched": true}}).await?;
+    // A top-level `$`-prefixed field name (legal since MongoDB 5) cannot travel in a plain replacement.
+    coll.insert_one(doc! {"_id": 101, "$price": 1}).await?;
     let target_events = dst.database("app").collection::<Document>("events");
+    // Applied before the replacement arrives, so the replacement meets an existing document.
+    eventually(CONVERGE, || async { target_events.find_one(doc! {"_id": 101}).await?.map(drop).context("101 not replicated yet") }).await?;
+    coll.update_one(doc! {"_id": 101}, vec![doc! {"$replaceWith": {"$literal": {"_id": 101, "$price": 2}}}]).await?;
     eventually(CONVERGE, || async {
         let ids: Vec<Document> = futures::TryStreamExt::try_collect(target_events.find(doc! {}).sort(doc! {"_id": 1}).await?).await?;
-        ensure!(ids == vec![doc! {"_id": 1, "old": true, "touched": true}, doc! {"_id": 100, "new": true}], "target holds {ids:?}");
+        let expected = vec![doc! {"_id": 1, "old": true, "touched": true}, doc! {"_id": 100, "new": true}, doc! {"_id": 101, "$price": 2}];
+        ensure!(ids == expected, "target holds {ids:?}");
         Ok(())
     })
     .await?;
