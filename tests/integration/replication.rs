@@ -98,7 +98,8 @@ async fn sigkill_in_snapshot_and_stream_never_loses_a_write_or_recopies_a_finish
     let spec = WorkloadSpec { seed: 11, initial_docs_per_collection: 3000, large_doc_every: None, ..Default::default() };
     let seeded = workload::seed(&src, &spec).await?;
     // Small batches and ranges make the snapshot long enough to be killed in the middle of it.
-    let run_args = args(&["--workers", "2", "--batch-size", "50", "--partition-documents", "1000"]);
+    let batch = 20;
+    let run_args = args(&["--workers", "2", "--batch-size", &batch.to_string(), "--partition-documents", "1000"]);
     let env = env(&source, &target);
     let mut replicator = ReplicatorProcess::start(&run_args, &env)?;
     let load = workload::Workload::start(src.clone(), spec.clone());
@@ -107,7 +108,10 @@ async fn sigkill_in_snapshot_and_stream_never_loses_a_write_or_recopies_a_finish
     // At least five kills, and at least one while copying and one while streaming.
     while kills < 5 || kills_in_snapshot == 0 || kills_in_stream == 0 {
         ensure!(kills < 20, "20 kills and still not one in each phase ({kills_in_snapshot} in the snapshot)");
-        tokio::time::sleep(Duration::from_millis(rng.random_range(300..1500))).await;
+        eprintln!("kill {kills}: {kills_in_snapshot} in the snapshot, {kills_in_stream} in the stream so far");
+        // Short waits while copying, so the copy cannot finish before the first kills.
+        let wait = if kills_in_snapshot == 0 { 150..600 } else { 300..1500 };
+        tokio::time::sleep(Duration::from_millis(rng.random_range(wait))).await;
         match checkpoint(&dst).await?.and_then(|c| c.get_str("phase").ok().map(str::to_string)).as_deref() {
             Some("snapshot") => kills_in_snapshot += 1,
             Some("stream") => kills_in_stream += 1,
@@ -130,7 +134,7 @@ async fn sigkill_in_snapshot_and_stream_never_loses_a_write_or_recopies_a_finish
     let copied: i64 = ranges.iter().map(|r| r.get_i64("copied").unwrap_or_default()).sum();
     ensure!(ranges.iter().all(|r| r.get_bool("done").unwrap_or(false)), "unfinished ranges: {ranges:?}");
     ensure!(
-        copied as usize <= seeded + stats.inserts + kills * 2 * 50,
+        copied as usize <= seeded + stats.inserts + kills * 2 * batch,
         "copied {copied} documents for {seeded} seeded + {} inserted: something was copied twice",
         stats.inserts
     );
