@@ -142,10 +142,9 @@ async fn sigkill_in_snapshot_and_stream_never_loses_a_write_or_recopies_a_finish
 }
 
 #[tokio::test]
-async fn source_restart_and_ddl_mid_stream_converge() -> Result<()> {
-    let (mut source, target) = servers().await?;
+async fn source_and_target_restarts_and_ddl_mid_stream_converge() -> Result<()> {
+    let (mut source, mut target) = servers().await?;
     let src = source.admin_client().await?;
-    let dst = target.admin_client().await?;
     let spec = WorkloadSpec { seed: 23, initial_docs_per_collection: 300, large_doc_every: None, ..Default::default() };
     workload::seed(&src, &spec).await?;
     let mut replicator = ReplicatorProcess::start(&args(&[]), &env(&source, &target))?;
@@ -154,6 +153,10 @@ async fn source_restart_and_ddl_mid_stream_converge() -> Result<()> {
     // The source goes away and comes back on the same storage; the replicator reconnects and resumes.
     source.restart().await?;
     let src = source.admin_client().await?;
+    workload::run_for(src.clone(), spec.clone(), 300).await?;
+    // The target drops every connection too; writes in flight are retried, nothing is lost.
+    target.restart().await?;
+    let dst = target.admin_client().await?;
     workload::run_for(src.clone(), spec.clone(), 300).await?;
 
     // DDL: index, rename within the set, drop, a whole database, and a collection created afresh.
@@ -295,5 +298,61 @@ async fn stream_only_follows_changes_without_copying_and_snapshot_only_stops() -
     }
     workload::assert_same_all(&src, &dst).await?;
     assert_eq!(checkpoint(&dst).await?.context("no checkpoint")?.get_str("phase")?, "done");
+    Ok(())
+}
+
+#[tokio::test]
+async fn config_file_with_mounted_secret_env_secret_and_extra_ca_files() -> Result<()> {
+    let admin = ScramUser::new("replicator", "c0nfig-secret", &[("admin", "root")]);
+    let options = SecantusOptions { tls: true, users: vec![admin.clone()], ..Default::default() };
+    let (source, target) = (SecantusServer::start(options.clone()).await?, SecantusServer::start(options).await?);
+    let (src, dst) = (source.admin_client().await?, target.admin_client().await?);
+    src.database("app").collection::<Document>("events").insert_many((0..100).map(|i| doc! {"_id": i})).await?;
+    src.database("other").collection::<Document>("skipped").insert_one(doc! {"_id": 1}).await?;
+
+    // The connection strings carry no CA: it comes from caFile, as from a mounted Secret.
+    let without_ca = |uri: String| -> String {
+        let (head, rest) = uri.split_once("&tlsCAFile=").expect("a TLS connection string");
+        let tail = rest.split_once('&').map(|(_, t)| format!("&{t}")).unwrap_or_default();
+        format!("{head}{tail}")
+    };
+    let dir = crate::support::tempdir::Dir::new("config")?;
+    let source_secret = dir.0.join("source-uri");
+    std::fs::write(&source_secret, without_ca(source.uri_for(&admin)))?;
+    let config = dir.0.join("replicator.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "name: data/config-file
+source:
+  auth: connectionString
+  uriFile: {}
+  caFile: {}
+target:
+  auth: connectionString
+  uriEnv: TARGET_URI
+  caFile: {}
+namespaces:
+  include: [\"app.*\"]
+workers: 2
+metricsAddress: null
+",
+            source_secret.display(),
+            source.ca_file().context("no CA")?.display(),
+            target.ca_file().context("no CA")?.display()
+        ),
+    )?;
+    let args: Vec<String> = vec!["--config".into(), config.display().to_string()];
+    let mut replicator = ReplicatorProcess::start(&args, &[("TARGET_URI", without_ca(target.uri_for(&admin)))])?;
+    src.database("app").collection::<Document>("events").insert_one(doc! {"_id": "streamed"}).await?;
+    let pairs = [("app.events".to_string(), "app.events".to_string())];
+    eventually(CONVERGE, || workload::assert_same(&src, &dst, &pairs))
+        .await
+        .with_context(|| replicator.log_tail(15))?;
+    ensure!(workload::user_namespaces(&dst).await? == ["app.events"], "only app.* is included");
+    assert_eq!(replicator.terminate(Duration::from_secs(30)).await?, Some(0));
+    assert!(!replicator.log().contains("c0nfig-secret"), "the password reached the log");
+    let saved = dst.database("mongo_replicator").collection::<Document>("checkpoints").find_one(doc! {"_id": "data/config-file"}).await?;
+    ensure!(saved.is_some(), "the checkpoint is not under the configured name");
     Ok(())
 }
