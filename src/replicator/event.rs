@@ -4,10 +4,11 @@
 //! (`fullDocument: updateLookup`) rather than by replaying `updateDescription`: a replacement by
 //! `_id` is idempotent, so a replay after a crash converges; and `updateDescription` cannot say
 //! whether `"a.b"` is a field named `a.b` or `b` inside `a` (the workload has both), while the
-//! full document can. When the document is gone by lookup time the update is skipped: its delete
-//! is further along the same stream.
+//! full document can. When the document is gone by lookup time (deleted later, or its collection
+//! renamed or dropped since) the update's description is applied as operators, in order, unless
+//! a path is ambiguous; a later delete, rename or drop then does the rest.
 
-use mongodb::bson::{Bson, Document, Timestamp};
+use mongodb::bson::{Bson, Document, Timestamp, doc};
 
 use super::namespace::{Namespace, NamespaceMap};
 
@@ -28,6 +29,9 @@ pub enum DocWriteKind {
     Insert(Document),
     /// Replace (or insert) the whole document.
     Upsert(Document),
+    /// Update operators from an event's `updateDescription`, applied in order, for an update
+    /// whose document could no longer be looked up.
+    Patch(Vec<Document>),
     Delete,
 }
 
@@ -113,13 +117,59 @@ pub fn map_event(mut event: Document, map: &NamespaceMap) -> Result<Action, Malf
                     key,
                     kind: if operation == "insert" { DocWriteKind::Insert(doc) } else { DocWriteKind::Upsert(doc) },
                 })),
-                // Deleted before the lookup: the delete event follows on this stream.
-                Some(Bson::Null) | None if operation == "update" => Ok(Action::Skip),
+                // Gone by lookup time: deleted (its delete follows) or its collection renamed or
+                // dropped since. The update's own description still says what changed.
+                Some(Bson::Null) | None if operation == "update" => Ok(match patch(&event) {
+                    Some(updates) => Action::Write(DocWrite { ns: map.target(&ns), key, kind: DocWriteKind::Patch(updates) }),
+                    None => Action::Skip,
+                }),
                 _ => Err(malformed("fullDocument")),
             }
         }
         _ => map_other_event(&event, &operation, map),
     }
+}
+
+/// The update operators of an event's `updateDescription`: array truncations first, then
+/// `$set`/`$unset`. None when there is nothing to do, or when a path is ambiguous (a field name
+/// containing a dot, reported in `disambiguatedPaths`), which operators cannot express.
+fn patch(event: &Document) -> Option<Vec<Document>> {
+    let description = event.get_document("updateDescription").ok()?;
+    if description.get_document("disambiguatedPaths").is_ok_and(|d| !d.is_empty()) {
+        return None;
+    }
+    let mut updates = Vec::new();
+    let mut truncate = Document::new();
+    for array in description.get_array("truncatedArrays").map(|a| a.as_slice()).unwrap_or_default() {
+        if let Some(array) = array.as_document()
+            && let (Ok(field), Some(size)) = (array.get_str("field"), array.get("newSize"))
+        {
+            truncate.insert(field, doc! {"$each": [], "$slice": size.clone()});
+        }
+    }
+    if !truncate.is_empty() {
+        updates.push(doc! {"$push": truncate});
+    }
+    let mut operators = Document::new();
+    if let Ok(set) = description.get_document("updatedFields")
+        && !set.is_empty()
+    {
+        operators.insert("$set", set.clone());
+    }
+    let unset: Document = description
+        .get_array("removedFields")
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|f| f.as_str().map(|f| (f.to_string(), Bson::String(String::new()))))
+        .collect();
+    if !unset.is_empty() {
+        operators.insert("$unset", unset);
+    }
+    if !operators.is_empty() {
+        updates.push(operators);
+    }
+    (!updates.is_empty()).then_some(updates)
 }
 
 /// Everything but the document-writing events, which only borrow the event.
@@ -240,9 +290,25 @@ mod tests {
     }
 
     #[test]
-    fn an_update_whose_document_is_gone_is_skipped_but_an_insert_without_document_is_malformed() {
-        let update = doc! {"operationType": "update", "ns": ns("shop", "items"), "documentKey": {"_id": 1}, "fullDocument": Bson::Null};
-        assert_eq!(map_event(update.clone(), &map()).unwrap(), Action::Skip);
+    fn an_update_whose_document_is_gone_applies_its_description_but_an_insert_without_document_is_malformed() {
+        let update = doc! {"operationType": "update", "ns": ns("shop", "items"), "documentKey": {"_id": 1}, "fullDocument": Bson::Null,
+            "updateDescription": {"updatedFields": {"n": 2, "nested.x": 1}, "removedFields": ["old"], "truncatedArrays": [{"field": "tags", "newSize": 2}], "disambiguatedPaths": {}}};
+        assert_eq!(
+            map_event(update.clone(), &map()).unwrap(),
+            Action::Write(DocWrite {
+                ns: Namespace::new("shop_dr", "items"),
+                key: doc! {"_id": 1},
+                kind: DocWriteKind::Patch(vec![
+                    doc! {"$push": {"tags": {"$each": [], "$slice": 2}}},
+                    doc! {"$set": {"n": 2, "nested.x": 1}, "$unset": {"old": ""}}
+                ])
+            })
+        );
+        let ambiguous = doc! {"operationType": "update", "ns": ns("shop", "items"), "documentKey": {"_id": 1}, "fullDocument": Bson::Null,
+            "updateDescription": {"updatedFields": {"a.b": 2}, "removedFields": [], "disambiguatedPaths": {"a.b": ["a.b"]}}};
+        assert_eq!(map_event(ambiguous, &map()).unwrap(), Action::Skip);
+        let without_description = doc! {"operationType": "update", "ns": ns("shop", "items"), "documentKey": {"_id": 1}, "fullDocument": Bson::Null};
+        assert_eq!(map_event(without_description, &map()).unwrap(), Action::Skip);
         let insert = doc! {"operationType": "insert", "ns": ns("shop", "items"), "documentKey": {"_id": 1}};
         assert!(map_event(insert.clone(), &map()).is_err());
     }

@@ -110,6 +110,7 @@ impl Sink {
                 match write.kind {
                     DocWriteKind::Insert(doc) => inserts.push((write.key, doc)),
                     DocWriteKind::Upsert(doc) => upserts.push(upsert_statement(write.key, doc)),
+                    DocWriteKind::Patch(updates) => self.patch(&ns, write.key, updates).await?,
                     DocWriteKind::Delete => deletes.push(doc! {"q": write.key, "limit": 1}),
                 }
             }
@@ -126,6 +127,14 @@ impl Sink {
         }
         self.metrics.observe_apply_batch(started.elapsed().as_secs_f64(), count);
         Ok(())
+    }
+
+    /// Applies update operators to one document, in order. The caller sends a patch alone, after
+    /// every earlier write: unlike whole-document writes, patches do not commute.
+    async fn patch(&self, ns: &Namespace, key: Document, updates: Vec<Document>) -> Result<(), SinkError> {
+        let statements: Vec<Document> = updates.into_iter().map(|u| doc! {"q": key.clone(), "u": u}).collect();
+        let reply = self.command(ns, "update", &doc! {"update": &ns.coll, "updates": statements, "ordered": true}).await?;
+        check_write_errors(ns, &reply, &[]).map(drop)
     }
 
     /// Inserts new documents with plain inserts, the cheapest write; returns replacement

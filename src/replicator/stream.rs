@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::checkpoint::Checkpoint;
-use super::event::{Action, Ddl, DocWrite, MalformedEvent, cluster_time, map_event, operation_label};
+use super::event::{Action, Ddl, DocWrite, DocWriteKind, MalformedEvent, cluster_time, map_event, operation_label};
 use super::namespace::{NamespaceMap, StreamScope};
 use super::retry::{CHANGE_STREAM_HISTORY_LOST, error_code, is_transient};
 use super::sink::SinkError;
@@ -232,6 +232,12 @@ impl Streamer {
         let mut buckets: Vec<Vec<DocWrite>> = vec![Vec::new(); self.copier.workers];
         for (action, operation) in &window.actions {
             match action {
+                Action::Write(write @ DocWrite { kind: DocWriteKind::Patch(_), .. }) => {
+                    // Patches do not commute with other writes of the document: apply in order.
+                    self.flush(&mut buckets).await?;
+                    self.copier.sink.apply(vec![write.clone()]).await?;
+                    self.copier.metrics.events_applied(operation, 1);
+                }
                 Action::Write(write) => {
                     buckets[bucket_of(write, self.copier.workers)].push(write.clone());
                     self.copier.metrics.events_applied(operation, 1);
