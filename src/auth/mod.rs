@@ -1,6 +1,8 @@
 //! Endpoint credentials: connection strings read from files or environment variables (mounted
 //! Secrets), kept in a type that never prints them, and the driver options built from them.
 
+pub mod entra;
+
 use std::fmt;
 use std::path::Path;
 
