@@ -28,7 +28,7 @@ use self::namespace::{NamespaceError, NamespaceMap};
 use self::retry::{Backoff, error_code, is_transient};
 use self::sink::Sink;
 use self::snapshot::{Copier, SnapshotError};
-use self::stream::{StartPoint, StreamError, StreamFigures, Streamer};
+use self::stream::{StartPoint, StreamError, Streamer};
 use crate::auth::{self, AuthError};
 use crate::crd::{HistoryLostPolicy, Progress, ReplicationMode};
 use crate::telemetry::{Health, Metrics};
@@ -181,7 +181,7 @@ pub async fn run(
         cancel: cancel.clone(),
         copied: Arc::new(AtomicU64::new(0)),
     };
-    let streamer = Streamer { copier: copier.clone(), flush_interval: config.flush_interval(), figures: Arc::new(StreamFigures::default()) };
+    let streamer = Streamer { copier: copier.clone(), flush_interval: config.flush_interval() };
     health.set_ready(true);
 
     let mut checkpoint = match store.load().await.map_err(ReplicatorError::Checkpoint)? {

@@ -4,7 +4,6 @@
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mongodb::Client;
@@ -140,19 +139,11 @@ struct Window {
     newest: Option<Timestamp>,
 }
 
-/// Live figures shared with the progress reporter.
-#[derive(Default)]
-pub struct StreamFigures {
-    pub events_applied: AtomicU64,
-    pub lag_millis: AtomicU64,
-}
-
 /// Follows the change stream until cancelled or a permanent error. It shares the copier's
 /// endpoints and settings, and uses the copier for collections renamed into the replicated set.
 pub struct Streamer {
     pub copier: Copier,
     pub flush_interval: Duration,
-    pub figures: Arc<StreamFigures>,
 }
 
 impl Streamer {
@@ -192,16 +183,13 @@ impl Streamer {
             }
             let count = window.actions.len() as i64;
             checkpoint.events_applied += count;
-            self.figures.events_applied.fetch_add(count as u64, Ordering::Relaxed);
             if let Some(ts) = window.newest {
                 checkpoint.last_applied_cluster_time = Some(ts);
                 let lag = (DateTime::now().timestamp_millis() / 1000 - i64::from(ts.time)).max(0);
                 self.copier.metrics.set_lag_seconds(lag as f64);
-                self.figures.lag_millis.store(lag as u64 * 1000, Ordering::Relaxed);
             } else {
                 // An empty window means the stream is caught up with the source.
                 self.copier.metrics.set_lag_seconds(0.0);
-                self.figures.lag_millis.store(0, Ordering::Relaxed);
             }
             if window.token.is_some() {
                 checkpoint.token = window.token.clone();

@@ -37,13 +37,9 @@ async fn converge(src: &mongodb::Client, dst: &mongodb::Client, replicator: &Rep
         .with_context(|| format!("replicator log ends with:\n{}", replicator.log_tail(15)))
 }
 
-/// GETs a path of the replicator's metrics endpoint; the body.
+/// GETs a path of the replicator's metrics endpoint, which must answer 200.
 async fn http_get(port: u16, path: &str) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
+    let response = mongo_replicator_lab::process::http_get(port, path).await?;
     ensure!(response.starts_with("HTTP/1.1 200"), "GET {path}: {response}");
     Ok(response)
 }

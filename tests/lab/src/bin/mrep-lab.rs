@@ -132,7 +132,7 @@ async fn replicate_demo(operator: &Path) -> Result<()> {
     let updated = copied.find_one(doc! {"_id": 1}).await?.context("document 1 missing in the target")?;
     println!("   target orders_dr.items: {} documents; _id 1 has qty {}", copied.count_documents(doc! {}).await?, updated.get_i32("qty").unwrap_or(-1));
     step(&format!("curl http://127.0.0.1:{port}/metrics (excerpt)"));
-    let body = http_get(port, "/metrics").await.unwrap_or_default();
+    let body = mongo_replicator_lab::process::http_get(port, "/metrics").await.unwrap_or_default();
     for line in body.lines().filter(|l| l.starts_with("mongo_replicator_documents_copied_total") || l.starts_with("mongo_replicator_events_applied_total") || l.starts_with("mongo_replicator_lag_seconds")) {
         println!("   {line}");
     }
@@ -161,15 +161,6 @@ async fn wait_for(coll: &mongodb::Collection<mongodb::bson::Document>, count: u6
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-}
-
-async fn http_get(port: u16, path: &str) -> Result<String> {
-    use tokio::io::AsyncReadExt;
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    Ok(response)
 }
 
 async fn up() -> Result<()> {
