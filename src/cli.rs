@@ -38,6 +38,31 @@ pub enum Command {
     /// for good (login, unsupported server, rejected write), 5 the source's change history no
     /// longer reaches the checkpoint, 6 the shutdown deadline passed before the drain finished.
     Replicate(Box<ReplicateArgs>),
+    /// Prove that replication can start: per endpoint, obtain a Microsoft Entra token (auth:
+    /// entra), log in and ping; on the source list collections and open a change stream at the
+    /// replication's scope; on the target write and delete a probe in the checkpoint database.
+    ///
+    /// Prints a report on a terminal and a JSON verdict otherwise; the verdict (no secrets, at
+    /// most 4096 bytes) also goes to the termination-log file when it exists, for the operator's
+    /// validation Job. Exit codes: 0 every check passed, 1 a check failed, 3 invalid configuration.
+    Validate(ValidateArgs),
+}
+
+/// Arguments of `validate`.
+#[derive(Args, Debug)]
+pub struct ValidateArgs {
+    /// The replicator's configuration file (YAML or JSON), as for `replicate --config`.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Output format; default: text on a terminal, JSON otherwise.
+    #[arg(long, value_enum)]
+    pub output: Option<LogFormatFlag>,
+    /// Where Kubernetes reads a container's termination message; written only when it exists.
+    #[arg(long, value_name = "FILE", default_value = "/dev/termination-log")]
+    pub termination_log: PathBuf,
+    /// Log level for the diagnostics written to stderr.
+    #[arg(long, default_value = "warn")]
+    pub log_level: String,
 }
 
 /// Arguments of `replicate`: a config file, or flags for a quick run.
@@ -171,6 +196,8 @@ impl ReplicateArgs {
                         uri_file: file.clone(),
                         uri_env: None,
                         ca_file: ca.clone(),
+                        // Flags take the identity from the workload identity webhook's variables.
+                        entra: None,
                         connection_string: if auth == AuthMethod::ConnectionString { uri.as_deref().map(ConnectionString::new) } else { None },
                     }
                 };
@@ -228,6 +255,52 @@ pub fn run(cli: Cli) -> ExitCode {
             }
         }
         Command::Replicate(args) => replicate(*args),
+        Command::Validate(args) => validate(args),
+    }
+}
+
+fn validate(args: ValidateArgs) -> ExitCode {
+    use std::io::IsTerminal;
+    let text = match args.output {
+        Some(LogFormatFlag::Text) => true,
+        Some(LogFormatFlag::Json) => false,
+        None => std::io::stdout().is_terminal(),
+    };
+    let log_format = if std::io::stderr().is_terminal() { LogFormat::Text } else { LogFormat::Json };
+    if let Err(err) = telemetry::init_logging(&args.log_level, log_format) {
+        eprintln!("mongo-replicator: {err}");
+        return ExitCode::from(3);
+    }
+    let config = match ReplicatorConfig::from_file(&args.config) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("mongo-replicator validate: {err}");
+            let verdict = serde_json::json!({"passed": false, "reason": err.reason(), "message": err.to_string()}).to_string();
+            write_termination_log(&args.termination_log, &verdict);
+            return ExitCode::from(3);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("mongo-replicator: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let verdict = runtime.block_on(crate::validate::validate(&config));
+    let shown = if text { verdict.to_text() } else { format!("{}\n", verdict.to_json()) };
+    let _ = std::io::stdout().lock().write_all(shown.as_bytes());
+    write_termination_log(&args.termination_log, &verdict.termination_message(crate::validate::TERMINATION_MESSAGE_LIMIT));
+    if verdict.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+/// Writes the verdict where Kubernetes reads the termination message, when that file exists
+/// (it does in a container; elsewhere there is nothing to write to).
+fn write_termination_log(path: &std::path::Path, verdict: &str) {
+    if path.exists()
+        && let Err(err) = std::fs::write(path, verdict)
+    {
+        tracing::warn!(path = %path.display(), error = %err, "cannot write the termination message");
     }
 }
 
@@ -259,7 +332,9 @@ fn replicate(args: ReplicateArgs) -> ExitCode {
 }
 
 async fn replicate_async(config: ReplicatorConfig) -> ExitCode {
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
+    crate::auth::oidc::TokenSources::global().metrics().register(metrics.registry_mut());
+    let metrics = Arc::new(metrics);
     let health = Arc::new(Health::new());
     let cancel = CancellationToken::new();
     if let Some(addr) = config.metrics_address {

@@ -8,3 +8,4 @@ pub mod cli;
 pub mod crd;
 pub mod replicator;
 pub mod telemetry;
+pub mod validate;

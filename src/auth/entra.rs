@@ -48,6 +48,22 @@ impl EntraFailure {
         }
     }
 
+    /// The AADSTS code (0 when Entra's answer carried none).
+    pub fn code(self) -> u32 {
+        match self {
+            Self::NoFederatedCredential => 70021,
+            Self::IssuerMismatch => 700211,
+            Self::AudienceMismatch => 700212,
+            Self::SubjectMismatch => 700213,
+            Self::AssertionExpired => 700024,
+            Self::UnknownClient => 700016,
+            Self::UnknownTenant => 90002,
+            Self::MalformedTenant => 900023,
+            Self::InvalidScope => 70011,
+            Self::Other(code) => code,
+        }
+    }
+
     /// Stable reason for conditions, Events and metric labels.
     pub fn reason(self) -> &'static str {
         match self {

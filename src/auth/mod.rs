@@ -1,12 +1,15 @@
 //! Endpoint credentials: connection strings read from files or environment variables (mounted
-//! Secrets), kept in a type that never prints them, and the driver options built from them.
+//! Secrets), kept in a type that never prints them, Microsoft Entra workload identity
+//! (MONGODB-OIDC, [`oidc`]), and the driver options built from them.
 
 pub mod entra;
+pub mod oidc;
+pub mod transport;
 
 use std::fmt;
 use std::path::Path;
 
-use mongodb::options::{ClientOptions, Tls, TlsOptions};
+use mongodb::options::{AuthMechanism, ClientOptions, Credential, Tls, TlsOptions};
 
 use crate::crd::AuthMethod;
 use crate::replicator::config::{EndpointConfig, EndpointRole};
@@ -120,8 +123,12 @@ pub enum AuthError {
     InvalidConnectionString { role: EndpointRole, redacted: String, detail: String },
     #[error("{role}: CA file {path} does not exist")]
     MissingCaFile { role: EndpointRole, path: String },
-    #[error("{role}: auth: entra (Microsoft Entra workload identity) is not available in this build yet")]
-    EntraUnavailable { role: EndpointRole },
+    #[error("{role}: auth: entra needs the managed identity's {field}: set entra.{field} or the {env} environment variable (the workload identity webhook sets it when the pod is labelled azure.workload.identity/use=true)")]
+    EntraSettingMissing { role: EndpointRole, field: &'static str, env: &'static str },
+    #[error("{role}: an auth: entra connection string must not carry a user name or password; Microsoft Entra tokens are the credentials")]
+    CredentialsInEntraUri { role: EndpointRole },
+    #[error("{role}: {source}")]
+    Entra { role: EndpointRole, source: oidc::TokenError },
 }
 
 impl AuthError {
@@ -132,7 +139,9 @@ impl AuthError {
             AuthError::UnreadableSecret { .. } => "ConnectionStringUnreadable",
             AuthError::InvalidConnectionString { .. } => "ConnectionStringInvalid",
             AuthError::MissingCaFile { .. } => "CaFileMissing",
-            AuthError::EntraUnavailable { .. } => "EntraUnavailable",
+            AuthError::EntraSettingMissing { .. } => "EntraSettingMissing",
+            AuthError::CredentialsInEntraUri { .. } => "CredentialsInEntraUri",
+            AuthError::Entra { source, .. } => source.reason(),
         }
     }
 }
@@ -160,17 +169,30 @@ pub fn connection_string(endpoint: &EndpointConfig, role: EndpointRole) -> Resul
 }
 
 /// Driver options for an endpoint: its connection string, extra CA certificates and an app name
-/// that shows up in the server's logs.
+/// that shows up in the server's logs. An `auth: entra` endpoint logs in with MONGODB-OIDC
+/// through the process-wide token source of its identity.
 pub async fn client_options(endpoint: &EndpointConfig, role: EndpointRole) -> Result<ClientOptions, AuthError> {
-    if endpoint.auth == AuthMethod::Entra {
-        return Err(AuthError::EntraUnavailable { role });
-    }
-    let uri = connection_string(endpoint, role)?;
+    let uri = match endpoint.auth {
+        AuthMethod::ConnectionString => connection_string(endpoint, role)?,
+        AuthMethod::Entra => ConnectionString::new(endpoint.uri.clone().unwrap_or_default()),
+    };
     let mut options = ClientOptions::parse(uri.expose()).await.map_err(|err| AuthError::InvalidConnectionString {
         role,
         redacted: uri.redacted(),
         detail: uri.scrub(&err.to_string()),
     })?;
+    if endpoint.auth == AuthMethod::Entra {
+        if options.credential.as_ref().is_some_and(|c| c.username.is_some() || c.password.is_some()) {
+            return Err(AuthError::CredentialsInEntraUri { role });
+        }
+        let identity = entra_identity(endpoint, role)?;
+        let sources = oidc::TokenSources::global();
+        let source = sources.get(&identity).map_err(|source| AuthError::Entra { role, source })?;
+        let callback = oidc::callback(source, &role.to_string(), sources.metrics().clone());
+        options.credential = Some(
+            Credential::builder().mechanism(AuthMechanism::MongoDbOidc).source("$external".to_string()).oidc_callback(callback).build(),
+        );
+    }
     if let Some(ca) = &endpoint.ca_file {
         if !Path::new(ca).exists() {
             return Err(AuthError::MissingCaFile { role, path: ca.display().to_string() });
@@ -184,6 +206,24 @@ pub async fn client_options(endpoint: &EndpointConfig, role: EndpointRole) -> Re
     }
     options.app_name = Some(format!("mongo-replicator/{}", env!("CARGO_PKG_VERSION")));
     Ok(options)
+}
+
+/// The Entra identity of an `auth: entra` endpoint: its settings, else the variables the
+/// workload identity webhook injects (FACTS §4), else the public cloud's defaults.
+pub fn entra_identity(endpoint: &EndpointConfig, role: EndpointRole) -> Result<oidc::Identity, AuthError> {
+    let settings = endpoint.entra.clone().unwrap_or_default();
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let required = |value: Option<String>, field: &'static str, name: &'static str| {
+        value.or_else(|| env(name)).ok_or(AuthError::EntraSettingMissing { role, field, env: name })
+    };
+    Ok(oidc::Identity {
+        client_id: required(settings.client_id, "clientId", "AZURE_CLIENT_ID")?,
+        tenant_id: required(settings.tenant_id, "tenantId", "AZURE_TENANT_ID")?,
+        token_file: required(settings.token_file.map(|p| p.display().to_string()), "tokenFile", "AZURE_FEDERATED_TOKEN_FILE")?.into(),
+        scope: settings.scope.unwrap_or_else(|| oidc::default_scope().to_string()),
+        authority_host: settings.authority_host.or_else(|| env("AZURE_AUTHORITY_HOST")).unwrap_or_else(|| oidc::PUBLIC_AUTHORITY_HOST.to_string()),
+        ca_file: settings.ca_file,
+    })
 }
 
 #[cfg(test)]

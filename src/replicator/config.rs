@@ -46,9 +46,37 @@ pub struct EndpointConfig {
     /// Extra CA certificates (PEM file) to trust for this endpoint's TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// For `auth: entra`: the Microsoft Entra identity to log in as. Omitted values come from the
+    /// variables the workload identity webhook injects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entra: Option<EntraSettings>,
     /// A connection string given on the command line (never read from or written to a file).
     #[serde(skip)]
     pub connection_string: Option<ConnectionString>,
+}
+
+/// Microsoft Entra workload identity for one endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EntraSettings {
+    /// Client id of the user-assigned managed identity. Default: `AZURE_CLIENT_ID`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// Tenant id. Default: `AZURE_TENANT_ID`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_id: Option<String>,
+    /// Token scope. Default: Azure DocumentDB's, `https://ossrdbms-aad.database.windows.net/.default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// Microsoft Entra authority. Default: `AZURE_AUTHORITY_HOST`, else `https://login.microsoftonline.com/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority_host: Option<String>,
+    /// The projected service-account token. Default: `AZURE_FEDERATED_TOKEN_FILE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// Extra CA certificates (PEM) to trust for the authority (private endpoints, private clouds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Everything `mongo-replicator replicate` needs to know.
@@ -200,6 +228,9 @@ impl ReplicatorConfig {
                         ));
                     }
                     let sources = [endpoint.uri_file.is_some(), endpoint.uri_env.is_some(), endpoint.connection_string.is_some()];
+                    if endpoint.entra.is_some() {
+                        return invalid(format!("{role}: auth: connectionString must not set entra"));
+                    }
                     if sources.iter().filter(|s| **s).count() != 1 {
                         return invalid(format!("{role}: give the connection string exactly one way: uriFile, uriEnv or --{role}-uri"));
                     }

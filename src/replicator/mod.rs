@@ -29,7 +29,7 @@ use self::retry::{Backoff, error_code, is_transient};
 use self::sink::Sink;
 use self::snapshot::{Copier, SnapshotError};
 use self::stream::{StartPoint, StreamError, Streamer};
-use crate::auth::{self, AuthError};
+use crate::auth::{self, AuthError, oidc};
 use crate::crd::{HistoryLostPolicy, Progress, ReplicationMode};
 use crate::telemetry::{Health, Metrics};
 
@@ -135,6 +135,10 @@ async fn wait_reachable(client: &Client, role: EndpointRole, metrics: &Metrics, 
     loop {
         match client.database("admin").run_command(doc! {"ping": 1}).await {
             Ok(_) => return Ok(()),
+            Err(err) if oidc::token_error(&err).is_some_and(|e| !e.is_transient()) => {
+                let detail = oidc::token_error(&err).map(ToString::to_string).unwrap_or_default();
+                return Err(ReplicatorError::Unauthorized { role, detail });
+            }
             Err(err) if matches!(err.kind.as_ref(), ErrorKind::Authentication { .. }) || matches!(error_code(&err), Some(18 | 13)) => {
                 return Err(ReplicatorError::Unauthorized { role, detail: err.to_string() });
             }

@@ -42,6 +42,8 @@ pub fn is_transient(err: &MongoError) -> bool {
     match err.kind.as_ref() {
         ErrorKind::Io(_) | ErrorKind::ConnectionPoolCleared { .. } | ErrorKind::ServerSelection { .. } => true,
         ErrorKind::Shutdown => false,
+        // Entra unreachable, or a new federated credential not yet propagated (70021).
+        ErrorKind::Custom(_) => crate::auth::oidc::token_error(err).is_some_and(|e| e.is_transient()),
         _ => {
             err.contains_label("RetryableWriteError")
                 || err.contains_label("ResumableChangeStreamError")

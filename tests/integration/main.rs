@@ -3,6 +3,7 @@
 
 mod crd_api;
 mod crd_drift;
+mod entra;
 mod replication;
 mod secantus;
 mod support;

@@ -229,6 +229,28 @@ impl KubeLab {
         created.metadata.name.context("the apiserver returned a namespace without a name")
     }
 
+    /// A projected service-account token as the workload identity webhook gives a pod: minted by
+    /// the TokenRequest API for `namespace/service_account` (created when missing) with `audience`.
+    pub async fn service_account_token(&self, namespace: &str, service_account: &str, audience: &str, expiration_seconds: i64) -> Result<String> {
+        use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+        let api: Api<ServiceAccount> = Api::namespaced(self.client().await?, namespace);
+        if api.get_opt(service_account).await?.is_none() {
+            let sa = ServiceAccount { metadata: ObjectMeta { name: Some(service_account.into()), ..Default::default() }, ..Default::default() };
+            api.create(&PostParams::default(), &sa).await?;
+        }
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec { audiences: Some(vec![audience.into()]), expiration_seconds: Some(expiration_seconds), ..Default::default() }),
+            ..Default::default()
+        };
+        let answer = api.create_token_request(service_account, &PostParams::default(), &request).await?;
+        answer.status.and_then(|s| s.token).context("TokenRequest answered without a token")
+    }
+
+    /// The key the apiserver signs service-account tokens with (PKCS#8 PEM).
+    pub fn service_account_signing_key(&self) -> PathBuf {
+        self.dir.path().join("pki").join("service-account.key")
+    }
+
     /// The apiserver's URL.
     pub fn url(&self) -> &str {
         &self.url

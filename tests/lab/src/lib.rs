@@ -7,6 +7,12 @@
 //! the scripts in `tests/lab/scripts`; the lab runs them on first use when they are missing.
 //! Every process runs on free loopback ports in its own directory and dies with the test process.
 
+pub mod arm;
+pub mod azure;
+pub mod entra;
+pub mod gateway;
+pub mod https;
+pub mod jwt;
 pub mod kube;
 pub mod mongo;
 pub mod pki;
