@@ -283,17 +283,18 @@ impl TokenSource {
     async fn fetch(&self) -> Result<AccessToken, TokenError> {
         let started = Instant::now();
         let identity = &self.identity;
-        let mut client_options = ClientOptions::default();
-        client_options.transport = Some(Transport::new(self.transport.clone()));
         let mut cloud = CustomConfiguration::default();
         cloud.authority_host = identity.authority_host.clone();
-        client_options.cloud = Some(Arc::new(CloudConfiguration::Custom(cloud)));
+        let client_options = ClientOptions {
+            transport: Some(Transport::new(self.transport.clone())),
+            cloud: Some(Arc::new(CloudConfiguration::Custom(cloud))),
+            ..Default::default()
+        };
         let options = WorkloadIdentityCredentialOptions {
             client_id: Some(identity.client_id.clone()),
             tenant_id: Some(identity.tenant_id.clone()),
             token_file_path: Some(identity.token_file.clone()),
             credential_options: ClientAssertionCredentialOptions { client_options },
-            ..Default::default()
         };
         let credential = WorkloadIdentityCredential::new(Some(options)).map_err(|err| self.construction_error(err))?;
         let result = credential.get_token(&[identity.scope.as_str()], None).await;

@@ -41,6 +41,9 @@ pub struct RegisteredIdentity {
     pub credentials: Vec<RegisteredCredential>,
 }
 
+/// Verifies an access token; its claims, or why it is refused.
+pub type AccessTokenCheck = Arc<dyn Fn(&str) -> Result<Value, String> + Send + Sync>;
+
 /// Looks a managed identity up by client id (the ARM double is the source of truth).
 pub type Directory = Arc<dyn Fn(&str) -> Option<RegisteredIdentity> + Send + Sync>;
 
@@ -170,7 +173,7 @@ impl EntraDouble {
     }
 
     /// A verifier closure for the other doubles.
-    pub fn verifier(&self, audience: &str) -> Arc<dyn Fn(&str) -> Result<Value, String> + Send + Sync> {
+    pub fn verifier(&self, audience: &str) -> AccessTokenCheck {
         let jwks = self.state.key.jwks();
         let audience = audience.to_string();
         Arc::new(move |token| verify_access_token(&jwks, token, &audience))

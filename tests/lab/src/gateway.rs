@@ -123,8 +123,9 @@ impl Drop for OidcGateway {
 }
 
 fn server_config(cert: &CertFiles) -> Result<rustls::ServerConfig> {
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes()).collect::<Result<_, _>>().context("bad certificate PEM")?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .context("bad certificate PEM")?;
     let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).context("bad key PEM")?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ServerConfig::builder_with_provider(provider)
@@ -178,7 +179,12 @@ async fn serve(session: Arc<Session>, tcp: TcpStream, acceptor: TlsAcceptor, bac
     }
 }
 
-async fn serve_connection(session: Arc<Session>, tcp: TcpStream, acceptor: TlsAcceptor, backend_port: u16) -> Result<()> {
+async fn serve_connection(
+    session: Arc<Session>,
+    tcp: TcpStream,
+    acceptor: TlsAcceptor,
+    backend_port: u16,
+) -> Result<()> {
     tcp.set_nodelay(true)?;
     let tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
         .await
@@ -236,7 +242,9 @@ async fn client_loop<R: AsyncRead + Unpin>(
                 let raw = RawDocument::from_bytes(op.body)?;
                 match session.route(first_key(raw)?, raw, raw.get_str("$db").ok())? {
                     Route::Forward => Outcome::Backend(None, None),
-                    Route::Rewrite(body, grant) => Outcome::Backend(Some(op.encode_with_body(head, &to_bytes(&body)?)), grant),
+                    Route::Rewrite(body, grant) => {
+                        Outcome::Backend(Some(op.encode_with_body(head, &to_bytes(&body)?)), grant)
+                    }
                     // A fire-and-forget request (moreToCome) must not get an answer.
                     Route::Answer(_) if op.flags & MORE_TO_COME != 0 => Outcome::Client(None),
                     Route::Answer(reply) => {
@@ -292,7 +300,11 @@ async fn client_loop<R: AsyncRead + Unpin>(
     Ok(())
 }
 
-async fn backend_loop(session: Arc<Session>, mut backend: OwnedReadHalf, to_client: mpsc::Sender<Vec<u8>>) -> Result<()> {
+async fn backend_loop(
+    session: Arc<Session>,
+    mut backend: OwnedReadHalf,
+    to_client: mpsc::Sender<Vec<u8>>,
+) -> Result<()> {
     while let Some(msg) = read_message(&mut backend).await? {
         let msg = session.on_backend_reply(msg);
         if to_client.send(msg).await.is_err() {
@@ -303,7 +315,8 @@ async fn backend_loop(session: Arc<Session>, mut backend: OwnedReadHalf, to_clie
 }
 
 /// Commands a client may run before it logs in (and after its token expired).
-const OPEN_COMMANDS: &[&str] = &["hello", "isMaster", "ismaster", "ping", "buildInfo", "buildinfo", "saslStart", "saslContinue", "endSessions"];
+const OPEN_COMMANDS: &[&str] =
+    &["hello", "isMaster", "ismaster", "ping", "buildInfo", "buildinfo", "saslStart", "saslContinue", "endSessions"];
 
 /// What happens to one client request.
 enum Route {
@@ -359,7 +372,11 @@ impl Session {
                     None => {
                         Counters::bump(&self.counters.unauthorized_sent);
                         debug!(connection = self.id, "refusing {name} before login");
-                        Ok(Route::Answer(error_reply(13, "Unauthorized", &format!("command {name} requires authentication"))))
+                        Ok(Route::Answer(error_reply(
+                            13,
+                            "Unauthorized",
+                            &format!("command {name} requires authentication"),
+                        )))
                     }
                     Some(grant) if SystemTime::now() >= grant.expires_at => {
                         Counters::bump(&self.counters.reauth_required_sent);
@@ -672,11 +689,18 @@ struct OpQuery<'a> {
 impl<'a> OpQuery<'a> {
     fn parse(msg: &'a [u8]) -> Result<OpQuery<'a>> {
         let name_start = HEADER_LEN + 4;
-        let nul = msg.get(name_start..).and_then(|b| b.iter().position(|c| *c == 0)).context("OP_QUERY without a collection name")?;
+        let nul = msg
+            .get(name_start..)
+            .and_then(|b| b.iter().position(|c| *c == 0))
+            .context("OP_QUERY without a collection name")?;
         let collection = std::str::from_utf8(&msg[name_start..name_start + nul])?;
         let query_start = name_start + nul + 1 + 8;
-        let query_len = i32_at(msg, query_start).and_then(|l| usize::try_from(l).ok()).context("OP_QUERY without a query")?;
-        let query_end = query_start.checked_add(query_len).filter(|e| *e <= msg.len()).context("OP_QUERY query overruns the message")?;
+        let query_len =
+            i32_at(msg, query_start).and_then(|l| usize::try_from(l).ok()).context("OP_QUERY without a query")?;
+        let query_end = query_start
+            .checked_add(query_len)
+            .filter(|e| *e <= msg.len())
+            .context("OP_QUERY query overruns the message")?;
         Ok(OpQuery {
             prefix: &msg[HEADER_LEN..query_start],
             collection,
@@ -712,7 +736,8 @@ fn with_speculative_acceptance(msg: &[u8]) -> Result<Option<Vec<u8>>> {
         }
         OP_REPLY => {
             const DOCS_AT: usize = HEADER_LEN + 20;
-            let len = i32_at(msg, DOCS_AT).and_then(|l| usize::try_from(l).ok()).context("OP_REPLY without a document")?;
+            let len =
+                i32_at(msg, DOCS_AT).and_then(|l| usize::try_from(l).ok()).context("OP_REPLY without a document")?;
             let end = DOCS_AT.checked_add(len).filter(|e| *e <= msg.len()).context("OP_REPLY document overruns")?;
             let mut body = Document::from_reader(&msg[DOCS_AT..end])?;
             if !is_ok(&body) {
@@ -790,7 +815,11 @@ mod tests {
         }
 
         fn uri(&self) -> String {
-            format!("mongodb://127.0.0.1:{}/?directConnection=true&tls=true&tlsCAFile={}", self.gateway.port(), self.ca.ca_file().display())
+            format!(
+                "mongodb://127.0.0.1:{}/?directConnection=true&tls=true&tlsCAFile={}",
+                self.gateway.port(),
+                self.ca.ca_file().display()
+            )
         }
 
         async fn oidc_options(&self, callback: Callback) -> Result<ClientOptions> {
@@ -813,7 +842,8 @@ mod tests {
     async fn gateway_logs_in_and_forwards_crud_and_change_streams() -> Result<()> {
         let lab = Lab::start().await?;
         let calls = Arc::new(AtomicU32::new(0));
-        let options = lab.oidc_options(callback(calls.clone(), || lab_token("alice", Duration::from_secs(3600)))).await?;
+        let options =
+            lab.oidc_options(callback(calls.clone(), || lab_token("alice", Duration::from_secs(3600)))).await?;
         let client = Client::with_options(options)?;
         let coll = client.database("lab").collection::<Document>("login");
         let mut stream = coll.watch().await?;
@@ -841,7 +871,13 @@ mod tests {
         let client = Client::with_options(options)?;
         // The handshake and ping are open; data is not.
         client.database("admin").run_command(doc! {"ping": 1}).await?;
-        let err = client.database("lab").collection::<Document>("c").find_one(doc! {}).await.err().context("find succeeded")?;
+        let err = client
+            .database("lab")
+            .collection::<Document>("c")
+            .find_one(doc! {})
+            .await
+            .err()
+            .context("find succeeded")?;
         assert_eq!(command_code(&err), Some(13), "{err}");
         assert!(lab.gateway.stats().unauthorized_sent >= 1);
         Ok(())
@@ -853,7 +889,13 @@ mod tests {
         let calls = Arc::new(AtomicU32::new(0));
         let options = lab.oidc_options(callback(calls.clone(), || "forged-token".to_string())).await?;
         let client = Client::with_options(options)?;
-        let err = client.database("lab").collection::<Document>("c").find_one(doc! {}).await.err().context("find succeeded")?;
+        let err = client
+            .database("lab")
+            .collection::<Document>("c")
+            .find_one(doc! {})
+            .await
+            .err()
+            .context("find succeeded")?;
         println!("bad token: {err}");
         assert!(matches!(err.kind.as_ref(), ErrorKind::Authentication { .. }), "{err:?}");
         let stats = lab.gateway.stats();
@@ -911,6 +953,73 @@ mod tests {
         assert!(after.speculative_accepted > before.speculative_accepted, "{after:?}");
         assert_eq!(after.sasl_start_accepted, before.sasl_start_accepted, "{after:?}");
         assert_eq!(calls.load(Ordering::SeqCst), 1, "the cached token was reused");
+        Ok(())
+    }
+
+    /// A bare TLS connection to the gateway, for what the driver never sends (OP_QUERY).
+    async fn raw_connection(lab: &Lab) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(lab.ca.ca_pem().as_bytes()) {
+            roots.add(cert?)?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = TcpStream::connect(("127.0.0.1", lab.gateway.port())).await?;
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?;
+        Ok(tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await?)
+    }
+
+    /// Sends an OP_QUERY command and returns the OP_REPLY's document.
+    async fn op_query<S: AsyncRead + AsyncWrite + Unpin>(
+        stream: &mut S,
+        id: i32,
+        db: &str,
+        command: Document,
+    ) -> Result<Document> {
+        let mut msg = Vec::new();
+        Header::write(&mut msg, id, 0, OP_QUERY);
+        msg.extend_from_slice(&0i32.to_le_bytes());
+        msg.extend_from_slice(format!("{db}.$cmd\0").as_bytes());
+        msg.extend_from_slice(&0i32.to_le_bytes());
+        msg.extend_from_slice(&(-1i32).to_le_bytes());
+        command.to_writer(&mut msg)?;
+        stream.write_all(&finish(msg)).await?;
+        let reply = read_message(stream).await?.context("connection closed")?;
+        let head = Header::of(&reply).context("short reply")?;
+        anyhow::ensure!(head.op_code == OP_REPLY && head.response_to == id, "unexpected reply {head:?}");
+        Ok(Document::from_reader(&reply[HEADER_LEN + 20..])?)
+    }
+
+    #[tokio::test]
+    async fn gateway_speaks_legacy_op_query_and_closes_connections_on_drop() -> Result<()> {
+        let lab = Lab::start().await?;
+        let mut conn = raw_connection(&lab).await?;
+        let refused = op_query(&mut conn, 1, "lab", doc! {"count": "c"}).await?;
+        assert_eq!(refused.get_i32("code").ok(), Some(13), "{refused}");
+        let token = lab_token("carol", Duration::from_secs(3600));
+        let payload = Binary { subtype: BinarySubtype::Generic, bytes: to_bytes(&doc! {"jwt": &token})? };
+        let speculative =
+            doc! {"saslStart": 1, "mechanism": "MONGODB-OIDC", "payload": payload.clone(), "db": "$external"};
+        let hello =
+            op_query(&mut conn, 2, "admin", doc! {"isMaster": 1, "speculativeAuthenticate": speculative}).await?;
+        println!("OP_QUERY isMaster through the gateway: {hello}");
+        assert!(hello.get_document("speculativeAuthenticate").is_ok_and(|s| s.get_bool("done") == Ok(true)), "{hello}");
+        assert_eq!(lab.gateway.stats().speculative_accepted, 1);
+        let counted = op_query(&mut conn, 20, "lab", doc! {"count": "c"}).await?;
+        // Logged in, so the command reached the backend (SecantusDB still serves OP_QUERY commands).
+        assert_eq!(counted.get_i32("n").ok(), Some(0), "{counted}");
+        let login = doc! {"saslStart": 1, "mechanism": "MONGODB-OIDC", "payload": payload};
+        let done = op_query(&mut conn, 3, "$external", login).await?;
+        assert_eq!(done.get_bool("done").ok(), Some(true), "{done}");
+        let wrong_db = doc! {"saslStart": 1, "mechanism": "MONGODB-OIDC", "payload": empty_payload()};
+        assert_eq!(op_query(&mut conn, 4, "admin", wrong_db).await?.get_i32("code").ok(), Some(18));
+        drop(lab.gateway);
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut byte)).await.context("still open")?;
+        assert!(matches!(read, Ok(0) | Err(_)), "connection still open after drop: {read:?}");
         Ok(())
     }
 
