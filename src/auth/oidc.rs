@@ -61,8 +61,8 @@ pub enum TokenError {
     TokenFile { path: String, detail: String },
     #[error("Microsoft Entra at {authority} is unreachable: {detail}")]
     Unreachable { authority: String, detail: String },
-    #[error("Microsoft Entra at {authority} did not answer within {seconds} s")]
-    Timeout { authority: String, seconds: u64 },
+    #[error("Microsoft Entra at {authority} did not answer within {millis} ms (the driver's deadline)")]
+    Timeout { authority: String, millis: u64 },
     #[error("invalid workload identity settings: {0}")]
     Settings(String),
 }
@@ -243,20 +243,25 @@ impl TokenSource {
     /// A token that is not near expiry. `refused` is the generation of a token the caller was
     /// refused with: when it is still the cached one, a new one is fetched regardless of age.
     pub async fn token(&self, refused: Option<u64>, deadline: Option<Instant>) -> Result<AccessToken, TokenError> {
-        let deadline = deadline.unwrap_or_else(|| Instant::now() + DEFAULT_DEADLINE);
-        let mut current = tokio::time::timeout_at(deadline.into(), self.current.lock()).await.map_err(|_| self.timeout(deadline))?;
+        let asked = Instant::now();
+        let deadline = deadline.unwrap_or_else(|| asked + DEFAULT_DEADLINE);
+        let mut current = tokio::time::timeout_at(deadline.into(), self.current.lock()).await.map_err(|_| self.timeout(asked))?;
         if let Some(token) = current.as_ref()
             && !token.should_refresh(Instant::now())
             && refused != Some(token.generation)
         {
             return Ok(token.clone());
         }
-        match tokio::time::timeout_at(deadline.into(), self.fetch()).await {
-            Ok(Ok(token)) => {
+        let fetched = match tokio::time::timeout_at(deadline.into(), self.fetch()).await {
+            Ok(result) => result,
+            Err(_) => Err(self.timeout(asked)),
+        };
+        match fetched {
+            Ok(token) => {
                 *current = Some(token.clone());
                 Ok(token)
             }
-            Ok(Err(err)) => {
+            Err(err) => {
                 self.metrics.failures.get_or_create(&FailureLabel { client_id: self.identity.client_id.clone(), code: err.code_label() }).inc();
                 // A token in its refresh window still works; use it while Entra is unavailable.
                 match current.as_ref() {
@@ -267,14 +272,11 @@ impl TokenSource {
                     _ => Err(err),
                 }
             }
-            Err(_) => Err(self.timeout(deadline)),
         }
     }
 
-    fn timeout(&self, deadline: Instant) -> TokenError {
-        let seconds = deadline.saturating_duration_since(Instant::now()).as_secs().max(1);
-        self.metrics.failures.get_or_create(&FailureLabel { client_id: self.identity.client_id.clone(), code: "EntraTimeout".into() }).inc();
-        TokenError::Timeout { authority: self.identity.authority_host.clone(), seconds }
+    fn timeout(&self, waited_since: Instant) -> TokenError {
+        TokenError::Timeout { authority: self.identity.authority_host.clone(), millis: waited_since.elapsed().as_millis() as u64 }
     }
 
     /// One token request. A new credential each time: it re-reads the service-account token

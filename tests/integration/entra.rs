@@ -13,7 +13,7 @@ use mongo_replicator_lab::entra::{EntraOptions, TOKEN_EXCHANGE_AUDIENCE};
 use mongo_replicator_lab::gateway::OidcGateway;
 use mongo_replicator_lab::workload::{self, WorkloadSpec};
 use mongo_replicator_lab::{KubeLab, SecantusOptions, SecantusServer};
-use mongodb::bson::doc;
+use mongodb::bson::{Document, doc};
 use serde_json::Value;
 
 use crate::support::{ReplicatorProcess, eventually, tempdir};
@@ -74,6 +74,10 @@ fn write_config(dir: &Path, name: &str, source: &str, target: &str) -> Result<Pa
 
 /// Runs `mongo-replicator validate`; its exit code, JSON verdict and termination message.
 async fn validate(config: &Path) -> Result<(Option<i32>, Value, Value)> {
+    validate_with_env(config, &[]).await
+}
+
+async fn validate_with_env(config: &Path, env: &[(&str, String)]) -> Result<(Option<i32>, Value, Value)> {
     let termination_log = config.with_extension("termination-log");
     std::fs::write(&termination_log, "")?;
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mongo-replicator"))
@@ -82,6 +86,7 @@ async fn validate(config: &Path) -> Result<(Option<i32>, Value, Value)> {
         .args(["--output", "json", "--termination-log"])
         .arg(&termination_log)
         .env_remove("RUST_LOG")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .output()
         .await?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -131,6 +136,32 @@ async fn entra_login_validates_and_replicates_a_workload_through_the_gateway() -
     // Source and target share the identity, so one token served both.
     ensure!(azure.entra.tokens_issued() <= 2, "{} tokens for one identity and one process", azure.entra.tokens_issued());
     ensure!(!replicator.log().contains(&token[..40]), "the service-account token reached the log");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_federated_credential_still_propagating_is_waited_for_not_fatal() -> Result<()> {
+    let wi = workload_identity(EntraOptions { propagation_delay: Duration::from_secs(6), ..Default::default() }).await?;
+    let azure = &wi.azure;
+    let source = SecantusServer::start(SecantusOptions::default()).await?;
+    let (target, gateway) = cluster(azure, "propagating", Some(&wi.identity.principal_id)).await?;
+    let target_yaml = entra_endpoint(azure, &azure.gateway_uri(&gateway), &wi.identity.client_id, azure.tenant_id(), &wi.pod.token_file);
+    let config = write_config(&wi.dir.0, "data/propagating", "\n  auth: connectionString\n  uriEnv: SOURCE_URI", &target_yaml)?;
+    let (src, dst) = (source.admin_client().await?, target.admin_client().await?);
+    src.database("app").collection::<Document>("items").insert_many((0..100).map(|i| doc! {"_id": i})).await?;
+
+    // Right after the credential was created, validate says so (and that it may take a while)...
+    let (code, verdict, _) = validate_with_env(&config, &[("SOURCE_URI", source.uri())]).await?;
+    ensure!(code == Some(1) && verdict["reason"] == "NoFederatedCredential", "{verdict:#}");
+    ensure!(verdict["message"].as_str().unwrap_or_default().contains("few minutes"), "{verdict:#}");
+    // ...while the replicator keeps trying and starts once Entra has caught up.
+    let mut replicator = ReplicatorProcess::start(&["--config".into(), config.display().to_string()], &[("SOURCE_URI", source.uri())])?;
+    let pairs = [("app.items".to_string(), "app.items".to_string())];
+    eventually(Duration::from_secs(60), || workload::assert_same(&src, &dst, &pairs))
+        .await
+        .with_context(|| format!("replicator log ends with:\n{}", replicator.log_tail(15)))?;
+    ensure!(replicator.log().contains("NoFederatedCredential"), "the wait was not logged:\n{}", replicator.log_tail(20));
+    assert_eq!(replicator.terminate(Duration::from_secs(30)).await?, Some(0), "{}", replicator.log_tail(20));
     Ok(())
 }
 
@@ -218,6 +249,43 @@ async fn validate_names_each_entra_failure_plainly() -> Result<()> {
         messages.insert(message.to_string());
     }
     ensure!(messages.len() == cases.len(), "two failures read the same");
+    Ok(())
+}
+
+fn oidc_identity(wi: &Workload) -> auth::oidc::Identity {
+    auth::oidc::Identity {
+        client_id: wi.identity.client_id.clone(),
+        tenant_id: wi.azure.tenant_id().to_string(),
+        scope: "https://ossrdbms-aad.database.windows.net/.default".into(),
+        authority_host: wi.azure.entra.authority_host(),
+        token_file: wi.pod.token_file.clone(),
+        ca_file: Some(wi.azure.ca_file().to_path_buf()),
+    }
+}
+
+#[tokio::test]
+async fn a_refused_token_is_replaced_a_good_one_reused_and_the_deadline_kept() -> Result<()> {
+    use auth::oidc::{EntraMetrics, TokenSource};
+    let wi = workload_identity(EntraOptions::default()).await?;
+    let entra = &wi.azure.entra;
+    let source = TokenSource::new(oidc_identity(&wi), EntraMetrics::new())?;
+    let first = source.token(None, None).await?;
+    let again = source.token(None, None).await?;
+    ensure!(again.generation == first.generation && entra.token_requests() == 1, "a fresh token was not reused");
+    // The driver comes back with the token it was given: the server refused it.
+    let replaced = source.token(Some(first.generation), None).await?;
+    ensure!(replaced.generation > first.generation && replaced.secret() != first.secret(), "the refused token came back");
+    ensure!(entra.token_requests() == 2);
+    // Another client refused with the older token gets the new one without another call.
+    let current = source.token(Some(first.generation), None).await?;
+    ensure!(current.generation == replaced.generation && entra.token_requests() == 2);
+
+    // A slow Entra: the driver's deadline is kept, and the error says what happened.
+    entra.set_latency(Duration::from_secs(5));
+    let started = Instant::now();
+    let err = source.token(Some(current.generation), Some(Instant::now() + Duration::from_millis(500))).await.unwrap_err();
+    ensure!(started.elapsed() < Duration::from_secs(2), "the deadline was not kept: {:?}", started.elapsed());
+    ensure!(err.reason() == "EntraTimeout" && err.is_transient(), "{err}");
     Ok(())
 }
 

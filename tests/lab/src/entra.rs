@@ -143,6 +143,11 @@ impl EntraDouble {
         self.state.options.write().unwrap().token_lifetime = lifetime;
     }
 
+    /// Extra time before each token answer (a slow or distant Entra).
+    pub fn set_latency(&self, latency: Duration) {
+        self.state.options.write().unwrap().latency = latency;
+    }
+
     pub fn set_propagation_delay(&self, delay: Duration) {
         self.state.options.write().unwrap().propagation_delay = delay;
     }

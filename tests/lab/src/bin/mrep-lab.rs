@@ -2,7 +2,8 @@
 //!
 //! - `mrep-lab demo` starts the control plane, installs the CRD with `mongo-replicator crd`,
 //!   applies an example and shows it the way a user would see it; then replicates between two
-//!   SecantusDB servers with `mongo-replicator replicate`.
+//!   SecantusDB servers with `mongo-replicator replicate`, and logs in to a DocumentDB double with
+//!   Microsoft Entra workload identity (`validate`, then `replicate`).
 //! - `mrep-lab up` starts the control plane and a SecantusDB server and waits for Ctrl-C,
 //!   printing a KUBECONFIG and a connection string to use meanwhile.
 
@@ -92,6 +93,7 @@ spec:
     }
 
     replicate_demo(&operator).await?;
+    entra_demo(&lab, &operator).await?;
 
     if keep {
         println!("\nThe lab keeps running; in another shell:\n  export KUBECONFIG={}\n  export PATH={}:$PATH\nCtrl-C stops it.", lab.kubeconfig().display(), lab.bin_dir().display());
@@ -137,6 +139,73 @@ async fn replicate_demo(operator: &Path) -> Result<()> {
         println!("   {line}");
     }
     step("SIGTERM: drain, save the checkpoint, exit 0");
+    if let Some(pid) = replicator.id() {
+        std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+    }
+    let status = replicator.wait().await?;
+    println!("   {status}");
+    if !status.success() {
+        bail!("the replicator did not stop cleanly");
+    }
+    Ok(())
+}
+
+/// Logs in to a DocumentDB double with Microsoft Entra workload identity: a pod's projected
+/// service-account token (TokenRequest) is exchanged at the Entra double, and the access token
+/// logs in through the MONGODB-OIDC gateway. `validate` shows each check; a second identity
+/// without a federated credential shows what a user reads when that is missing.
+async fn entra_demo(lab: &KubeLab, operator: &Path) -> Result<()> {
+    use mongo_replicator_lab::azure::{AzureLab, PodIdentity};
+    use mongo_replicator_lab::entra::{EntraOptions, TOKEN_EXCHANGE_AUDIENCE};
+    use mongodb::bson::{Document, doc};
+    step("Microsoft Entra workload identity: Entra and ARM doubles, a DocumentDB login gateway");
+    let azure = AzureLab::start(lab, EntraOptions::default()).await?;
+    let pod = PodIdentity::mint(lab, azure.dir(), "demo", "orders-dr-replicator").await?;
+    let identity = azure.create_identity("orders-replicator");
+    azure.add_federated_credential(&identity, "lab-cluster", lab.issuer(), &pod.subject(), TOKEN_EXCHANGE_AUDIENCE).await?;
+    let source = SecantusServer::start(SecantusOptions::default()).await?;
+    let target = SecantusServer::start(SecantusOptions::default()).await?;
+    let cluster = azure.create_cluster("orders-dr");
+    azure.register_cluster_user(&cluster, &identity.principal_id).await?;
+    let gateway = azure.gateway(&target, &cluster).await?;
+    println!("   federated credential: issuer {} subject {}", lab.issuer(), pod.subject());
+    println!("   cluster user {} (the identity's principal id); target {}", identity.principal_id, azure.gateway_uri(&gateway));
+    let src = source.admin_client().await?;
+    src.database("orders").collection::<Document>("items").insert_many((0..1000).map(|i| doc! {"_id": i})).await?;
+
+    let config = |client_id: &str| {
+        format!(
+            "name: demo/orders-entra\nsource: {{auth: connectionString, uriEnv: SOURCE_URI}}\ntarget:\n  auth: entra\n  uri: \"{}\"\n  entra: {{clientId: {client_id}, tenantId: {}, authorityHost: \"{}\", tokenFile: {}, caFile: {}}}\nmetricsAddress: null\n",
+            azure.gateway_uri(&gateway),
+            azure.tenant_id(),
+            azure.entra.authority_host(),
+            pod.token_file.display(),
+            azure.ca_file().display()
+        )
+    };
+    let good = azure.dir().join("entra.yaml");
+    std::fs::write(&good, config(&identity.client_id))?;
+    step("mongo-replicator validate --config entra.yaml");
+    let status = Command::new(operator).args(["validate", "--output", "text", "--config"]).arg(&good).env("SOURCE_URI", source.uri()).status().await?;
+    if !status.success() {
+        bail!("validate failed ({status})");
+    }
+    step("the same with an identity that has no federated credential");
+    let stranger = azure.create_identity("no-credential");
+    let bad = azure.dir().join("entra-bad.yaml");
+    std::fs::write(&bad, config(&stranger.client_id))?;
+    let status = Command::new(operator).args(["validate", "--output", "text", "--config"]).arg(&bad).env("SOURCE_URI", source.uri()).status().await?;
+    println!("   {status}");
+    if status.success() {
+        bail!("validate passed without a federated credential");
+    }
+
+    step("mongo-replicator replicate --config entra.yaml (target logs in with Entra tokens)");
+    let mut replicator =
+        Command::new(operator).args(["replicate", "--log-format", "text", "--config"]).arg(&good).env("SOURCE_URI", source.uri()).kill_on_drop(true).spawn()?;
+    let copied = target.admin_client().await?.database("orders").collection::<Document>("items");
+    wait_for(&copied, 1000, doc! {"_id": 999}).await?;
+    println!("   target orders.items: {} documents; gateway: {:?}", copied.count_documents(doc! {}).await?, gateway.stats());
     if let Some(pid) = replicator.id() {
         std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
     }
