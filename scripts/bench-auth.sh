@@ -6,4 +6,4 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh >/dev/null
-exec cargo run --release --locked --example auth-bench -- "$@"
+exec cargo bench --locked --bench auth-bench -- "$@"

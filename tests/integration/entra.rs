@@ -229,6 +229,9 @@ async fn validate_names_each_entra_failure_plainly() -> Result<()> {
     unknown_tenant.tenant_id = "7d1c9e20-aaaa-4bbb-8ccc-0123456789ab".into();
     cases.push(unknown_tenant);
 
+    let missing = wi.dir.0.join("no-such-token");
+    cases.push(case("no projected token", "ServiceAccountTokenUnreadable", "azure.workload.identity/use=true", &wi.identity, &missing));
+
     let not_a_user = new_identity("not-a-user");
     azure.add_federated_credential(&not_a_user, "lab", &issuer, &wi.pod.subject(), TOKEN_EXCHANGE_AUDIENCE).await?;
     cases.push(case("not a user of the cluster", "LoginFailed", "user of the cluster", &not_a_user, &wi.pod.token_file));

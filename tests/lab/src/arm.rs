@@ -500,14 +500,7 @@ impl Shared {
     // ---- managed identities and their federated identity credentials ----
 
     fn identity_not_found(id: &str) -> HttpResponse {
-        let (rg, name) = rg_and_name(id);
-        arm_error(
-            404,
-            "ResourceNotFound",
-            format!(
-                "The Resource 'Microsoft.ManagedIdentity/userAssignedIdentities/{name}' under resource group '{rg}' was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix"
-            ),
-        )
+        resource_not_found(IDENTITY_TYPE, id)
     }
 
     fn get_identity(&self, id: &str) -> HttpResponse {
@@ -640,14 +633,7 @@ impl Shared {
     // ---- DocumentDB clusters and their users ----
 
     fn cluster_not_found(id: &str) -> HttpResponse {
-        let (rg, name) = rg_and_name(id);
-        arm_error(
-            404,
-            "ResourceNotFound",
-            format!(
-                "The Resource 'Microsoft.DocumentDB/mongoClusters/{name}' under resource group '{rg}' was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix"
-            ),
-        )
+        resource_not_found(CLUSTER_TYPE, id)
     }
 
     fn get_cluster(&self, id: &str) -> HttpResponse {
@@ -1012,6 +998,16 @@ fn looks_like_api_version(version: &str) -> bool {
     bytes.len() >= 10
         && bytes[..10].iter().enumerate().all(|(i, b)| if i == 4 || i == 7 { *b == b'-' } else { b.is_ascii_digit() })
         && (bytes.len() == 10 || (bytes[10] == b'-' && bytes.len() > 11))
+}
+
+/// ARM's 404 for a missing top-level resource of `kind`.
+fn resource_not_found(kind: &str, id: &str) -> HttpResponse {
+    let (rg, name) = rg_and_name(id);
+    arm_error(
+        404,
+        "ResourceNotFound",
+        format!("The Resource '{kind}/{name}' under resource group '{rg}' was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix"),
+    )
 }
 
 fn arm_error(status: u16, code: &str, message: impl Into<String>) -> HttpResponse {

@@ -117,7 +117,7 @@ async fn replicate_demo(operator: &Path) -> Result<()> {
 
     step("mongo-replicator replicate --include 'orders.*' --rename 'orders.*=orders_dr.*'");
     let port = mongo_replicator_lab::process::free_port()?;
-    let mut replicator = Command::new(operator)
+    let replicator = Command::new(operator)
         .args(["replicate", "--name", "demo", "--include", "orders.*", "--rename", "orders.*=orders_dr.*", "--log-format", "text"])
         .args(["--metrics-address", &format!("127.0.0.1:{port}")])
         .env("MREP_SOURCE_URI", source.uri())
@@ -139,15 +139,7 @@ async fn replicate_demo(operator: &Path) -> Result<()> {
         println!("   {line}");
     }
     step("SIGTERM: drain, save the checkpoint, exit 0");
-    if let Some(pid) = replicator.id() {
-        std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
-    }
-    let status = replicator.wait().await?;
-    println!("   {status}");
-    if !status.success() {
-        bail!("the replicator did not stop cleanly");
-    }
-    Ok(())
+    stop(replicator).await
 }
 
 /// Logs in to a DocumentDB double with Microsoft Entra workload identity: a pod's projected
@@ -201,11 +193,16 @@ async fn entra_demo(lab: &KubeLab, operator: &Path) -> Result<()> {
     }
 
     step("mongo-replicator replicate --config entra.yaml (target logs in with Entra tokens)");
-    let mut replicator =
+    let replicator =
         Command::new(operator).args(["replicate", "--log-format", "text", "--config"]).arg(&good).env("SOURCE_URI", source.uri()).kill_on_drop(true).spawn()?;
     let copied = target.admin_client().await?.database("orders").collection::<Document>("items");
     wait_for(&copied, 1000, doc! {"_id": 999}).await?;
     println!("   target orders.items: {} documents; gateway: {:?}", copied.count_documents(doc! {}).await?, gateway.stats());
+    stop(replicator).await
+}
+
+/// SIGTERM: the replicator drains, saves its checkpoint and must exit 0.
+async fn stop(mut replicator: tokio::process::Child) -> Result<()> {
     if let Some(pid) = replicator.id() {
         std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
     }

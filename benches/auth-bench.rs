@@ -64,6 +64,8 @@ async fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
+            // `cargo bench` passes --bench to every bench target.
+            "--bench" => {}
             "--iterations" => iterations = args.next().context("--iterations needs a number")?.parse()?,
             "-h" | "--help" => {
                 println!("auth-bench [--iterations N]: Entra token and MONGODB-OIDC login figures against the lab doubles");
