@@ -248,4 +248,26 @@ mod tests {
         assert!(!scrubbed.contains("s3cr"), "{scrubbed}");
         assert!(scrubbed.contains("mongodb://***@db:27017"), "{scrubbed}");
     }
+
+    #[tokio::test]
+    async fn an_entra_uri_with_a_password_is_refused_and_missing_identity_names_the_variable() {
+        use crate::replicator::config::EntraSettings;
+        let mut endpoint = EndpointConfig {
+            auth: AuthMethod::Entra,
+            uri: Some("mongodb://app:secret@db.example:27017/?tls=true".into()),
+            uri_file: None,
+            uri_env: None,
+            ca_file: None,
+            entra: Some(EntraSettings { client_id: Some("c".into()), tenant_id: Some("t".into()), token_file: Some("/t".into()), ..Default::default() }),
+            connection_string: None,
+        };
+        let err = client_options(&endpoint, EndpointRole::Source).await.unwrap_err();
+        assert_eq!(err.reason(), "CredentialsInEntraUri");
+        assert!(!err.to_string().contains("secret"));
+        if std::env::var_os("AZURE_CLIENT_ID").is_none() {
+            endpoint.entra = Some(EntraSettings::default());
+            let err = entra_identity(&endpoint, EndpointRole::Source).unwrap_err().to_string();
+            assert!(err.contains("AZURE_CLIENT_ID") && err.contains("clientId"), "{err}");
+        }
+    }
 }

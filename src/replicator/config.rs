@@ -294,4 +294,27 @@ target: {auth: connectionString, uriEnv: TARGET_URI}
         config.start_at = Some(StreamStart { cluster_time: Some("1.1".into()), resume_token: None });
         assert!(config.validate().unwrap_err().to_string().contains("StreamOnly"));
     }
+
+    #[test]
+    fn entra_endpoints_take_their_identity_and_connection_strings_must_not() {
+        let text = minimal().replace(
+            "target: {auth: connectionString, uriEnv: TARGET_URI}",
+            "target:\n  auth: entra\n  uri: mongodb+srv://c.global.mongocluster.cosmos.azure.com/?tls=true\n  entra: {clientId: c1, tenantId: t1, authorityHost: 'https://login.example/', tokenFile: /t}",
+        );
+        let config: ReplicatorConfig = serde_saphyr::from_str(&text).unwrap();
+        config.validate().unwrap();
+        let identity = crate::auth::entra_identity(&config.target, EndpointRole::Target).unwrap();
+        assert_eq!((identity.client_id.as_str(), identity.tenant_id.as_str()), ("c1", "t1"));
+        assert_eq!(identity.authority_host, "https://login.example/");
+        assert_eq!(identity.scope, crate::crd::DOCUMENTDB_SCOPE);
+        assert_eq!(identity.token_file, PathBuf::from("/t"));
+
+        let mixed = minimal().replace("uriEnv: TARGET_URI}", "uriEnv: TARGET_URI, entra: {clientId: c1}}");
+        let config: ReplicatorConfig = serde_saphyr::from_str(&mixed).unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("must not set entra"));
+
+        let no_uri = text.replace("  uri: mongodb+srv://c.global.mongocluster.cosmos.azure.com/?tls=true\n", "");
+        let config: ReplicatorConfig = serde_saphyr::from_str(&no_uri).unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("entra needs uri"));
+    }
 }

@@ -12,7 +12,7 @@ use mongo_replicator_lab::azure::{AzureLab, LabIdentity, PodIdentity};
 use mongo_replicator_lab::entra::{EntraOptions, TOKEN_EXCHANGE_AUDIENCE};
 use mongo_replicator_lab::gateway::OidcGateway;
 use mongo_replicator_lab::workload::{self, WorkloadSpec};
-use mongo_replicator_lab::{KubeLab, SecantusOptions, SecantusServer};
+use mongo_replicator_lab::{KubeLab, ScramUser, SecantusOptions, SecantusServer};
 use mongodb::bson::{Document, doc};
 use serde_json::Value;
 
@@ -162,6 +162,26 @@ async fn a_federated_credential_still_propagating_is_waited_for_not_fatal() -> R
         .with_context(|| format!("replicator log ends with:\n{}", replicator.log_tail(15)))?;
     ensure!(replicator.log().contains("NoFederatedCredential"), "the wait was not logged:\n{}", replicator.log_tail(20));
     assert_eq!(replicator.terminate(Duration::from_secs(30)).await?, Some(0), "{}", replicator.log_tail(20));
+    Ok(())
+}
+
+#[tokio::test]
+async fn validate_refuses_a_wrong_scram_password_without_showing_it() -> Result<()> {
+    let user = ScramUser::new("replicator", "right-password", &[("admin", "root")]);
+    let server = SecantusServer::start(SecantusOptions { users: vec![user.clone()], ..Default::default() }).await?;
+    let wrong = ScramUser::new("replicator", "wr0ng-passw0rd", &[]);
+    let dir = tempdir::Dir::new("validate-scram")?;
+    let endpoint = "\n  auth: connectionString\n  uriEnv: MONGO_URI";
+    let config = write_config(&dir.0, "data/scram", endpoint, endpoint)?;
+
+    let (code, verdict, _) = validate_with_env(&config, &[("MONGO_URI", server.uri_for(&user))]).await?;
+    ensure!(code == Some(0) && verdict["passed"] == true, "{verdict:#}");
+    let (code, verdict, termination) = validate_with_env(&config, &[("MONGO_URI", server.uri_for(&wrong))]).await?;
+    ensure!(code == Some(1) && verdict["reason"] == "LoginFailed", "{verdict:#}");
+    ensure!(verdict["message"].as_str().unwrap_or_default().starts_with("source: login:"), "{verdict:#}");
+    for shown in [verdict.to_string(), termination.to_string()] {
+        ensure!(!shown.contains("wr0ng-passw0rd"), "the password was shown: {shown}");
+    }
     Ok(())
 }
 
