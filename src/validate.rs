@@ -20,7 +20,7 @@ use crate::auth::{self, AuthError, ConnectionString, oidc};
 use crate::crd::AuthMethod;
 use crate::replicator::config::{EndpointConfig, EndpointRole, ReplicatorConfig};
 use crate::replicator::namespace::{NamespaceMap, StreamScope};
-use crate::replicator::retry::error_code;
+use crate::replicator::retry::{describe, error_code};
 
 /// Kubernetes reads at most this much of a termination message.
 pub const TERMINATION_MESSAGE_LIMIT: usize = 4096;
@@ -249,7 +249,7 @@ fn classify(err: &mongodb::error::Error, scrub: &impl Fn(String) -> String) -> F
     if let Some(token) = oidc::token_error(err) {
         return (token.reason().to_string(), token.to_string());
     }
-    let message = scrub(err.to_string());
+    let message = scrub(describe(err));
     match (err.kind.as_ref(), error_code(err)) {
         (ErrorKind::Authentication { message, .. }, _) => (
             "LoginFailed".into(),

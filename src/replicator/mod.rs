@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use self::checkpoint::{Checkpoint, CheckpointPhase, CheckpointStore, token_from_data};
 use self::config::{EndpointRole, ReplicatorConfig};
 use self::namespace::{NamespaceError, NamespaceMap};
-use self::retry::{Backoff, error_code, is_transient};
+use self::retry::{Backoff, describe, error_code, is_transient};
 use self::sink::Sink;
 use self::snapshot::{Copier, SnapshotError};
 use self::stream::{StartPoint, StreamError, Streamer};
@@ -55,7 +55,7 @@ pub enum ReplicatorError {
     Unauthorized { role: EndpointRole, detail: String },
     #[error("{role}: {detail}")]
     Unreachable { role: EndpointRole, detail: String },
-    #[error("cannot use the checkpoint in the target: {0}")]
+    #[error("cannot use the checkpoint in the target: {}", describe(.0))]
     Checkpoint(#[source] mongodb::error::Error),
     #[error("startAt.resumeToken is not a resume token's hex _data")]
     InvalidStartToken,
@@ -145,13 +145,13 @@ async fn wait_reachable(client: &Client, role: EndpointRole, metrics: &Metrics, 
             Err(err) if is_transient(&err) => {
                 metrics.retry("connect");
                 let delay = backoff.next_delay();
-                tracing::warn!(%role, error = %err, retry_in = ?delay, "endpoint not reachable yet");
+                tracing::warn!(%role, error = %describe(&err), retry_in = ?delay, "endpoint not reachable yet");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = cancel.cancelled() => return Err(ReplicatorError::Unreachable { role, detail: "stopped before it answered".into() }),
                 }
             }
-            Err(err) => return Err(ReplicatorError::Unreachable { role, detail: err.to_string() }),
+            Err(err) => return Err(ReplicatorError::Unreachable { role, detail: describe(&err) }),
         }
     }
 }

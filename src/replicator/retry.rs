@@ -37,6 +37,15 @@ const TRANSIENT_CODES: &[i32] = &[
 /// Server code of a change stream whose resume point is no longer in the source's history.
 pub const CHANGE_STREAM_HISTORY_LOST: i32 = 286;
 
+/// A driver error as a person should read it. A failed MONGODB-OIDC callback reaches us as the
+/// driver's "Custom user error", which says nothing; the token error inside it says what to do.
+pub fn describe(err: &MongoError) -> String {
+    match crate::auth::oidc::token_error(err) {
+        Some(token) => token.to_string(),
+        None => err.to_string(),
+    }
+}
+
 /// Whether an error may go away by itself (network, failover, restart, throttling).
 pub fn is_transient(err: &MongoError) -> bool {
     match err.kind.as_ref() {

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::event::{Ddl, DocWrite, DocWriteKind};
 use super::namespace::{Namespace, NamespaceMap};
-use super::retry::{Backoff, error_code, is_transient};
+use super::retry::{Backoff, describe, error_code, is_transient};
 use crate::telemetry::Metrics;
 
 /// Most bytes of documents in one write command; the server refuses commands over 16 MB and one
@@ -24,7 +24,7 @@ const MAX_COMMAND_BYTES: usize = 8 * 1024 * 1024;
 pub enum SinkError {
     #[error("target refused a write to {ns} (code {code}): {message}")]
     WriteRefused { ns: String, code: i32, message: String },
-    #[error("target command {command} on {ns} failed: {source}")]
+    #[error("target command {command} on {ns} failed: {}", describe(source))]
     Command {
         command: &'static str,
         ns: String,
@@ -82,7 +82,7 @@ impl Sink {
                 Err(err) if is_transient(&err) && !self.cancel.is_cancelled() => {
                     self.metrics.retry("write");
                     let delay = backoff.next_delay();
-                    tracing::warn!(ns = %ns, command = name, error = %err, retry_in = ?delay, "transient write failure; retrying");
+                    tracing::warn!(ns = %ns, command = name, error = %describe(&err), retry_in = ?delay, "transient write failure; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = self.cancel.cancelled() => return Err(SinkError::Cancelled { ns: ns.to_string() }),
@@ -189,7 +189,7 @@ impl Sink {
             }
             self.metrics.retry("write");
             let delay = backoff.next_delay();
-            tracing::warn!(ns = %ns, error = %err, retry_in = ?delay, "transient failure copying documents; retrying");
+            tracing::warn!(ns = %ns, error = %describe(&err), retry_in = ?delay, "transient failure copying documents; retrying");
             tokio::time::sleep(delay).await;
         }
     }

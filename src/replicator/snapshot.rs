@@ -14,26 +14,26 @@ use tokio_util::sync::CancellationToken;
 
 use super::checkpoint::{CheckpointStore, RangeId, RangeProgress};
 use super::namespace::{Namespace, NamespaceMap};
-use super::retry::{Backoff, is_transient};
+use super::retry::{Backoff, describe, is_transient};
 use super::sink::{Sink, SinkError};
 use crate::telemetry::Metrics;
 
 /// Why the snapshot stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("cannot read {ns} from the source: {source}")]
+    #[error("cannot read {ns} from the source: {}", describe(source))]
     Read {
         ns: String,
         #[source]
         source: mongodb::error::Error,
     },
-    #[error("cannot list the source's {what}: {source}")]
+    #[error("cannot list the source's {what}: {}", describe(source))]
     List {
         what: String,
         #[source]
         source: mongodb::error::Error,
     },
-    #[error("cannot record snapshot progress in the target: {0}")]
+    #[error("cannot record snapshot progress in the target: {}", describe(.0))]
     Progress(#[source] mongodb::error::Error),
     #[error(transparent)]
     Sink(#[from] SinkError),

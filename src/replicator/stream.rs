@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::checkpoint::Checkpoint;
 use super::event::{Action, Ddl, DocWrite, DocWriteKind, MalformedEvent, cluster_time, map_event, operation_label};
 use super::namespace::{NamespaceMap, StreamScope};
-use super::retry::{CHANGE_STREAM_HISTORY_LOST, error_code, is_transient};
+use super::retry::{CHANGE_STREAM_HISTORY_LOST, describe, error_code, is_transient};
 use super::sink::SinkError;
 use super::snapshot::{Copier, SnapshotError};
 
@@ -50,14 +50,14 @@ impl std::fmt::Display for StartPoint {
 /// Why streaming stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
-    #[error("the source's change stream failed: {0}")]
+    #[error("the source's change stream failed: {}", describe(.0))]
     Source(#[source] mongodb::error::Error),
     #[error(
         "the source no longer has the change history the checkpoint needs (its oplog was truncated past the saved resume token); \
          set onHistoryLost: Resync to copy the data again, or grow the source's oplog"
     )]
     HistoryLost(#[source] mongodb::error::Error),
-    #[error("the source does not support change streams here: {0}")]
+    #[error("the source does not support change streams here: {}", describe(.0))]
     Unsupported(#[source] mongodb::error::Error),
     #[error(transparent)]
     Malformed(#[from] MalformedEvent),
@@ -65,7 +65,7 @@ pub enum StreamError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     Copy(#[from] SnapshotError),
-    #[error("cannot save the checkpoint in the target: {0}")]
+    #[error("cannot save the checkpoint in the target: {}", describe(.0))]
     Checkpoint(#[source] mongodb::error::Error),
 }
 

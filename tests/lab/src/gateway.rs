@@ -14,8 +14,6 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, bail};
 use mongodb::bson::spec::BinarySubtype;
 use mongodb::bson::{Binary, Bson, Document, RawDocument, doc};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -97,7 +95,7 @@ pub struct OidcGateway {
 impl OidcGateway {
     /// Serves TLS on a free 127.0.0.1 port with `cert`, forwarding to 127.0.0.1:`backend_port`.
     pub async fn start(backend_port: u16, cert: &CertFiles, verifier: TokenVerifier) -> Result<OidcGateway> {
-        let acceptor = TlsAcceptor::from(Arc::new(server_config(cert)?));
+        let acceptor = TlsAcceptor::from(Arc::new(crate::https::server_config(cert)?));
         let listener = TcpListener::bind(("127.0.0.1", 0)).await.context("cannot bind the OIDC gateway")?;
         let port = listener.local_addr()?.port();
         let counters = Arc::new(Counters::default());
@@ -120,18 +118,6 @@ impl Drop for OidcGateway {
         // The accept task owns the listener and the JoinSet of connections: aborting it drops both.
         self.accept.abort();
     }
-}
-
-fn server_config(cert: &CertFiles) -> Result<rustls::ServerConfig> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .context("bad certificate PEM")?;
-    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).context("bad key PEM")?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?)
 }
 
 async fn accept_loop(
@@ -959,6 +945,8 @@ mod tests {
     /// A bare TLS connection to the gateway, for what the driver never sends (OP_QUERY).
     async fn raw_connection(lab: &Lab) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
         let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
         for cert in CertificateDer::pem_slice_iter(lab.ca.ca_pem().as_bytes()) {
             roots.add(cert?)?;
         }

@@ -138,9 +138,11 @@ async fn serve_one(req: Request<hyper::body::Incoming>, handler: Handler) -> Res
     response
 }
 
-fn server_config(cert: &CertFiles) -> Result<rustls::ServerConfig> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes()).collect::<Result<_, _>>()?;
-    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())?;
+/// A TLS server configuration (ring) serving `cert`; the doubles and the login gateway share it.
+pub fn server_config(cert: &CertFiles) -> Result<rustls::ServerConfig> {
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes()).collect::<Result<_, _>>().context("bad certificate PEM")?;
+    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).context("bad key PEM")?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
