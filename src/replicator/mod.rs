@@ -68,8 +68,23 @@ pub enum ReplicatorError {
 }
 
 impl ReplicatorError {
+    /// The failed Microsoft Entra token exchange behind this error, if that is what it is.
+    pub fn token_failure(&self) -> Option<&oidc::TokenError> {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(err) = cause {
+            if let Some(token) = err.downcast_ref::<mongodb::error::Error>().and_then(oidc::token_error) {
+                return Some(token);
+            }
+            cause = err.source();
+        }
+        None
+    }
+
     /// Stable reason for conditions, Events and metric labels.
     pub fn reason(&self) -> &'static str {
+        if let Some(token) = self.token_failure() {
+            return token.reason();
+        }
         match self {
             ReplicatorError::Namespace(e) => e.reason(),
             ReplicatorError::Auth(e) => e.reason(),
@@ -84,9 +99,14 @@ impl ReplicatorError {
         }
     }
 
-    /// The process exit code: 3 for configuration, 4 for permanent endpoint errors, 5 when the
+    /// The process exit code: 3 for configuration, 4 for permanent endpoint errors (a login or a
+    /// Microsoft Entra token refused for good among them), 5 when the
     /// source's history no longer reaches the checkpoint, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
+        // Entra refused for good (identity gone, token file missing): nothing will change by itself.
+        if self.token_failure().is_some_and(|t| !t.is_transient()) {
+            return 4;
+        }
         match self {
             ReplicatorError::Namespace(_) | ReplicatorError::Auth(_) | ReplicatorError::Client { .. } | ReplicatorError::InvalidStartToken => 3,
             ReplicatorError::Stream(StreamError::HistoryLost(_)) => 5,

@@ -168,6 +168,39 @@ async fn a_federated_credential_still_propagating_is_waited_for_not_fatal() -> R
 }
 
 #[tokio::test]
+async fn an_identity_deleted_mid_stream_stops_the_replicator_with_a_plain_reason() -> Result<()> {
+    let wi = workload_identity(EntraOptions { token_lifetime: Duration::from_secs(8), ..Default::default() }).await?;
+    let azure = &wi.azure;
+    let source = SecantusServer::start(SecantusOptions::default()).await?;
+    let (target, gateway) = cluster(azure, "deleted", Some(&wi.identity.principal_id)).await?;
+    let target_yaml = entra_endpoint(azure, &azure.gateway_uri(&gateway), &wi.identity.client_id, azure.tenant_id(), &wi.pod.token_file);
+    let config = write_config(&wi.dir.0, "data/deleted", "\n  auth: connectionString\n  uriEnv: SOURCE_URI", &target_yaml)?;
+    let (src, dst) = (source.admin_client().await?, target.admin_client().await?);
+    let items = src.database("app").collection::<Document>("items");
+    items.insert_one(doc! {"_id": 0}).await?;
+    let mut replicator = ReplicatorProcess::start(&["--config".into(), config.display().to_string()], &[("SOURCE_URI", source.uri())])?;
+    let pairs = [("app.items".to_string(), "app.items".to_string())];
+    eventually(Duration::from_secs(60), || workload::assert_same(&src, &dst, &pairs)).await.with_context(|| replicator.log_tail(15))?;
+
+    // The managed identity is deleted; once the token expires, Entra no longer knows the client.
+    ensure!(azure.arm.remove_identity(&wi.identity.resource_id));
+    for i in 1..=40 {
+        items.insert_one(doc! {"_id": i}).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let code = replicator.wait(Duration::from_secs(60)).await?;
+    ensure!(code == Some(4), "exit code {code:?}, expected 4 (refused for good):\n{}", replicator.log_tail(20));
+    let log = replicator.log();
+    let last = log.lines().rev().find(|l| l.contains("\"ERROR\"")).unwrap_or_default();
+    ensure!(last.contains("ManagedIdentityNotFound") && last.contains("AADSTS700016"), "the final error does not say why:\n{last}");
+    eprintln!("{last}");
+    // Everything acknowledged before the token ran out is in the target, checkpointed.
+    let applied = dst.database("app").collection::<Document>("items").count_documents(doc! {}).await?;
+    ensure!(applied >= 1, "nothing applied");
+    Ok(())
+}
+
+#[tokio::test]
 async fn validate_refuses_a_wrong_scram_password_without_showing_it() -> Result<()> {
     let user = ScramUser::new("replicator", "right-password", &[("admin", "root")]);
     let server = SecantusServer::start(SecantusOptions { users: vec![user.clone()], ..Default::default() }).await?;

@@ -141,6 +141,11 @@ impl ArmDouble {
         );
     }
 
+    /// Deletes a managed identity and its federated credentials (as `az identity delete`).
+    pub fn remove_identity(&self, resource_id: &str) -> bool {
+        self.shared.lock().identities.remove(&key_of(&normalize_id(resource_id))).is_some()
+    }
+
     /// Adds (or replaces the modes of) a DocumentDB cluster, e.g.
     /// `/subscriptions/s/resourceGroups/rg/providers/Microsoft.DocumentDB/mongoClusters/c`, with
     /// `properties.authConfig.allowedModes` such as `["NativeAuth", "MicrosoftEntraID"]`.
