@@ -35,8 +35,9 @@ pub enum Command {
     ///
     /// Exit codes: 0 stopped by SIGTERM/SIGINT after draining (or a SnapshotOnly copy finished),
     /// 1 unexpected failure, 2 bad command line, 3 invalid configuration, 4 an endpoint refused
-    /// for good (login, unsupported server, rejected write), 5 the source's change history no
-    /// longer reaches the checkpoint, 6 the shutdown deadline passed before the drain finished.
+    /// for good (login, Microsoft Entra token, unsupported server, rejected write), 5 the
+    /// source's change history no longer reaches the checkpoint, 6 the shutdown deadline passed
+    /// before the drain finished.
     Replicate(Box<ReplicateArgs>),
     /// Prove that replication can start: per endpoint, obtain a Microsoft Entra token (auth:
     /// entra), log in and ping; on the source list collections and open a change stream at the
