@@ -48,6 +48,17 @@ async fn cluster(azure: &AzureLab, name: &str, principal: Option<&str>) -> Resul
     Ok((server, gateway))
 }
 
+/// A plain source (connection string from `SOURCE_URI`) and a DocumentDB target the workload
+/// identity is a user of, with the config file for them.
+async fn plain_source_entra_target(wi: &Workload, name: &str) -> Result<(SecantusServer, SecantusServer, OidcGateway, PathBuf)> {
+    let azure = &wi.azure;
+    let source = SecantusServer::start(SecantusOptions::default()).await?;
+    let (target, gateway) = cluster(azure, name, Some(&wi.identity.principal_id)).await?;
+    let target_yaml = entra_endpoint(azure, &azure.gateway_uri(&gateway), &wi.identity.client_id, azure.tenant_id(), &wi.pod.token_file);
+    let config = write_config(&wi.dir.0, &format!("data/{name}"), "\n  auth: connectionString\n  uriEnv: SOURCE_URI", &target_yaml)?;
+    Ok((source, target, gateway, config))
+}
+
 /// The YAML of an `auth: entra` endpoint.
 fn entra_endpoint(azure: &AzureLab, uri: &str, client_id: &str, tenant_id: &str, token_file: &Path) -> String {
     format!(
@@ -142,11 +153,7 @@ async fn entra_login_validates_and_replicates_a_workload_through_the_gateway() -
 #[tokio::test]
 async fn a_federated_credential_still_propagating_is_waited_for_not_fatal() -> Result<()> {
     let wi = workload_identity(EntraOptions { propagation_delay: Duration::from_secs(6), ..Default::default() }).await?;
-    let azure = &wi.azure;
-    let source = SecantusServer::start(SecantusOptions::default()).await?;
-    let (target, gateway) = cluster(azure, "propagating", Some(&wi.identity.principal_id)).await?;
-    let target_yaml = entra_endpoint(azure, &azure.gateway_uri(&gateway), &wi.identity.client_id, azure.tenant_id(), &wi.pod.token_file);
-    let config = write_config(&wi.dir.0, "data/propagating", "\n  auth: connectionString\n  uriEnv: SOURCE_URI", &target_yaml)?;
+    let (source, target, _gateway, config) = plain_source_entra_target(&wi, "propagating").await?;
     let (src, dst) = (source.admin_client().await?, target.admin_client().await?);
     src.database("app").collection::<Document>("items").insert_many((0..100).map(|i| doc! {"_id": i})).await?;
 
@@ -171,10 +178,7 @@ async fn a_federated_credential_still_propagating_is_waited_for_not_fatal() -> R
 async fn an_identity_deleted_mid_stream_stops_the_replicator_with_a_plain_reason() -> Result<()> {
     let wi = workload_identity(EntraOptions { token_lifetime: Duration::from_secs(8), ..Default::default() }).await?;
     let azure = &wi.azure;
-    let source = SecantusServer::start(SecantusOptions::default()).await?;
-    let (target, gateway) = cluster(azure, "deleted", Some(&wi.identity.principal_id)).await?;
-    let target_yaml = entra_endpoint(azure, &azure.gateway_uri(&gateway), &wi.identity.client_id, azure.tenant_id(), &wi.pod.token_file);
-    let config = write_config(&wi.dir.0, "data/deleted", "\n  auth: connectionString\n  uriEnv: SOURCE_URI", &target_yaml)?;
+    let (source, target, _gateway, config) = plain_source_entra_target(&wi, "deleted").await?;
     let (src, dst) = (source.admin_client().await?, target.admin_client().await?);
     let items = src.database("app").collection::<Document>("items");
     items.insert_one(doc! {"_id": 0}).await?;
