@@ -4,6 +4,7 @@
 //! The library holds everything; `main.rs` only parses arguments and calls [`cli::run`].
 
 pub mod auth;
+pub mod azure;
 pub mod cli;
 pub mod crd;
 pub mod replicator;

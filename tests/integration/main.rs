@@ -1,6 +1,7 @@
 //! The integration tests: one binary, so the lab's real processes are started once per run and
 //! everything links once.
 
+mod arm_client;
 mod crd_api;
 mod crd_drift;
 mod entra;

@@ -1,0 +1,3 @@
+//! Azure Resource Manager: the calls the operator makes to bind identities.
+
+pub mod arm;
