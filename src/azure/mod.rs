@@ -1,3 +1,5 @@
-//! Azure Resource Manager: the calls the operator makes to bind identities.
+//! Azure Resource Manager and the cluster's token issuer: what the operator needs to bind
+//! identities (federated identity credentials, DocumentDB cluster users).
 
 pub mod arm;
+pub mod issuer;

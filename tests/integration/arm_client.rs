@@ -230,3 +230,16 @@ async fn cluster_users_are_registered_listed_page_by_page_and_removed() -> Resul
     expect_reason(op.arm.put_cluster_user(&cluster, &principals[0], &[]).await, "InvalidClusterUserRoles")?;
     Ok(())
 }
+
+#[tokio::test]
+async fn the_cluster_issuer_is_discovered_as_its_tokens_carry_it() -> Result<()> {
+    let kube = KubeLab::shared().await?;
+    let issuer = mongo_replicator::azure::issuer::discover(&kube.client().await?).await?;
+    assert_eq!(issuer, kube.issuer());
+    // The same string as the `iss` of a projected token, which Entra compares exactly.
+    let namespace = kube.namespace("issuer").await?;
+    let token = kube.service_account_token(&namespace, "probe", "api://AzureADTokenExchange", 3600).await?;
+    let claims = mongo_replicator_lab::jwt::decode(&token).map_err(|e| anyhow::anyhow!("{e}"))?.claims;
+    assert_eq!(claims["iss"].as_str(), Some(issuer.as_str()));
+    Ok(())
+}
