@@ -7,6 +7,7 @@ pub mod auth;
 pub mod azure;
 pub mod cli;
 pub mod crd;
+pub mod operator;
 pub mod replicator;
 pub mod telemetry;
 pub mod validate;
