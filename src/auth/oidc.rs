@@ -28,7 +28,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use super::entra::EntraError;
-use super::transport::{HttpsTransport, TransportError};
+use super::transport::{HttpsTransport, TransportError, causes};
 use crate::crd::DOCUMENTDB_SCOPE;
 
 /// Public-cloud authority, used when neither the settings nor `AZURE_AUTHORITY_HOST` name one.
@@ -331,19 +331,9 @@ impl TokenSource {
             ErrorKind::Io | ErrorKind::Connection => {
                 TokenError::Unreachable { authority: self.identity.authority_host.clone(), detail: inner.to_string() }
             }
-            _ => TokenError::Unreachable { authority: self.identity.authority_host.clone(), detail: innermost(&err) },
+            _ => TokenError::Unreachable { authority: self.identity.authority_host.clone(), detail: causes(&err).last().map(ToString::to_string).unwrap_or_default() },
         }
     }
-}
-
-fn innermost(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text = cause.to_string();
-        source = cause.source();
-    }
-    text
 }
 
 /// One [`TokenSource`] per identity for the whole process.

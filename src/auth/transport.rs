@@ -97,15 +97,14 @@ impl HttpsTransport {
     }
 }
 
-/// The innermost cause of a hyper error, which says what failed (DNS, refused, certificate).
+/// An error and its causes, outermost first.
+pub fn causes<'a>(err: &'a (dyn std::error::Error + 'static)) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(err), |e| e.source())
+}
+
+/// A hyper error with its causes, which say what failed (DNS, refused, certificate).
 fn describe(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text = format!("{text}: {cause}");
-        source = cause.source();
-    }
-    text
+    causes(err).map(ToString::to_string).collect::<Vec<_>>().join(": ")
 }
 
 #[async_trait::async_trait]

@@ -23,6 +23,7 @@ use url::Url;
 
 use crate::auth::oidc::{AccessToken, TokenError, TokenSource};
 use crate::auth::transport::HttpsTransport;
+use crate::replicator::retry::jittered_step;
 
 /// The public-cloud ARM endpoint (sovereign clouds have their own).
 pub const PUBLIC_ENDPOINT: &str = "https://management.azure.com/";
@@ -656,10 +657,7 @@ fn next_wait(attempt: u32, elapsed: Duration, retry_after: Option<Duration>, pol
     if attempt >= policy.max_attempts {
         return None;
     }
-    let wait = retry_after.unwrap_or_else(|| {
-        let doubled = policy.base_delay.saturating_mul(1u32 << (attempt.saturating_sub(1)).min(16));
-        doubled.min(policy.max_delay).mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
-    });
+    let wait = retry_after.unwrap_or_else(|| jittered_step(policy.base_delay, policy.max_delay, attempt.saturating_sub(1), jitter));
     (elapsed + wait <= policy.budget).then_some(wait)
 }
 

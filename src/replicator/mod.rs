@@ -29,6 +29,7 @@ use self::retry::{Backoff, describe, error_code, is_transient};
 use self::sink::Sink;
 use self::snapshot::{Copier, SnapshotError};
 use self::stream::{StartPoint, StreamError, Streamer};
+use crate::auth::transport::causes;
 use crate::auth::{self, AuthError, oidc};
 use crate::crd::{HistoryLostPolicy, Progress, ReplicationMode};
 use crate::telemetry::{Health, Metrics};
@@ -70,14 +71,7 @@ pub enum ReplicatorError {
 impl ReplicatorError {
     /// The failed Microsoft Entra token exchange behind this error, if that is what it is.
     pub fn token_failure(&self) -> Option<&oidc::TokenError> {
-        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
-        while let Some(err) = cause {
-            if let Some(token) = err.downcast_ref::<mongodb::error::Error>().and_then(oidc::token_error) {
-                return Some(token);
-            }
-            cause = err.source();
-        }
-        None
+        causes(self).find_map(|err| err.downcast_ref::<mongodb::error::Error>().and_then(oidc::token_error))
     }
 
     /// Stable reason for conditions, Events and metric labels.

@@ -62,6 +62,13 @@ pub fn is_transient(err: &MongoError) -> bool {
     }
 }
 
+/// Step `attempt` (from 0) of an exponential backoff from `base`, capped at `max`, scaled to
+/// 50–100 % by `jitter` in [0, 1] so that many clients failing at once do not retry in lockstep.
+pub fn jittered_step(base: Duration, max: Duration, attempt: u32, jitter: f64) -> Duration {
+    let step = base.saturating_mul(1u32 << attempt.min(16)).min(max);
+    step.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+}
+
 /// Jittered exponential backoff: attempt 0 waits about `base`, doubling up to `max`.
 #[derive(Clone, Debug)]
 pub struct Backoff {
@@ -78,9 +85,9 @@ impl Backoff {
     /// The next delay: a uniformly random fraction (50–100 %) of the exponential step, so that
     /// many workers failing at once do not retry in lockstep.
     pub fn next_delay(&mut self) -> Duration {
-        let step = self.base.saturating_mul(1u32 << self.attempt.min(16)).min(self.max);
+        let delay = jittered_step(self.base, self.max, self.attempt, rand::rng().random_range(0.0..=1.0));
         self.attempt = self.attempt.saturating_add(1);
-        step.mul_f64(rand::rng().random_range(0.5..=1.0))
+        delay
     }
 
     /// How many delays were handed out since the last success.
