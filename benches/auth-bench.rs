@@ -74,7 +74,10 @@ async fn main() -> Result<()> {
             other => bail!("unknown argument {other}"),
         }
     }
-    println!("auth-bench: {iterations} iterations each; Entra double, login gateway and SecantusDB on this machine's {} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!(
+        "auth-bench: {iterations} iterations each; Entra double, login gateway and SecantusDB on this machine's {} cores",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
 
     let kube = KubeLab::start().await?;
     let azure = AzureLab::start(&kube, EntraOptions::default()).await?;
@@ -114,9 +117,8 @@ async fn main() -> Result<()> {
         .finish();
     let mut bare = Figures { name: "bare HTTPS POST of the same request", samples: Vec::new() };
     for _ in 0..iterations + 1 {
-        let request = http::Request::post(&url)
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(Full::new(Bytes::from(body.clone())))?;
+        let request =
+            http::Request::post(&url).header("content-type", "application/x-www-form-urlencoded").body(Full::new(Bytes::from(body.clone())))?;
         let started = Instant::now();
         let (status, _, _) = transport.send(request).await.map_err(anyhow::Error::msg)?;
         anyhow::ensure!(status == 200, "bare POST answered {status}");
@@ -179,7 +181,11 @@ async fn main() -> Result<()> {
     println!("OIDC client overhead over the bare POST (p50): {:.2} ms ({:.2}x)", ms(overhead), ms(acquire.p50()) / ms(bare.p50()));
     let oidc_auth = oidc_login.p50().saturating_sub(gateway_only.p50());
     let scram_auth = scram_login.p50().saturating_sub(direct_only.p50());
-    println!("login cost (p50, minus the unauthenticated connect on the same path): MONGODB-OIDC {:.2} ms, SCRAM-SHA-256 {:.2} ms", ms(oidc_auth), ms(scram_auth));
+    println!(
+        "login cost (p50, minus the unauthenticated connect on the same path): MONGODB-OIDC {:.2} ms, SCRAM-SHA-256 {:.2} ms",
+        ms(oidc_auth),
+        ms(scram_auth)
+    );
     println!("first connection of a process (token from Entra + login + ping): {:.2} ms", ms(first));
     println!("targets: token acquisition < 1000 ms, authentication < 200 ms, client overhead in single milliseconds");
     Ok(())

@@ -233,9 +233,7 @@ impl ReplicateArgs {
             None => {}
             Some("none") => config.metrics_address = None,
             Some(addr) => {
-                config.metrics_address = Some(
-                    addr.parse::<SocketAddr>().map_err(|e| ConfigError::Invalid(format!("--metrics-address {addr}: {e}")))?,
-                )
+                config.metrics_address = Some(addr.parse::<SocketAddr>().map_err(|e| ConfigError::Invalid(format!("--metrics-address {addr}: {e}")))?)
             }
         }
         Ok(config)

@@ -5,9 +5,7 @@
 //! `crds/mongoreplication.yaml` holds the generated YAML; a test fails when it drifts.
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
-    CustomResourceDefinition, JSONSchemaProps,
-};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{CustomResourceDefinition, JSONSchemaProps};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::core::{Rule, crd::CustomResourceExt};
 use kube::{CustomResource, KubeSchema};
@@ -141,14 +139,12 @@ pub enum AuthMethod {
     ConnectionString,
 }
 
-const GUID_PATTERN: &str =
-    "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$";
+const GUID_PATTERN: &str = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$";
 
 /// A CEL rule that the string is a GUID; `field` names it in the message.
 fn guid_rule(field: &str) -> Rule {
-    Rule::new(format!("self.matches('{GUID_PATTERN}')")).message(kube::core::Message::Message(format!(
-        "{field} must be a GUID such as 11111111-2222-3333-4444-555555555555"
-    )))
+    Rule::new(format!("self.matches('{GUID_PATTERN}')"))
+        .message(kube::core::Message::Message(format!("{field} must be a GUID such as 11111111-2222-3333-4444-555555555555")))
 }
 
 /// A user-assigned managed identity in Microsoft Entra ID, used through workload identity federation.
@@ -481,18 +477,13 @@ pub fn crd() -> CustomResourceDefinition {
 /// each paragraph keeps its output readable.
 fn reflow_descriptions(schema: &mut JSONSchemaProps) {
     if let Some(text) = schema.description.as_mut() {
-        *text = text
-            .split("\n\n")
-            .map(|paragraph| paragraph.split('\n').map(str::trim).collect::<Vec<_>>().join(" "))
-            .collect::<Vec<_>>()
-            .join("\n\n");
+        *text =
+            text.split("\n\n").map(|paragraph| paragraph.split('\n').map(str::trim).collect::<Vec<_>>().join(" ")).collect::<Vec<_>>().join("\n\n");
     }
     for child in schema.properties.iter_mut().flat_map(|p| p.values_mut()) {
         reflow_descriptions(child);
     }
-    if let Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(items)) =
-        schema.items.as_mut()
-    {
+    if let Some(k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray::Schema(items)) = schema.items.as_mut() {
         reflow_descriptions(items);
     }
 }
@@ -554,11 +545,8 @@ mod tests {
     #[test]
     fn crd_yaml_has_the_api_users_expect() {
         let yaml = crd_yaml();
-        let crd: serde_json::Value = serde_saphyr::from_multiple::<serde_json::Value>(&yaml)
-            .expect("valid YAML")
-            .into_iter()
-            .find(|d| !d.is_null())
-            .expect("one document");
+        let crd: serde_json::Value =
+            serde_saphyr::from_multiple::<serde_json::Value>(&yaml).expect("valid YAML").into_iter().find(|d| !d.is_null()).expect("one document");
         assert_eq!(crd["metadata"]["name"], "mongoreplications.mongo-replicator.io");
         assert_eq!(crd["spec"]["names"]["shortNames"][0], "mrep");
         let version = &crd["spec"]["versions"][0];

@@ -34,9 +34,7 @@ const TEXT_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
 /// Phases reported by `mongo_replicator_phase`; each is always exported (0 or 1) so a dashboard
 /// can show "which phase" without `absent()`.
 pub const PHASES: [&str; 5] = ["starting", "snapshot", "stream", "stopped", "failed"];
-const DOCUMENT_BUCKETS: [f64; 16] = [
-    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5,
-];
+const DOCUMENT_BUCKETS: [f64; 16] = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5];
 /// Slow or idle clients must not hold a connection (and a task) forever.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Accept fails on e.g. file-descriptor exhaustion; retrying at once would spin a core.
@@ -100,8 +98,7 @@ pub fn default_log_format() -> LogFormat {
 pub fn init_logging(level: &str, format: LogFormat) -> Result<(), TelemetryError> {
     let rust_log = std::env::var("RUST_LOG").ok();
     let directives = log_directives(level, rust_log.as_deref());
-    let filter = EnvFilter::try_new(directives)
-        .map_err(|source| TelemetryError::InvalidLogFilter { directives: directives.to_owned(), source })?;
+    let filter = EnvFilter::try_new(directives).map_err(|source| TelemetryError::InvalidLogFilter { directives: directives.to_owned(), source })?;
     // try_init cannot tell "already set" from other failures, so ask first.
     if tracing::dispatcher::has_been_set() {
         return Err(TelemetryError::LoggingAlreadyInitialized);
@@ -388,12 +385,7 @@ pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Telemet
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until `shutdown` is cancelled.
-pub async fn serve(
-    addr: SocketAddr,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    shutdown: CancellationToken,
-) -> Result<(), TelemetryError> {
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, health: Arc<Health>, shutdown: CancellationToken) -> Result<(), TelemetryError> {
     let (listener, local) = bind(addr).await?;
     tracing::info!(addr = %local, "serving /metrics, /healthz and /readyz");
     serve_listener(listener, metrics, health, shutdown).await;
@@ -402,12 +394,7 @@ pub async fn serve(
 
 /// As [`serve`], on a listener bound by the caller (see [`bind`]). Returns once `shutdown` is
 /// cancelled and the listener is closed; open connections finish their in-flight request.
-pub async fn serve_listener(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    shutdown: CancellationToken,
-) {
+pub async fn serve_listener(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Health>, shutdown: CancellationToken) {
     loop {
         let stream = tokio::select! {
             () = shutdown.cancelled() => break,

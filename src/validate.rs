@@ -162,13 +162,9 @@ where
     match result {
         Ok(Ok(message)) => Check { name, passed: true, millis, reason: None, message },
         Ok(Err((reason, message))) => Check { name, passed: false, millis, reason: Some(reason), message },
-        Err(_) => Check {
-            name,
-            passed: false,
-            millis,
-            reason: Some("Timeout".into()),
-            message: format!("no answer within {} s", CHECK_TIMEOUT.as_secs()),
-        },
+        Err(_) => {
+            Check { name, passed: false, millis, reason: Some("Timeout".into()), message: format!("no answer within {} s", CHECK_TIMEOUT.as_secs()) }
+        }
     }
 }
 
@@ -224,7 +220,13 @@ async fn validate_endpoint(endpoint: &EndpointConfig, role: EndpointRole, config
             Err(_) => "unknown".into(),
         };
         client = Some(c);
-        let kind = if hello.contains_key("setName") { "replica set" } else if hello.get_str("msg") == Ok("isdbgrid") { "sharded cluster" } else { "server" };
+        let kind = if hello.contains_key("setName") {
+            "replica set"
+        } else if hello.get_str("msg") == Ok("isdbgrid") {
+            "sharded cluster"
+        } else {
+            "server"
+        };
         Ok(format!("logged in and pinged a {kind}, version {version}"))
     })
     .await;
@@ -253,11 +255,16 @@ fn classify(err: &mongodb::error::Error, scrub: &impl Fn(String) -> String) -> F
     match (err.kind.as_ref(), error_code(err)) {
         (ErrorKind::Authentication { message, .. }, _) => (
             "LoginFailed".into(),
-            format!("the server refused the login ({}); for auth: entra, check that the identity's principal (object) id is a user of the cluster", scrub(message.clone())),
+            format!(
+                "the server refused the login ({}); for auth: entra, check that the identity's principal (object) id is a user of the cluster",
+                scrub(message.clone())
+            ),
         ),
         (_, Some(18)) => (
             "LoginFailed".into(),
-            format!("the server refused the login ({message}); for auth: entra, check that the identity's principal (object) id is a user of the cluster"),
+            format!(
+                "the server refused the login ({message}); for auth: entra, check that the identity's principal (object) id is a user of the cluster"
+            ),
         ),
         (_, Some(13)) => ("NotAuthorized".into(), format!("the user lacks a privilege: {message}")),
         (ErrorKind::ServerSelection { .. } | ErrorKind::Io(_), _) => ("EndpointUnreachable".into(), message),
@@ -316,7 +323,11 @@ mod tests {
     #[test]
     fn the_first_failure_names_the_verdict() {
         let verdict = Verdict::new(vec![
-            EndpointReport { role: "source".into(), auth: AuthMethod::Entra, checks: vec![check("token", true, "ok"), check("login", false, "refused")] },
+            EndpointReport {
+                role: "source".into(),
+                auth: AuthMethod::Entra,
+                checks: vec![check("token", true, "ok"), check("login", false, "refused")],
+            },
             EndpointReport { role: "target".into(), auth: AuthMethod::ConnectionString, checks: vec![check("login", false, "also refused")] },
         ]);
         assert!(!verdict.passed);

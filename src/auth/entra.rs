@@ -86,10 +86,14 @@ impl EntraFailure {
             Self::NoFederatedCredential => {
                 "no federated identity credential on the managed identity matches this service account; create one for the cluster's issuer and subject system:serviceaccount:<namespace>:<serviceaccount> (a new one can take a few minutes to take effect)"
             }
-            Self::IssuerMismatch => "the federated credential's issuer is not this cluster's OIDC issuer URL (compare exactly, trailing slash included)",
+            Self::IssuerMismatch => {
+                "the federated credential's issuer is not this cluster's OIDC issuer URL (compare exactly, trailing slash included)"
+            }
             Self::AudienceMismatch => "the federated credential's audience must be api://AzureADTokenExchange, the audience of the projected token",
             Self::SubjectMismatch => "the federated credential's subject must be system:serviceaccount:<namespace>:<serviceaccount> of the pod",
-            Self::AssertionExpired => "the projected service-account token has expired; the kubelet refreshes it, so check the pod's token volume and the node's clock",
+            Self::AssertionExpired => {
+                "the projected service-account token has expired; the kubelet refreshes it, so check the pod's token volume and the node's clock"
+            }
             Self::UnknownClient => "no managed identity or application with this client id exists in the tenant; check clientId and tenantId",
             Self::UnknownTenant => "the tenant does not exist; check tenantId",
             Self::MalformedTenant => "the tenant id is malformed; it must be a GUID",

@@ -123,7 +123,9 @@ pub enum AuthError {
     InvalidConnectionString { role: EndpointRole, redacted: String, detail: String },
     #[error("{role}: CA file {path} does not exist")]
     MissingCaFile { role: EndpointRole, path: String },
-    #[error("{role}: auth: entra needs the managed identity's {field}: set entra.{field} or the {env} environment variable (the workload identity webhook sets it when the pod is labelled azure.workload.identity/use=true)")]
+    #[error(
+        "{role}: auth: entra needs the managed identity's {field}: set entra.{field} or the {env} environment variable (the workload identity webhook sets it when the pod is labelled azure.workload.identity/use=true)"
+    )]
     EntraSettingMissing { role: EndpointRole, field: &'static str, env: &'static str },
     #[error("{role}: an auth: entra connection string must not carry a user name or password; Microsoft Entra tokens are the credentials")]
     CredentialsInEntraUri { role: EndpointRole },
@@ -189,9 +191,8 @@ pub async fn client_options(endpoint: &EndpointConfig, role: EndpointRole) -> Re
         let sources = oidc::TokenSources::global();
         let source = sources.get(&identity).map_err(|source| AuthError::Entra { role, source })?;
         let callback = oidc::callback(source, &role.to_string(), sources.metrics().clone());
-        options.credential = Some(
-            Credential::builder().mechanism(AuthMechanism::MongoDbOidc).source("$external".to_string()).oidc_callback(callback).build(),
-        );
+        options.credential =
+            Some(Credential::builder().mechanism(AuthMechanism::MongoDbOidc).source("$external".to_string()).oidc_callback(callback).build());
     }
     if let Some(ca) = &endpoint.ca_file {
         if !Path::new(ca).exists() {
@@ -258,7 +259,12 @@ mod tests {
             uri_file: None,
             uri_env: None,
             ca_file: None,
-            entra: Some(EntraSettings { client_id: Some("c".into()), tenant_id: Some("t".into()), token_file: Some("/t".into()), ..Default::default() }),
+            entra: Some(EntraSettings {
+                client_id: Some("c".into()),
+                tenant_id: Some("t".into()),
+                token_file: Some("/t".into()),
+                ..Default::default()
+            }),
             connection_string: None,
         };
         let err = client_options(&endpoint, EndpointRole::Source).await.unwrap_err();

@@ -57,7 +57,9 @@ pub struct Identity {
 pub enum TokenError {
     #[error("Microsoft Entra refused the token request for client {client_id}: {error}")]
     Refused { client_id: String, error: EntraError },
-    #[error("cannot read the service-account token file {path}: {detail}; is the pod labelled azure.workload.identity/use=true and its ServiceAccount annotated?")]
+    #[error(
+        "cannot read the service-account token file {path}: {detail}; is the pod labelled azure.workload.identity/use=true and its ServiceAccount annotated?"
+    )]
     TokenFile { path: String, detail: String },
     #[error("Microsoft Entra at {authority} is unreachable: {detail}")]
     Unreachable { authority: String, detail: String },
@@ -331,7 +333,10 @@ impl TokenSource {
             ErrorKind::Io | ErrorKind::Connection => {
                 TokenError::Unreachable { authority: self.identity.authority_host.clone(), detail: inner.to_string() }
             }
-            _ => TokenError::Unreachable { authority: self.identity.authority_host.clone(), detail: causes(&err).last().map(ToString::to_string).unwrap_or_default() },
+            _ => TokenError::Unreachable {
+                authority: self.identity.authority_host.clone(),
+                detail: causes(&err).last().map(ToString::to_string).unwrap_or_default(),
+            },
         }
     }
 }

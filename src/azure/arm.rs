@@ -490,8 +490,12 @@ impl ArmClient {
                 return Err(exhausted(answer, attempt, &self.endpoint));
             };
             match &answer {
-                Ok(response) => tracing::warn!(method = %method, path = url.path(), status = response.status, code = %response.failure().code, attempt, wait_ms = wait.as_millis() as u64, request_id = response.header("x-ms-request-id").unwrap_or_default(), "Azure Resource Manager asked to retry"),
-                Err(detail) => tracing::warn!(method = %method, path = url.path(), error = %detail, attempt, wait_ms = wait.as_millis() as u64, "Azure Resource Manager unreachable; retrying"),
+                Ok(response) => {
+                    tracing::warn!(method = %method, path = url.path(), status = response.status, code = %response.failure().code, attempt, wait_ms = wait.as_millis() as u64, request_id = response.header("x-ms-request-id").unwrap_or_default(), "Azure Resource Manager asked to retry")
+                }
+                Err(detail) => {
+                    tracing::warn!(method = %method, path = url.path(), error = %detail, attempt, wait_ms = wait.as_millis() as u64, "Azure Resource Manager unreachable; retrying")
+                }
             }
             tokio::time::sleep(wait).await;
         }
@@ -720,14 +724,15 @@ fn parse_endpoint(endpoint: &str) -> Result<Url, ArmError> {
 
 fn resource_url(endpoint: &Url, path: &str, api_version: &str) -> Result<Url, ArmError> {
     let base = endpoint.as_str().trim_end_matches('/');
-    Url::parse(&format!("{base}{path}?api-version={api_version}"))
-        .map_err(|err| ArmError::InvalidResourceId { kind: "an ARM", id: path.to_string(), detail: err.to_string() })
+    Url::parse(&format!("{base}{path}?api-version={api_version}")).map_err(|err| ArmError::InvalidResourceId {
+        kind: "an ARM",
+        id: path.to_string(),
+        detail: err.to_string(),
+    })
 }
 
 fn follow_link(endpoint: &Url, link: &str) -> Result<Url, ArmError> {
-    let url = endpoint
-        .join(link)
-        .map_err(|err| ArmError::UnexpectedResponse { detail: format!("ARM handed back an invalid URL: {err}") })?;
+    let url = endpoint.join(link).map_err(|err| ArmError::UnexpectedResponse { detail: format!("ARM handed back an invalid URL: {err}") })?;
     if url.origin() != endpoint.origin() {
         return Err(ArmError::UnexpectedResponse {
             detail: format!(
@@ -895,9 +900,9 @@ fn credential_from(body: &[u8]) -> Result<FederatedCredential, ArmError> {
     struct Resource {
         properties: FederatedCredential,
     }
-    serde_json::from_slice::<Resource>(body)
-        .map(|r| r.properties)
-        .map_err(|err| ArmError::UnexpectedResponse { detail: format!("a federated identity credential without issuer, subject and audiences: {err}") })
+    serde_json::from_slice::<Resource>(body).map(|r| r.properties).map_err(|err| ArmError::UnexpectedResponse {
+        detail: format!("a federated identity credential without issuer, subject and audiences: {err}"),
+    })
 }
 
 #[derive(Deserialize)]
@@ -949,7 +954,8 @@ enum Poll {
 mod tests {
     use super::*;
 
-    const IDENTITY: &str = "/subscriptions/3f2c4a1e-0000-4000-8000-00000000a2b1/resourceGroups/lab/providers/Microsoft.ManagedIdentity/userAssignedIdentities/repl";
+    const IDENTITY: &str =
+        "/subscriptions/3f2c4a1e-0000-4000-8000-00000000a2b1/resourceGroups/lab/providers/Microsoft.ManagedIdentity/userAssignedIdentities/repl";
     const CLUSTER: &str = "/subscriptions/3f2c4a1e-0000-4000-8000-00000000a2b1/resourceGroups/lab/providers/Microsoft.DocumentDB/mongoClusters/docs";
 
     fn endpoint() -> Url {
@@ -1053,12 +1059,47 @@ mod tests {
         let cluster = ClusterId::parse(CLUSTER).unwrap();
         let write = Target::CredentialWrite(&identity);
         let cases = [
-            (refusal(failure(404, "ResourceNotFound", "The Resource 'Microsoft.ManagedIdentity/userAssignedIdentities/repl' under resource group 'lab' was not found."), &write), "IdentityNotFound"),
-            (refusal(failure(404, "ResourceNotFound", "The Resource 'Microsoft.DocumentDB/mongoClusters/docs' was not found."), &Target::Cluster(&cluster)), "ClusterNotFound"),
-            (refusal(failure(400, "BadRequest", "Issuer and subject combination already exists for this Managed Identity."), &write), "DuplicateIssuerSubject"),
-            (refusal(failure(400, "BadRequest", "The managed identity 'x' already has 20 federated identity credentials, the maximum allowed is 20: cannot create 'y'."), &write), "FederatedCredentialLimit"),
+            (
+                refusal(
+                    failure(
+                        404,
+                        "ResourceNotFound",
+                        "The Resource 'Microsoft.ManagedIdentity/userAssignedIdentities/repl' under resource group 'lab' was not found.",
+                    ),
+                    &write,
+                ),
+                "IdentityNotFound",
+            ),
+            (
+                refusal(
+                    failure(404, "ResourceNotFound", "The Resource 'Microsoft.DocumentDB/mongoClusters/docs' was not found."),
+                    &Target::Cluster(&cluster),
+                ),
+                "ClusterNotFound",
+            ),
+            (
+                refusal(failure(400, "BadRequest", "Issuer and subject combination already exists for this Managed Identity."), &write),
+                "DuplicateIssuerSubject",
+            ),
+            (
+                refusal(
+                    failure(
+                        400,
+                        "BadRequest",
+                        "The managed identity 'x' already has 20 federated identity credentials, the maximum allowed is 20: cannot create 'y'.",
+                    ),
+                    &write,
+                ),
+                "FederatedCredentialLimit",
+            ),
             (refusal(failure(400, "BadRequest", "The issuer 'x' is not a valid https URL."), &write), "ArmInvalidRequest"),
-            (refusal(failure(400, "NoRegisteredProviderFound", "No registered resource provider found for API version '2023-01-31'."), &Target::Cluster(&cluster)), "ArmInvalidRequest"),
+            (
+                refusal(
+                    failure(400, "NoRegisteredProviderFound", "No registered resource provider found for API version '2023-01-31'."),
+                    &Target::Cluster(&cluster),
+                ),
+                "ArmInvalidRequest",
+            ),
             (refusal(failure(401, "InvalidAuthenticationToken", "The access token is invalid."), &write), "ArmUnauthorized"),
             (refusal(failure(403, "AuthorizationFailed", "The client does not have authorization."), &write), "ArmForbidden"),
         ];
@@ -1081,10 +1122,15 @@ mod tests {
     #[test]
     fn exhausted_retries_say_what_kept_failing() {
         let endpoint = endpoint();
-        let throttled = response(429, &[("retry-after", "7")], r#"{"error":{"code":"TooManyRequests","message":"Please try again after 7 seconds."}}"#);
+        let throttled =
+            response(429, &[("retry-after", "7")], r#"{"error":{"code":"TooManyRequests","message":"Please try again after 7 seconds."}}"#);
         let err = exhausted(Ok(throttled), 6, &endpoint);
         assert_eq!((err.reason(), err.retry_after(), err.is_transient()), ("ArmThrottled", Some(Duration::from_secs(7)), true));
-        let conflict = response(409, &[], r#"{"error":{"code":"ConcurrentFederatedIdentityCredentialsWritesForSingleManagedIdentity","message":"Concurrent writes are not supported."}}"#);
+        let conflict = response(
+            409,
+            &[],
+            r#"{"error":{"code":"ConcurrentFederatedIdentityCredentialsWritesForSingleManagedIdentity","message":"Concurrent writes are not supported."}}"#,
+        );
         let err = exhausted(Ok(conflict), 6, &endpoint);
         assert_eq!(err.reason(), "ArmConflict");
         assert!(err.to_string().contains("ConcurrentFederatedIdentityCredentialsWritesForSingleManagedIdentity"), "{err}");
@@ -1099,7 +1145,8 @@ mod tests {
     #[test]
     fn tokens_never_reach_error_messages() {
         let secret = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl";
-        let body = format!(r#"{{"error":{{"code":"InvalidAuthenticationToken","message":"The access token '{secret}' is invalid; also eyJa.eyJb.c"}}}}"#);
+        let body =
+            format!(r#"{{"error":{{"code":"InvalidAuthenticationToken","message":"The access token '{secret}' is invalid; also eyJa.eyJb.c"}}}}"#);
         let answer = response(401, &[], &body);
         let err = answer.refusal(&Target::Other);
         let text = err.to_string();
@@ -1142,7 +1189,8 @@ mod tests {
     #[test]
     fn endpoints_must_be_plain_https_urls() {
         assert!(parse_endpoint("https://management.usgovcloudapi.net/").is_ok());
-        for bad in ["http://management.azure.com/", "management.azure.com", "https://management.azure.com/?x=1", "https://u:p@management.azure.com/"] {
+        for bad in ["http://management.azure.com/", "management.azure.com", "https://management.azure.com/?x=1", "https://u:p@management.azure.com/"]
+        {
             assert_eq!(parse_endpoint(bad).unwrap_err().reason(), "InvalidArmEndpoint", "{bad}");
         }
     }
@@ -1150,7 +1198,10 @@ mod tests {
     #[test]
     fn arm_bodies_are_read_leniently() {
         let body = br#"{"id":"x","name":"repl-sa","type":"Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials","properties":{"issuer":"https://i/","subject":"s","audiences":["api://AzureADTokenExchange"]}}"#;
-        assert_eq!(credential_from(body).unwrap(), FederatedCredential { issuer: "https://i/".into(), subject: "s".into(), audiences: vec![TOKEN_EXCHANGE_AUDIENCE.into()] });
+        assert_eq!(
+            credential_from(body).unwrap(),
+            FederatedCredential { issuer: "https://i/".into(), subject: "s".into(), audiences: vec![TOKEN_EXCHANGE_AUDIENCE.into()] }
+        );
         assert_eq!(credential_from(b"{}").unwrap_err().reason(), "ArmUnexpectedResponse");
         assert_eq!(provisioning_state(br#"{"properties":{"provisioningState":"InProgress"}}"#).as_deref(), Some("InProgress"));
         let failed = operation_failed("op", br#"{"status":"Failed","error":{"code":"InternalServerError","message":"boom"}}"#, Some("Failed"));

@@ -10,7 +10,9 @@ use serde::Deserialize;
 /// Why the issuer could not be discovered.
 #[derive(Debug, thiserror::Error)]
 pub enum IssuerError {
-    #[error("cannot read the cluster's OIDC discovery document (/.well-known/openid-configuration): {0}; the operator needs the system:service-account-issuer-discovery ClusterRole")]
+    #[error(
+        "cannot read the cluster's OIDC discovery document (/.well-known/openid-configuration): {0}; the operator needs the system:service-account-issuer-discovery ClusterRole"
+    )]
     Unreadable(String),
     #[error("the cluster's OIDC discovery document has no usable issuer: {0}")]
     Invalid(String),
@@ -42,9 +44,7 @@ pub fn issuer_from_discovery(document: &str) -> Result<String, IssuerError> {
 
 /// Reads the cluster's issuer through the API server.
 pub async fn discover(client: &kube::Client) -> Result<String, IssuerError> {
-    let request = http::Request::get("/.well-known/openid-configuration")
-        .body(Vec::new())
-        .map_err(|e| IssuerError::Unreadable(e.to_string()))?;
+    let request = http::Request::get("/.well-known/openid-configuration").body(Vec::new()).map_err(|e| IssuerError::Unreadable(e.to_string()))?;
     let document = client.request_text(request).await.map_err(|e| IssuerError::Unreadable(e.to_string()))?;
     issuer_from_discovery(&document)
 }
@@ -57,7 +57,10 @@ mod tests {
     fn the_issuer_is_kept_exactly_and_must_be_https() {
         let aks = r#"{"issuer":"https://eastus.oic.prod-aks.azure.com/0000/1111/","jwks_uri":"https://eastus.oic.prod-aks.azure.com/0000/1111/openid/v1/jwks"}"#;
         assert_eq!(issuer_from_discovery(aks).unwrap(), "https://eastus.oic.prod-aks.azure.com/0000/1111/");
-        assert_eq!(issuer_from_discovery(r#"{"issuer":"https://kubernetes.default.svc.cluster.local"}"#).unwrap(), "https://kubernetes.default.svc.cluster.local");
+        assert_eq!(
+            issuer_from_discovery(r#"{"issuer":"https://kubernetes.default.svc.cluster.local"}"#).unwrap(),
+            "https://kubernetes.default.svc.cluster.local"
+        );
         assert_eq!(issuer_from_discovery(r#"{"issuer":"http://plain"}"#).unwrap_err().reason(), "IssuerInvalid");
         assert_eq!(issuer_from_discovery(r#"{"jwks_uri":"x"}"#).unwrap_err().reason(), "IssuerInvalid");
         assert_eq!(issuer_from_discovery("<html>").unwrap_err().reason(), "IssuerInvalid");

@@ -80,11 +80,7 @@ pub struct CheckpointStore {
 
 impl CheckpointStore {
     pub fn new(db: &Database, name: &str) -> Self {
-        Self {
-            name: name.to_string(),
-            checkpoints: db.collection("checkpoints"),
-            ranges: db.collection("snapshot"),
-        }
+        Self { name: name.to_string(), checkpoints: db.collection("checkpoints"), ranges: db.collection("snapshot") }
     }
 
     pub fn name(&self) -> &str {
@@ -96,30 +92,19 @@ impl CheckpointStore {
     }
 
     pub async fn save(&self, checkpoint: &Checkpoint) -> mongodb::error::Result<()> {
-        self.checkpoints
-            .replace_one(doc! {"_id": &self.name}, checkpoint)
-            .with_options(ReplaceOptions::builder().upsert(true).build())
-            .await?;
+        self.checkpoints.replace_one(doc! {"_id": &self.name}, checkpoint).with_options(ReplaceOptions::builder().upsert(true).build()).await?;
         Ok(())
     }
 
     /// Every range of the given collection, in range order.
     pub async fn ranges(&self, ns: &str) -> mongodb::error::Result<Vec<RangeProgress>> {
         use futures::TryStreamExt;
-        self.ranges
-            .find(doc! {"_id.replication": &self.name, "_id.ns": ns})
-            .sort(doc! {"_id.range": 1})
-            .await?
-            .try_collect()
-            .await
+        self.ranges.find(doc! {"_id.replication": &self.name, "_id.ns": ns}).sort(doc! {"_id.range": 1}).await?.try_collect().await
     }
 
     pub async fn save_range(&self, range: &RangeProgress) -> mongodb::error::Result<()> {
         let id = mongodb::bson::to_bson(&range.id).map_err(mongodb::error::Error::custom)?;
-        self.ranges
-            .replace_one(doc! {"_id": id}, range)
-            .with_options(ReplaceOptions::builder().upsert(true).build())
-            .await?;
+        self.ranges.replace_one(doc! {"_id": id}, range).with_options(ReplaceOptions::builder().upsert(true).build()).await?;
         Ok(())
     }
 

@@ -188,10 +188,10 @@ impl ReplicatorConfig {
 
     /// Reads a YAML (or JSON) configuration file and checks it.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|err| ConfigError::Unreadable { path: path.display().to_string(), reason: err.to_string() })?;
-        let config: ReplicatorConfig = serde_saphyr::from_str(&text)
-            .map_err(|err| ConfigError::Malformed { path: path.display().to_string(), reason: err.to_string() })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|err| ConfigError::Unreadable { path: path.display().to_string(), reason: err.to_string() })?;
+        let config: ReplicatorConfig =
+            serde_saphyr::from_str(&text).map_err(|err| ConfigError::Malformed { path: path.display().to_string(), reason: err.to_string() })?;
         config.validate()?;
         Ok(config)
     }

@@ -40,16 +40,34 @@ pub enum DocWriteKind {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Ddl {
     /// Create a collection with options (capped, validators, ...).
-    CreateCollection { ns: Namespace, options: Document },
+    CreateCollection {
+        ns: Namespace,
+        options: Document,
+    },
     DropCollection(Namespace),
     /// Rename inside the target; the source namespace was renamed and both names are replicated.
-    RenameCollection { from: Namespace, to: Namespace },
+    RenameCollection {
+        from: Namespace,
+        to: Namespace,
+    },
     /// A collection was renamed into the replicated set from outside it: copy it afresh.
-    CopyCollection { source: Namespace, target: Namespace },
+    CopyCollection {
+        source: Namespace,
+        target: Namespace,
+    },
     /// Drop the replicated collections of a target database (`source_db` names the source side).
-    DropDatabase { source_db: String, target_db: String },
-    CreateIndexes { ns: Namespace, indexes: Vec<Document> },
-    DropIndexes { ns: Namespace, names: Vec<String> },
+    DropDatabase {
+        source_db: String,
+        target_db: String,
+    },
+    CreateIndexes {
+        ns: Namespace,
+        indexes: Vec<Document>,
+    },
+    DropIndexes {
+        ns: Namespace,
+        names: Vec<String>,
+    },
 }
 
 /// What one change event asks of the target.
@@ -201,9 +219,7 @@ fn map_other_event(event: &Document, operation: &str, map: &NamespaceMap) -> Res
         "dropDatabase" => {
             let db = event.get_document("ns").and_then(|ns| ns.get_str("db")).map_err(|_| malformed("ns.db"))?;
             Ok(match map.target_database(db) {
-                Some(target_db) if map.may_include_database(db) => {
-                    Action::Ddl(Ddl::DropDatabase { source_db: db.to_string(), target_db })
-                }
+                Some(target_db) if map.may_include_database(db) => Action::Ddl(Ddl::DropDatabase { source_db: db.to_string(), target_db }),
                 _ => Action::Skip,
             })
         }
@@ -292,7 +308,7 @@ mod tests {
     #[test]
     fn an_update_whose_document_is_gone_applies_its_description_but_an_insert_without_document_is_malformed() {
         let update = doc! {"operationType": "update", "ns": ns("shop", "items"), "documentKey": {"_id": 1}, "fullDocument": Bson::Null,
-            "updateDescription": {"updatedFields": {"n": 2, "nested.x": 1}, "removedFields": ["old"], "truncatedArrays": [{"field": "tags", "newSize": 2}], "disambiguatedPaths": {}}};
+        "updateDescription": {"updatedFields": {"n": 2, "nested.x": 1}, "removedFields": ["old"], "truncatedArrays": [{"field": "tags", "newSize": 2}], "disambiguatedPaths": {}}};
         assert_eq!(
             map_event(update.clone(), &map()).unwrap(),
             Action::Write(DocWrite {
@@ -305,7 +321,7 @@ mod tests {
             })
         );
         let ambiguous = doc! {"operationType": "update", "ns": ns("shop", "items"), "documentKey": {"_id": 1}, "fullDocument": Bson::Null,
-            "updateDescription": {"updatedFields": {"a.b": 2}, "removedFields": [], "disambiguatedPaths": {"a.b": ["a.b"]}}};
+        "updateDescription": {"updatedFields": {"a.b": 2}, "removedFields": [], "disambiguatedPaths": {"a.b": ["a.b"]}}};
         assert_eq!(map_event(ambiguous, &map()).unwrap(), Action::Skip);
         let without_description = doc! {"operationType": "update", "ns": ns("shop", "items"), "documentKey": {"_id": 1}, "fullDocument": Bson::Null};
         assert_eq!(map_event(without_description, &map()).unwrap(), Action::Skip);
@@ -352,7 +368,7 @@ mod tests {
         let drop = doc! {"operationType": "drop", "ns": ns("shop", "items")};
         assert_eq!(map_event(drop.clone(), &map()).unwrap(), Action::Ddl(Ddl::DropCollection(Namespace::new("shop_dr", "items"))));
         let create = doc! {"operationType": "createIndexes", "ns": ns("shop", "items"),
-            "operationDescription": {"indexes": [{"v": 2, "key": {"sku": 1}, "name": "sku_1", "unique": true}]}};
+        "operationDescription": {"indexes": [{"v": 2, "key": {"sku": 1}, "name": "sku_1", "unique": true}]}};
         assert_eq!(
             map_event(create.clone(), &map()).unwrap(),
             Action::Ddl(Ddl::CreateIndexes {
@@ -361,13 +377,13 @@ mod tests {
             })
         );
         let dropped = doc! {"operationType": "dropIndexes", "ns": ns("shop", "items"),
-            "operationDescription": {"indexes": [{"v": 2, "key": {"sku": 1}, "name": "sku_1"}]}};
+        "operationDescription": {"indexes": [{"v": 2, "key": {"sku": 1}, "name": "sku_1"}]}};
         assert_eq!(
             map_event(dropped.clone(), &map()).unwrap(),
             Action::Ddl(Ddl::DropIndexes { ns: Namespace::new("shop_dr", "items"), names: vec!["sku_1".into()] })
         );
         let created = doc! {"operationType": "create", "ns": ns("shop", "log"),
-            "operationDescription": {"capped": true, "size": 4096, "idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"}}};
+        "operationDescription": {"capped": true, "size": 4096, "idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"}}};
         assert_eq!(
             map_event(created.clone(), &map()).unwrap(),
             Action::Ddl(Ddl::CreateCollection { ns: Namespace::new("shop_dr", "log"), options: doc! {"capped": true, "size": 4096} })

@@ -127,9 +127,9 @@ pub fn progress(checkpoint: &Checkpoint, lag_seconds: Option<i64>) -> Progress {
         docs_copied: Some(checkpoint.docs_copied),
         events_applied: Some(checkpoint.events_applied),
         lag_seconds,
-        last_applied_cluster_time: checkpoint.last_applied_cluster_time.map(|ts| {
-            DateTime::from_millis(i64::from(ts.time) * 1000).try_to_rfc3339_string().unwrap_or_default()
-        }),
+        last_applied_cluster_time: checkpoint
+            .last_applied_cluster_time
+            .map(|ts| DateTime::from_millis(i64::from(ts.time) * 1000).try_to_rfc3339_string().unwrap_or_default()),
         checkpoint_saved_at: checkpoint.saved_at.try_to_rfc3339_string().ok(),
     }
 }

@@ -162,7 +162,9 @@ impl NamespaceMap {
         let empty = NamespaceFilter::default();
         let filter = filter.unwrap_or(&empty);
         let patterns = |list: &[String]| {
-            list.iter().map(|p| Pattern::parse(p).map_err(|why| NamespaceError::InvalidPattern { pattern: p.clone(), why })).collect::<Result<Vec<_>, _>>()
+            list.iter()
+                .map(|p| Pattern::parse(p).map_err(|why| NamespaceError::InvalidPattern { pattern: p.clone(), why }))
+                .collect::<Result<Vec<_>, _>>()
         };
         let mut rename = Vec::with_capacity(filter.rename.len());
         for rule in &filter.rename {
@@ -399,8 +401,14 @@ mod tests {
     fn system_databases_system_collections_and_checkpoints_are_never_replicated() {
         let all = NamespaceMap::new(None, CHECKPOINTS).unwrap();
         assert!(all.includes(&ns("anything.at_all")));
-        for never in ["admin.users", "local.oplog.rs", "config.system.sessions", "mongo_replicator.checkpoints", "orders.system.views", "orders.system.profile"]
-        {
+        for never in [
+            "admin.users",
+            "local.oplog.rs",
+            "config.system.sessions",
+            "mongo_replicator.checkpoints",
+            "orders.system.views",
+            "orders.system.profile",
+        ] {
             assert!(!all.includes(&ns(never)), "{never}");
         }
         let explicit = map(&["admin.*", "mongo_replicator.*", "orders.*"], &[], &[]);
@@ -425,7 +433,11 @@ mod tests {
 
     #[test]
     fn renames_carry_wildcards_and_the_first_match_wins() {
-        let m = map(&[], &[], &[("orders.special", "vip.special"), ("orders.*", "orders_dr.*"), ("*.log_*", "logs.*_*"), ("app_*.events_*", "events.*.*")]);
+        let m = map(
+            &[],
+            &[],
+            &[("orders.special", "vip.special"), ("orders.*", "orders_dr.*"), ("*.log_*", "logs.*_*"), ("app_*.events_*", "events.*.*")],
+        );
         assert_eq!(m.target(&ns("orders.special")), ns("vip.special"));
         assert_eq!(m.target(&ns("orders.items")), ns("orders_dr.items"));
         assert_eq!(m.target(&ns("orders.items.v2")), ns("orders_dr.items.v2"));
@@ -479,7 +491,14 @@ mod tests {
         let m = map(
             &[],
             &[],
-            &[("orders.*", "orders_dr.*"), ("crm.leads", "sales.leads"), ("crm.*", "crm_dr.*"), ("bi_*.*", "*_bi.*"), ("flat.*", "*.docs"), ("*.*", "all_*.*")],
+            &[
+                ("orders.*", "orders_dr.*"),
+                ("crm.leads", "sales.leads"),
+                ("crm.*", "crm_dr.*"),
+                ("bi_*.*", "*_bi.*"),
+                ("flat.*", "*.docs"),
+                ("*.*", "all_*.*"),
+            ],
         );
         assert_eq!(m.target_database("orders").as_deref(), Some("orders_dr"));
         assert_eq!(m.target_database("crm"), None, "crm.leads goes elsewhere: the first rule for crm is collection-level");

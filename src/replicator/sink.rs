@@ -238,12 +238,11 @@ impl Sink {
     /// in the same target database stay.
     async fn drop_database(&self, source_db: &str, target_db: &str) -> Result<(), SinkError> {
         let target = Namespace::new(target_db, "$cmd");
-        let names: Vec<String> = self
-            .client
-            .database(target_db)
-            .list_collection_names()
-            .await
-            .map_err(|source| SinkError::Command { command: "listCollections", ns: target.to_string(), source })?;
+        let names: Vec<String> = self.client.database(target_db).list_collection_names().await.map_err(|source| SinkError::Command {
+            command: "listCollections",
+            ns: target.to_string(),
+            source,
+        })?;
         for coll in names {
             let source = Namespace::new(source_db, coll.clone());
             let mapped = Namespace::new(target_db, coll);

@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
+use mongodb::Client;
 use mongodb::bson::{Bson, Document, RawDocumentBuf, doc};
 use mongodb::options::FindOptions;
-use mongodb::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::checkpoint::{CheckpointStore, RangeId, RangeProgress};
@@ -55,9 +55,7 @@ impl SnapshotError {
     /// Whether trying again later may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            SnapshotError::Read { source, .. } | SnapshotError::List { source, .. } | SnapshotError::Progress(source) => {
-                is_transient(source)
-            }
+            SnapshotError::Read { source, .. } | SnapshotError::List { source, .. } | SnapshotError::Progress(source) => is_transient(source),
             SnapshotError::Sink(SinkError::Command { source, .. }) => is_transient(source),
             _ => false,
         }
@@ -168,9 +166,8 @@ impl Copier {
     }
 
     async fn copy_indexes(&self, source: &Namespace, target: &Namespace) -> Result<(), SnapshotError> {
-        let indexes = Sink::list_indexes(&self.source, source)
-            .await
-            .map_err(|e| SnapshotError::List { what: format!("indexes of {source}"), source: e })?;
+        let indexes =
+            Sink::list_indexes(&self.source, source).await.map_err(|e| SnapshotError::List { what: format!("indexes of {source}"), source: e })?;
         Ok(self.sink.create_indexes(target, indexes).await?)
     }
 
@@ -261,12 +258,7 @@ impl Copier {
         }
     }
 
-    async fn copy_range_once(
-        &self,
-        source: &Namespace,
-        target: &Namespace,
-        range: &mut RangeProgress,
-    ) -> Result<u64, (u64, SnapshotError)> {
+    async fn copy_range_once(&self, source: &Namespace, target: &Namespace, range: &mut RangeProgress) -> Result<u64, (u64, SnapshotError)> {
         let coll = self.source.database(&source.db).collection::<RawDocumentBuf>(&source.coll);
         let filter = range_filter(range.lower.as_ref(), range.upper.as_ref(), range.last_id.as_ref());
         let read_err = |source_err| SnapshotError::Read { ns: source.to_string(), source: source_err };
@@ -449,8 +441,8 @@ mod tests {
         assert_eq!(
             filter,
             doc! {"$or": [{"_id": {"$gt": 41_i64}}, {"_id": {"$type": [
-                "string", "symbol", "object", "binData", "objectId", "bool", "date", "timestamp", "regex",
-                "dbPointer", "javascript", "javascriptWithScope", "maxKey"]}}]}
+            "string", "symbol", "object", "binData", "objectId", "bool", "date", "timestamp", "regex",
+            "dbPointer", "javascript", "javascriptWithScope", "maxKey"]}}]}
         );
     }
 

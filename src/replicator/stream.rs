@@ -125,9 +125,7 @@ pub async fn open(
     let stream = match scope {
         StreamScope::Cluster => source.watch().with_options(options).await,
         StreamScope::Database(db) => source.database(db).watch().with_options(options).await,
-        StreamScope::Collection(ns) => {
-            source.database(&ns.db).collection::<Document>(&ns.coll).watch().with_options(options).await
-        }
+        StreamScope::Collection(ns) => source.database(&ns.db).collection::<Document>(&ns.coll).watch().with_options(options).await,
     };
     Ok(stream.map_err(StreamError::from_source)?.with_type::<Document>())
 }

@@ -209,11 +209,8 @@ async fn cluster_users_are_registered_listed_page_by_page_and_removed() -> Resul
         tokio::time::sleep(Duration::from_millis(100)).await;
         op.arm.put_cluster_user(&cluster, &principals[2], &roles).await
     };
-    let (deleted, deleted_before_readding, readded) = tokio::join!(
-        op.arm.delete_cluster_user(&cluster, &principals[0]),
-        op.arm.delete_cluster_user(&cluster, &principals[2]),
-        readd
-    );
+    let (deleted, deleted_before_readding, readded) =
+        tokio::join!(op.arm.delete_cluster_user(&cluster, &principals[0]), op.arm.delete_cluster_user(&cluster, &principals[2]), readd);
     deleted?;
     deleted_before_readding?;
     readded.context("re-registering a user while its delete was in progress")?;

@@ -54,9 +54,7 @@ async fn every_example_is_accepted_and_defaulted() -> Result<()> {
     assert!(files.len() >= 3, "expected the examples in {dir}, found {files:?}");
     for file in &files {
         let docs = yaml_documents(&std::fs::read_to_string(file)?).with_context(|| file.display().to_string())?;
-        let created = apply_documents(&client, &ns, &docs)
-            .await
-            .with_context(|| format!("example {} was refused", file.display()))?;
+        let created = apply_documents(&client, &ns, &docs).await.with_context(|| format!("example {} was refused", file.display()))?;
         assert_eq!(created.len(), 1, "{} should hold one MongoReplication", file.display());
         let stored = &created[0].data["spec"];
         // The apiserver applies the schema's defaults, so `kubectl get -o yaml` shows the effective mode.
@@ -129,62 +127,124 @@ fn case(what: &'static str, edits: Vec<(&'static str, Option<Value>)>, expect: &
 fn rejection_cases() -> Vec<Case> {
     let conn = || json!({"name": "s", "key": "uri"});
     vec![
-        case("entra without the entra block", vec![("/spec/source/entra", None)],
-            &["spec.source", "auth: entra requires the entra block"]),
-        case("entra with a connection string Secret", vec![("/spec/source/connectionStringSecretRef", Some(conn()))],
-            &["spec.source", "auth: entra must not set connectionStringSecretRef"]),
-        case("entra without uri", vec![("/spec/source/uri", None)],
-            &["spec.source", "auth: entra requires uri"]),
-        case("connectionString without its Secret", vec![("/spec/target/connectionStringSecretRef", None)],
-            &["spec.target", "auth: connectionString requires connectionStringSecretRef"]),
-        case("connectionString with an entra block", vec![("/spec/target/entra", Some(json!({"clientId": "11111111-1111-1111-1111-111111111111", "tenantId": "22222222-2222-2222-2222-222222222222"})))],
-            &["spec.target", "auth: connectionString must not set entra"]),
-        case("connectionString with uri", vec![("/spec/target/uri", Some(json!("mongodb://db:27017")))],
-            &["spec.target", "remove uri"]),
-        case("password inside an entra uri", vec![("/spec/source/uri", Some(json!("mongodb://admin:hunter2@src.example:27017/?tls=true")))],
-            &["spec.source.uri", "uri must not contain a password"]),
-        case("uri that is not a MongoDB connection string", vec![("/spec/source/uri", Some(json!("https://src.example")))],
-            &["spec.source.uri", "uri must be a MongoDB connection string"]),
-        case("clientId that is not a GUID", vec![("/spec/source/entra/clientId", Some(json!("orders-replicator")))],
-            &["spec.source.entra.clientId", "clientId must be a GUID"]),
-        case("tenantId that is not a GUID", vec![("/spec/source/entra/tenantId", Some(json!("contoso.onmicrosoft.com")))],
-            &["spec.source.entra.tenantId", "tenantId must be a GUID"]),
-        case("managed identity id of the wrong shape", vec![("/spec/source/entra/managedIdentityResourceId", Some(json!("/subscriptions/44444444-4444-4444-4444-444444444444/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm1")))],
-            &["spec.source.entra.managedIdentityResourceId", "managedIdentityResourceId must look like"]),
-        case("cluster id of the wrong shape", vec![("/spec/source/entra/clusterUser/clusterResourceId", Some(json!("orders-cluster")))],
-            &["spec.source.entra.clusterUser.clusterResourceId", "clusterResourceId must look like"]),
-        case("principalId that is not a GUID", vec![("/spec/source/entra/clusterUser/principalId", Some(json!("replicator@contoso.com")))],
-            &["spec.source.entra.clusterUser.principalId", "principalId must be a GUID"]),
-        case("cluster user without roles", vec![("/spec/source/entra/clusterUser/roles", Some(json!([])))],
-            &["spec.source.entra.clusterUser.roles", "at least 1 items"]),
-        case("include pattern without a collection", vec![("/spec/namespaces/include", Some(json!(["orders"])))],
-            &["spec.namespaces.include", "each include pattern must be 'database.collection'"]),
-        case("exclude pattern with a $ in the database", vec![("/spec/namespaces/exclude", Some(json!(["bad$db.x"])))],
-            &["spec.namespaces.exclude", "each exclude pattern must be 'database.collection'"]),
-        case("rename into admin", vec![("/spec/namespaces/rename", Some(json!([{"from": "orders.x", "to": "admin.x"}])))],
-            &["spec.namespaces.rename[0].to", "rename: to must be a valid 'database.collection' namespace"]),
-        case("rename that drops a wildcard", vec![("/spec/namespaces/rename", Some(json!([{"from": "orders.*", "to": "orders_dr.all"}])))],
-            &["spec.namespaces.rename[0]", "rename: to must have as many * wildcards as from"]),
-        case("zero workers", vec![("/spec/replicator/workers", Some(json!(0)))],
-            &["spec.replicator.workers", "greater than or equal to 1"]),
-        case("too many workers", vec![("/spec/replicator/workers", Some(json!(1000)))],
-            &["spec.replicator.workers", "less than or equal to 64"]),
-        case("batchSize too large", vec![("/spec/replicator/batchSize", Some(json!(1_000_000)))],
-            &["spec.replicator.batchSize", "less than or equal to 100000"]),
-        case("unknown mode", vec![("/spec/mode", Some(json!("Mirror")))],
-            &["spec.mode", "Unsupported value: \"Mirror\"", "\"SnapshotAndStream\""]),
-        case("unknown auth method", vec![("/spec/target/auth", Some(json!("password")))],
-            &["spec.target.auth", "Unsupported value: \"password\"", "\"connectionString\""]),
-        case("startAt outside StreamOnly", vec![("/spec/startAt", Some(json!({"clusterTime": "1767225600.1"})))],
-            &["spec.startAt applies only to mode: StreamOnly"]),
-        case("startAt with both a time and a token", vec![("/spec/mode", Some(json!("StreamOnly"))), ("/spec/startAt", Some(json!({"clusterTime": "1767225600.1", "resumeToken": "8263"})))],
-            &["spec.startAt", "startAt takes exactly one of clusterTime or resumeToken"]),
-        case("scope that is not an https resource", vec![("/spec/source/entra/scope", Some(json!("ossrdbms-aad")))],
-            &["spec.source.entra.scope", "scope must be an https resource"]),
-        case("no target", vec![("/spec/target", None)],
-            &["spec.target", "Required value"]),
-        case("name too long for child objects", vec![("/metadata/name", Some(json!("a-replication-whose-name-is-much-longer-than-fifty-characters")))],
-            &["metadata.name must be at most 50 characters"]),
+        case("entra without the entra block", vec![("/spec/source/entra", None)], &["spec.source", "auth: entra requires the entra block"]),
+        case(
+            "entra with a connection string Secret",
+            vec![("/spec/source/connectionStringSecretRef", Some(conn()))],
+            &["spec.source", "auth: entra must not set connectionStringSecretRef"],
+        ),
+        case("entra without uri", vec![("/spec/source/uri", None)], &["spec.source", "auth: entra requires uri"]),
+        case(
+            "connectionString without its Secret",
+            vec![("/spec/target/connectionStringSecretRef", None)],
+            &["spec.target", "auth: connectionString requires connectionStringSecretRef"],
+        ),
+        case(
+            "connectionString with an entra block",
+            vec![(
+                "/spec/target/entra",
+                Some(json!({"clientId": "11111111-1111-1111-1111-111111111111", "tenantId": "22222222-2222-2222-2222-222222222222"})),
+            )],
+            &["spec.target", "auth: connectionString must not set entra"],
+        ),
+        case("connectionString with uri", vec![("/spec/target/uri", Some(json!("mongodb://db:27017")))], &["spec.target", "remove uri"]),
+        case(
+            "password inside an entra uri",
+            vec![("/spec/source/uri", Some(json!("mongodb://admin:hunter2@src.example:27017/?tls=true")))],
+            &["spec.source.uri", "uri must not contain a password"],
+        ),
+        case(
+            "uri that is not a MongoDB connection string",
+            vec![("/spec/source/uri", Some(json!("https://src.example")))],
+            &["spec.source.uri", "uri must be a MongoDB connection string"],
+        ),
+        case(
+            "clientId that is not a GUID",
+            vec![("/spec/source/entra/clientId", Some(json!("orders-replicator")))],
+            &["spec.source.entra.clientId", "clientId must be a GUID"],
+        ),
+        case(
+            "tenantId that is not a GUID",
+            vec![("/spec/source/entra/tenantId", Some(json!("contoso.onmicrosoft.com")))],
+            &["spec.source.entra.tenantId", "tenantId must be a GUID"],
+        ),
+        case(
+            "managed identity id of the wrong shape",
+            vec![(
+                "/spec/source/entra/managedIdentityResourceId",
+                Some(json!("/subscriptions/44444444-4444-4444-4444-444444444444/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm1")),
+            )],
+            &["spec.source.entra.managedIdentityResourceId", "managedIdentityResourceId must look like"],
+        ),
+        case(
+            "cluster id of the wrong shape",
+            vec![("/spec/source/entra/clusterUser/clusterResourceId", Some(json!("orders-cluster")))],
+            &["spec.source.entra.clusterUser.clusterResourceId", "clusterResourceId must look like"],
+        ),
+        case(
+            "principalId that is not a GUID",
+            vec![("/spec/source/entra/clusterUser/principalId", Some(json!("replicator@contoso.com")))],
+            &["spec.source.entra.clusterUser.principalId", "principalId must be a GUID"],
+        ),
+        case(
+            "cluster user without roles",
+            vec![("/spec/source/entra/clusterUser/roles", Some(json!([])))],
+            &["spec.source.entra.clusterUser.roles", "at least 1 items"],
+        ),
+        case(
+            "include pattern without a collection",
+            vec![("/spec/namespaces/include", Some(json!(["orders"])))],
+            &["spec.namespaces.include", "each include pattern must be 'database.collection'"],
+        ),
+        case(
+            "exclude pattern with a $ in the database",
+            vec![("/spec/namespaces/exclude", Some(json!(["bad$db.x"])))],
+            &["spec.namespaces.exclude", "each exclude pattern must be 'database.collection'"],
+        ),
+        case(
+            "rename into admin",
+            vec![("/spec/namespaces/rename", Some(json!([{"from": "orders.x", "to": "admin.x"}])))],
+            &["spec.namespaces.rename[0].to", "rename: to must be a valid 'database.collection' namespace"],
+        ),
+        case(
+            "rename that drops a wildcard",
+            vec![("/spec/namespaces/rename", Some(json!([{"from": "orders.*", "to": "orders_dr.all"}])))],
+            &["spec.namespaces.rename[0]", "rename: to must have as many * wildcards as from"],
+        ),
+        case("zero workers", vec![("/spec/replicator/workers", Some(json!(0)))], &["spec.replicator.workers", "greater than or equal to 1"]),
+        case("too many workers", vec![("/spec/replicator/workers", Some(json!(1000)))], &["spec.replicator.workers", "less than or equal to 64"]),
+        case(
+            "batchSize too large",
+            vec![("/spec/replicator/batchSize", Some(json!(1_000_000)))],
+            &["spec.replicator.batchSize", "less than or equal to 100000"],
+        ),
+        case("unknown mode", vec![("/spec/mode", Some(json!("Mirror")))], &["spec.mode", "Unsupported value: \"Mirror\"", "\"SnapshotAndStream\""]),
+        case(
+            "unknown auth method",
+            vec![("/spec/target/auth", Some(json!("password")))],
+            &["spec.target.auth", "Unsupported value: \"password\"", "\"connectionString\""],
+        ),
+        case(
+            "startAt outside StreamOnly",
+            vec![("/spec/startAt", Some(json!({"clusterTime": "1767225600.1"})))],
+            &["spec.startAt applies only to mode: StreamOnly"],
+        ),
+        case(
+            "startAt with both a time and a token",
+            vec![("/spec/mode", Some(json!("StreamOnly"))), ("/spec/startAt", Some(json!({"clusterTime": "1767225600.1", "resumeToken": "8263"})))],
+            &["spec.startAt", "startAt takes exactly one of clusterTime or resumeToken"],
+        ),
+        case(
+            "scope that is not an https resource",
+            vec![("/spec/source/entra/scope", Some(json!("ossrdbms-aad")))],
+            &["spec.source.entra.scope", "scope must be an https resource"],
+        ),
+        case("no target", vec![("/spec/target", None)], &["spec.target", "Required value"]),
+        case(
+            "name too long for child objects",
+            vec![("/metadata/name", Some(json!("a-replication-whose-name-is-much-longer-than-fifty-characters")))],
+            &["metadata.name must be at most 50 characters"],
+        ),
     ]
 }
 
@@ -240,8 +300,7 @@ async fn printer_columns_show_in_the_table_form() -> Result<()> {
         .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
         .body(Vec::new())?;
     let table: Value = client.request(request).await?;
-    let columns: Vec<&str> =
-        table["columnDefinitions"].as_array().context("no columns")?.iter().filter_map(|c| c["name"].as_str()).collect();
+    let columns: Vec<&str> = table["columnDefinitions"].as_array().context("no columns")?.iter().filter_map(|c| c["name"].as_str()).collect();
     assert_eq!(columns, ["Name", "Phase", "Source Auth", "Target Auth", "Lag", "Age"]);
     let cells = &table["rows"][0]["cells"];
     assert_eq!(cells[0], "orders-dr");

@@ -115,9 +115,8 @@ async fn entra_login_validates_and_replicates_a_workload_through_the_gateway() -
     let azure = &wi.azure;
     let (source, source_gateway) = cluster(azure, "source", Some(&wi.identity.principal_id)).await?;
     let (target, target_gateway) = cluster(azure, "target", Some(&wi.identity.principal_id)).await?;
-    let endpoint = |gateway: &OidcGateway| {
-        entra_endpoint(azure, &azure.gateway_uri(gateway), &wi.identity.client_id, azure.tenant_id(), &wi.pod.token_file)
-    };
+    let endpoint =
+        |gateway: &OidcGateway| entra_endpoint(azure, &azure.gateway_uri(gateway), &wi.identity.client_id, azure.tenant_id(), &wi.pod.token_file);
     let config = write_config(&wi.dir.0, "data/entra", &endpoint(&source_gateway), &endpoint(&target_gateway))?;
 
     let (code, verdict, termination) = validate(&config).await?;
@@ -169,7 +168,11 @@ async fn a_federated_credential_still_propagating_is_waited_for_not_fatal() -> R
         .with_context(|| format!("replicator log ends with:\n{}", replicator.log_tail(15)))?;
     // The retry says why, not the driver's bare "Custom user error".
     let waits: Vec<String> = replicator.log().lines().filter(|l| l.contains("endpoint not reachable yet")).map(str::to_string).collect();
-    ensure!(!waits.is_empty() && waits.iter().all(|l| l.contains("NoFederatedCredential") && !l.contains("Custom user error")), "the wait was not explained:\n{}", replicator.log_tail(20));
+    ensure!(
+        !waits.is_empty() && waits.iter().all(|l| l.contains("NoFederatedCredential") && !l.contains("Custom user error")),
+        "the wait was not explained:\n{}",
+        replicator.log_tail(20)
+    );
     assert_eq!(replicator.terminate(Duration::from_secs(30)).await?, Some(0), "{}", replicator.log_tail(20));
     Ok(())
 }
@@ -267,13 +270,21 @@ async fn validate_names_each_entra_failure_plainly() -> Result<()> {
     cases.push(case("wrong subject", "FederatedCredentialSubjectMismatch", "system:serviceaccount:<namespace>", &wrong_subject, &wi.pod.token_file));
 
     let wrong_issuer = new_identity("wrong-issuer");
-    azure.add_federated_credential(&wrong_issuer, "other-cluster", "https://oidc.example.invalid/", &wi.pod.subject(), TOKEN_EXCHANGE_AUDIENCE).await?;
+    azure
+        .add_federated_credential(&wrong_issuer, "other-cluster", "https://oidc.example.invalid/", &wi.pod.subject(), TOKEN_EXCHANGE_AUDIENCE)
+        .await?;
     cases.push(case("wrong issuer", "FederatedCredentialIssuerMismatch", "issuer", &wrong_issuer, &wi.pod.token_file));
 
     let odd_audience = PodIdentity::mint_with_audience(kube, azure.dir(), &wi.pod.namespace, "odd-audience", "api://not-token-exchange").await?;
     let wrong_audience = new_identity("wrong-audience");
     azure.add_federated_credential(&wrong_audience, "odd", &issuer, &odd_audience.subject(), TOKEN_EXCHANGE_AUDIENCE).await?;
-    cases.push(case("wrong audience", "FederatedCredentialAudienceMismatch", "api://AzureADTokenExchange", &wrong_audience, &odd_audience.token_file));
+    cases.push(case(
+        "wrong audience",
+        "FederatedCredentialAudienceMismatch",
+        "api://AzureADTokenExchange",
+        &wrong_audience,
+        &odd_audience.token_file,
+    ));
 
     let stale = PodIdentity::mint(kube, azure.dir(), &wi.pod.namespace, "stale").await?;
     let expired = new_identity("expired");
@@ -305,7 +316,11 @@ async fn validate_names_each_entra_failure_plainly() -> Result<()> {
         let message = verdict["message"].as_str().unwrap_or_default();
         ensure!(message.starts_with("target: ") && message.contains(case.hint), "{}: message lacks {:?}: {message}", case.name, case.hint);
         ensure!(termination["reason"] == case.reason, "{}: termination message {termination}", case.name);
-        ensure!(verdict["endpoints"][0]["checks"].as_array().unwrap().iter().all(|c| c["passed"] == true), "{}: the source failed too: {verdict:#}", case.name);
+        ensure!(
+            verdict["endpoints"][0]["checks"].as_array().unwrap().iter().all(|c| c["passed"] == true),
+            "{}: the source failed too: {verdict:#}",
+            case.name
+        );
         ensure!(!message.contains("eyJ") && !message.contains("Trace ID"), "{}: {message}", case.name);
         eprintln!("{}: {message}", case.name);
         messages.insert(message.to_string());
@@ -389,9 +404,8 @@ async fn tokens_expiring_every_30_seconds_for_3_minutes_cost_no_operation() -> R
     let azure = &wi.azure;
     let (source, source_gateway) = cluster(azure, "expiry-src", Some(&wi.identity.principal_id)).await?;
     let (target, target_gateway) = cluster(azure, "expiry-dst", Some(&wi.identity.principal_id)).await?;
-    let endpoint = |gateway: &OidcGateway| {
-        entra_endpoint(azure, &azure.gateway_uri(gateway), &wi.identity.client_id, azure.tenant_id(), &wi.pod.token_file)
-    };
+    let endpoint =
+        |gateway: &OidcGateway| entra_endpoint(azure, &azure.gateway_uri(gateway), &wi.identity.client_id, azure.tenant_id(), &wi.pod.token_file);
     let config = write_config(&wi.dir.0, "data/expiry", &endpoint(&source_gateway), &endpoint(&target_gateway))?;
     let port = mongo_replicator_lab::process::free_port()?;
     let args: Vec<String> = vec!["--config".into(), config.display().to_string(), "--metrics-address".into(), format!("127.0.0.1:{port}")];
@@ -430,6 +444,9 @@ async fn tokens_expiring_every_30_seconds_for_3_minutes_cost_no_operation() -> R
     let issued = azure.entra.tokens_issued();
     ensure!((6..=40).contains(&issued), "{issued} tokens in 3 minutes");
     assert_eq!(replicator.terminate(Duration::from_secs(30)).await?, Some(0), "{}", replicator.log_tail(20));
-    eprintln!("3 min with 30 s tokens: {issued} tokens, re-authentications source {source_reauth} target {target_reauth}, gateway 391s {} + {}", s.reauth_required_sent, t.reauth_required_sent);
+    eprintln!(
+        "3 min with 30 s tokens: {issued} tokens, re-authentications source {source_reauth} target {target_reauth}, gateway 391s {} + {}",
+        s.reauth_required_sent, t.reauth_required_sent
+    );
     Ok(())
 }

@@ -71,7 +71,12 @@ async fn snapshot_then_stream_converges_with_varied_bson() -> Result<()> {
     converge(&src, &dst, &replicator).await?;
     // What Prometheus scrapes says the same.
     let metrics = http_get(port, "/metrics").await?;
-    for expected in ["mongo_replicator_documents_copied_total", "mongo_replicator_events_applied_total{operation=\"insert\"}", "mongo_replicator_checkpoint_age_seconds", "mongo_replicator_phase{phase=\"stream\"} 1"] {
+    for expected in [
+        "mongo_replicator_documents_copied_total",
+        "mongo_replicator_events_applied_total{operation=\"insert\"}",
+        "mongo_replicator_checkpoint_age_seconds",
+        "mongo_replicator_phase{phase=\"stream\"} 1",
+    ] {
         ensure!(metrics.contains(expected), "/metrics lacks {expected}:\n{metrics}");
     }
     let copied = metric_value(&metrics, "mongo_replicator_documents_copied_total").unwrap_or_default();
@@ -123,10 +128,8 @@ async fn sigkill_in_snapshot_and_stream_never_loses_a_write_or_recopies_a_finish
     assert_eq!(replicator.terminate(Duration::from_secs(30)).await?, Some(0));
 
     // Each kill may repeat at most one unsaved batch per range in flight; a finished range is never copied again.
-    let ranges: Vec<Document> = futures::TryStreamExt::try_collect(
-        dst.database("mongo_replicator").collection::<Document>("snapshot").find(doc! {}).await?,
-    )
-    .await?;
+    let ranges: Vec<Document> =
+        futures::TryStreamExt::try_collect(dst.database("mongo_replicator").collection::<Document>("snapshot").find(doc! {}).await?).await?;
     let copied: i64 = ranges.iter().map(|r| r.get_i64("copied").unwrap_or_default()).sum();
     ensure!(ranges.iter().all(|r| r.get_bool("done").unwrap_or(false)), "unfinished ranges: {ranges:?}");
     ensure!(
@@ -342,9 +345,7 @@ metricsAddress: null
     let mut replicator = ReplicatorProcess::start(&args, &[("TARGET_URI", without_ca(target.uri_for(&admin)))])?;
     src.database("app").collection::<Document>("events").insert_one(doc! {"_id": "streamed"}).await?;
     let pairs = [("app.events".to_string(), "app.events".to_string())];
-    eventually(CONVERGE, || workload::assert_same(&src, &dst, &pairs))
-        .await
-        .with_context(|| replicator.log_tail(15))?;
+    eventually(CONVERGE, || workload::assert_same(&src, &dst, &pairs)).await.with_context(|| replicator.log_tail(15))?;
     ensure!(workload::user_namespaces(&dst).await? == ["app.events"], "only app.* is included");
     assert_eq!(replicator.terminate(Duration::from_secs(30)).await?, Some(0));
     assert!(!replicator.log().contains("c0nfig-secret"), "the password reached the log");

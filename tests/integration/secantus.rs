@@ -3,17 +3,14 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use mongo_replicator_lab::{ScramUser, SecantusOptions, SecantusServer};
 use mongodb::bson::{Document, doc};
 use mongodb::change_stream::ChangeStream;
 use mongodb::change_stream::event::{ChangeStreamEvent, OperationType};
-use mongo_replicator_lab::{ScramUser, SecantusOptions, SecantusServer};
 
 /// Waits for the next change event, up to `timeout`. Polls with `next_if_any` because cancelling
 /// `next()` leaves the Rust driver's cursor unusable (LAB-NOTES).
-async fn next_event(
-    stream: &mut ChangeStream<ChangeStreamEvent<Document>>,
-    timeout: Duration,
-) -> Result<ChangeStreamEvent<Document>> {
+async fn next_event(stream: &mut ChangeStream<ChangeStreamEvent<Document>>, timeout: Duration) -> Result<ChangeStreamEvent<Document>> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if let Some(event) = stream.next_if_any().await? {
@@ -37,10 +34,7 @@ async fn cluster_change_stream_sees_every_event_type() -> Result<()> {
     items.replace_one(doc! {"_id": 1}, doc! {"_id": 1, "n": 3, "replaced": true}).await?;
     items.delete_one(doc! {"_id": 1}).await?;
     items.insert_one(doc! {"_id": 2}).await?;
-    client
-        .database("admin")
-        .run_command(doc! {"renameCollection": "shop.items", "to": "shop.archive"})
-        .await?;
+    client.database("admin").run_command(doc! {"renameCollection": "shop.items", "to": "shop.archive"}).await?;
     client.database("shop").collection::<Document>("archive").drop().await?;
     client.database("scratch").collection::<Document>("tmp").insert_one(doc! {"_id": 3}).await?;
     client.database("scratch").drop().await?;

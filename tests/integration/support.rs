@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, Patch, PatchParams};
 use kube::Client;
+use kube::api::{Api, Patch, PatchParams};
 
 /// Field manager of everything the tests write.
 pub const TEST_MANAGER: &str = "mongo-replicator-tests";
@@ -15,9 +15,7 @@ pub async fn install_crd(client: &Client) -> Result<()> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let crd = mongo_replicator::crd::crd();
     let name = crd.metadata.name.clone().context("CRD without a name")?;
-    api.patch(&name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(&crd))
-        .await
-        .context("the apiserver refused the CRD")?;
+    api.patch(&name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(&crd)).await.context("the apiserver refused the CRD")?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let current = api.get(&name).await?;
