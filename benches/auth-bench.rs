@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use http_body_util::Full;
+use mongo_replicator::auth::oidc::TokenSources;
 use mongo_replicator::auth::oidc::{EntraMetrics, Identity, TokenSource};
-use mongo_replicator::auth::transport::HttpsTransport;
-use mongo_replicator::replicator::config::{EndpointConfig, EndpointRole, EntraSettings};
+use mongo_replicator::auth::{EndpointConfig, EndpointRole, EntraSettings, Login};
+use mongo_replicator::https::HttpsTransport;
 use mongo_replicator_lab::azure::{AzureLab, PodIdentity};
 use mongo_replicator_lab::entra::{EntraOptions, TOKEN_EXCHANGE_AUDIENCE};
 use mongo_replicator_lab::{KubeLab, ScramUser, SecantusOptions, SecantusServer};
@@ -132,25 +133,24 @@ async fn main() -> Result<()> {
     azure.register_cluster_user(&cluster, &identity.principal_id).await?;
     let gateway = azure.gateway(&server, &cluster).await?;
     let endpoint = EndpointConfig {
-        auth: mongo_replicator::crd::AuthMethod::Entra,
-        uri: Some(azure.gateway_uri(&gateway)),
-        uri_file: None,
-        uri_env: None,
+        login: Login::Entra {
+            uri: azure.gateway_uri(&gateway),
+            identity: EntraSettings {
+                client_id: Some(identity.client_id.clone()),
+                tenant_id: Some(azure.tenant_id().to_string()),
+                scope: None,
+                authority_host: Some(azure.entra.authority_host()),
+                token_file: Some(pod.token_file.clone()),
+                ca_file: Some(azure.ca_file().to_path_buf()),
+            },
+        },
         ca_file: None,
-        entra: Some(EntraSettings {
-            client_id: Some(identity.client_id.clone()),
-            tenant_id: Some(azure.tenant_id().to_string()),
-            scope: None,
-            authority_host: Some(azure.entra.authority_host()),
-            token_file: Some(pod.token_file.clone()),
-            ca_file: Some(azure.ca_file().to_path_buf()),
-        }),
-        connection_string: None,
     };
+    let tokens = TokenSources::default();
     let user = ScramUser::new("bench", "bench-password", &[("admin", "root")]);
     let scram_server = SecantusServer::start(SecantusOptions { tls: true, users: vec![user.clone()], ..Default::default() }).await?;
 
-    let oidc_options = mongo_replicator::auth::client_options(&endpoint, EndpointRole::Target).await?;
+    let oidc_options = endpoint.client_options(EndpointRole::Target, &tokens).await?;
     let first = connect_and_ping(oidc_options.clone()).await?; // fetches the token
     let plain_gateway = ClientOptions::parse(azure.gateway_uri(&gateway).replace("&authMechanism=MONGODB-OIDC", "")).await?;
     let scram = ClientOptions::parse(scram_server.uri_for(&user)).await?;
@@ -161,7 +161,7 @@ async fn main() -> Result<()> {
     let mut direct_only = Figures { name: "connect + ping, no login (direct)", samples: Vec::new() };
     for _ in 0..iterations {
         // A fresh callback per client, as a new process would have; the token source is shared.
-        let options = mongo_replicator::auth::client_options(&endpoint, EndpointRole::Target).await?;
+        let options = endpoint.client_options(EndpointRole::Target, &tokens).await?;
         oidc_login.samples.push(connect_and_ping(options).await?);
         gateway_only.samples.push(connect_and_ping(plain_gateway.clone()).await?);
         scram_login.samples.push(connect_and_ping(scram.clone()).await?);

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::ConnectionString;
-use crate::crd::{AuthMethod, HistoryLostPolicy, NamespaceFilter, RenameRule, ReplicationMode, StreamStart};
-use crate::replicator::config::{ConfigError, EndpointConfig, ReplicatorConfig};
+use crate::auth::oidc::{EntraMetrics, TokenSources};
+use crate::auth::{ConnectionString, EndpointConfig, EntraSettings, Login, UriSource};
+use crate::replicator::config::{self as config_file, ConfigError, Mode, NamespaceRules, OnHistoryLost, Rename, ReplicatorConfig, StartAt};
 use crate::replicator::{self, Outcome};
 use crate::telemetry::{self, Health, LogFormat, Metrics};
 
@@ -112,7 +112,7 @@ pub struct ReplicateArgs {
     pub exclude: Vec<String>,
     /// Rename rule `FROM=TO`, e.g. `orders.*=orders_dr.*`; repeat for more (first match wins).
     #[arg(long, value_name = "FROM=TO", value_parser = parse_rename)]
-    pub rename: Vec<RenameRule>,
+    pub rename: Vec<Rename>,
     /// What to replicate.
     #[arg(long, value_enum, default_value = "snapshot-and-stream")]
     pub mode: ModeFlag,
@@ -123,16 +123,16 @@ pub struct ReplicateArgs {
     #[arg(long, value_name = "HEX")]
     pub start_after_token: Option<String>,
     /// Parallel writers.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = config_file::DEFAULT_WORKERS)]
     pub workers: usize,
     /// Most documents per write command.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = config_file::DEFAULT_BATCH_SIZE)]
     pub batch_size: usize,
     /// Collections with more documents than this are copied as parallel `_id` ranges.
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value_t = config_file::DEFAULT_PARTITION_DOCUMENTS)]
     pub partition_documents: u64,
     /// Database in the target holding checkpoints.
-    #[arg(long, default_value = "mongo_replicator")]
+    #[arg(long, default_value = config_file::DEFAULT_CHECKPOINT_DATABASE)]
     pub checkpoint_database: String,
     /// When the source's history no longer reaches the checkpoint: fail, or copy again.
     #[arg(long, value_enum, default_value = "fail")]
@@ -174,9 +174,9 @@ pub enum LogFormatFlag {
     Text,
 }
 
-fn parse_rename(text: &str) -> Result<RenameRule, String> {
+fn parse_rename(text: &str) -> Result<Rename, String> {
     let (from, to) = text.split_once('=').ok_or_else(|| format!("expected FROM=TO, got {text:?}"))?;
-    Ok(RenameRule { from: from.to_string(), to: to.to_string() })
+    Ok(Rename { from: from.to_string(), to: to.to_string() })
 }
 
 impl ReplicateArgs {
@@ -185,36 +185,45 @@ impl ReplicateArgs {
         let mut config = match &self.config {
             Some(path) => ReplicatorConfig::from_file(path)?,
             None => {
-                let endpoint = |auth: AuthFlag, uri: &Option<String>, file: &Option<PathBuf>, ca: &Option<PathBuf>| {
-                    let auth = match auth {
-                        AuthFlag::ConnectionString => AuthMethod::ConnectionString,
-                        AuthFlag::Entra => AuthMethod::Entra,
+                let endpoint = |role: &str, auth: AuthFlag, uri: &Option<String>, file: &Option<PathBuf>, ca: &Option<PathBuf>| {
+                    let login = match (auth, uri, file) {
+                        // An Entra URI carries no secret; flags take the identity from the
+                        // workload identity webhook's variables.
+                        (AuthFlag::Entra, Some(uri), None) => Login::Entra { uri: uri.clone(), identity: EntraSettings::default() },
+                        (AuthFlag::Entra, _, _) => {
+                            return Err(ConfigError::Invalid(format!(
+                                "{role}: --{role}-auth entra takes the URI (without credentials) in --{role}-uri"
+                            )));
+                        }
+                        (AuthFlag::ConnectionString, Some(uri), None) => {
+                            Login::ConnectionString(UriSource::Given(ConnectionString::new(uri.as_str())))
+                        }
+                        (AuthFlag::ConnectionString, None, Some(file)) => Login::ConnectionString(UriSource::File(file.clone())),
+                        (AuthFlag::ConnectionString, _, _) => {
+                            return Err(ConfigError::Invalid(format!(
+                                "{role}: give the connection string exactly one way: --{role}-uri (or MREP_{}_URI) or --{role}-uri-file",
+                                role.to_uppercase()
+                            )));
+                        }
                     };
-                    EndpointConfig {
-                        auth,
-                        // An Entra URI carries no secret; a connection string does.
-                        uri: if auth == AuthMethod::Entra { uri.clone() } else { None },
-                        uri_file: file.clone(),
-                        uri_env: None,
-                        ca_file: ca.clone(),
-                        // Flags take the identity from the workload identity webhook's variables.
-                        entra: None,
-                        connection_string: if auth == AuthMethod::ConnectionString { uri.as_deref().map(ConnectionString::new) } else { None },
-                    }
+                    Ok(EndpointConfig { login, ca_file: ca.clone() })
                 };
-                let filter = NamespaceFilter { include: self.include.clone(), exclude: self.exclude.clone(), rename: self.rename.clone() };
-                let start_at = (self.start_at_cluster_time.is_some() || self.start_after_token.is_some())
-                    .then(|| StreamStart { cluster_time: self.start_at_cluster_time.clone(), resume_token: self.start_after_token.clone() });
+                let filter = NamespaceRules { include: self.include.clone(), exclude: self.exclude.clone(), rename: self.rename.clone() };
+                let start_at = match (&self.start_at_cluster_time, &self.start_after_token) {
+                    (Some(time), _) => Some(StartAt::ClusterTime(time.clone())),
+                    (None, Some(token)) => Some(StartAt::ResumeToken(token.clone())),
+                    (None, None) => None,
+                };
                 let mut config = ReplicatorConfig::new(
                     &self.name,
-                    endpoint(self.source_auth, &self.source_uri, &self.source_uri_file, &self.source_ca_file),
-                    endpoint(self.target_auth, &self.target_uri, &self.target_uri_file, &self.target_ca_file),
+                    endpoint("source", self.source_auth, &self.source_uri, &self.source_uri_file, &self.source_ca_file)?,
+                    endpoint("target", self.target_auth, &self.target_uri, &self.target_uri_file, &self.target_ca_file)?,
                 );
-                config.namespaces = (filter != NamespaceFilter::default()).then_some(filter);
+                config.namespaces = (filter != NamespaceRules::default()).then_some(filter);
                 config.mode = match self.mode {
-                    ModeFlag::SnapshotAndStream => ReplicationMode::SnapshotAndStream,
-                    ModeFlag::StreamOnly => ReplicationMode::StreamOnly,
-                    ModeFlag::SnapshotOnly => ReplicationMode::SnapshotOnly,
+                    ModeFlag::SnapshotAndStream => Mode::SnapshotAndStream,
+                    ModeFlag::StreamOnly => Mode::StreamOnly,
+                    ModeFlag::SnapshotOnly => Mode::SnapshotOnly,
                 };
                 config.start_at = start_at;
                 config.workers = self.workers;
@@ -222,8 +231,8 @@ impl ReplicateArgs {
                 config.partition_documents = self.partition_documents;
                 config.checkpoint_database = self.checkpoint_database.clone();
                 config.on_history_lost = match self.on_history_lost {
-                    HistoryFlag::Fail => HistoryLostPolicy::Fail,
-                    HistoryFlag::Resync => HistoryLostPolicy::Resync,
+                    HistoryFlag::Fail => OnHistoryLost::Fail,
+                    HistoryFlag::Resync => OnHistoryLost::Resync,
                 };
                 config.validate()?;
                 config
@@ -286,7 +295,8 @@ fn validate(args: ValidateArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let verdict = runtime.block_on(crate::validate::validate(&config));
+    let tokens = TokenSources::new(EntraMetrics::new());
+    let verdict = runtime.block_on(crate::validate::validate(&config, &tokens));
     let shown = if text { verdict.to_text() } else { format!("{}\n", verdict.to_json()) };
     let _ = std::io::stdout().lock().write_all(shown.as_bytes());
     write_termination_log(&args.termination_log, &verdict.termination_message(crate::validate::TERMINATION_MESSAGE_LIMIT));
@@ -316,7 +326,7 @@ fn replicate(args: ReplicateArgs) -> ExitCode {
     let config = match args.config() {
         Ok(config) => config,
         Err(err) => {
-            tracing::error!(reason = err.reason(), "{err}");
+            tracing::error!(reason = %err.reason(), "{err}");
             return ExitCode::from(3);
         }
     };
@@ -332,7 +342,8 @@ fn replicate(args: ReplicateArgs) -> ExitCode {
 
 async fn replicate_async(config: ReplicatorConfig) -> ExitCode {
     let mut metrics = Metrics::new();
-    crate::auth::oidc::TokenSources::global().metrics().register(metrics.registry_mut());
+    let tokens = Arc::new(TokenSources::new(EntraMetrics::new()));
+    tokens.metrics().register(metrics.registry_mut());
     let metrics = Arc::new(metrics);
     let health = Arc::new(Health::new());
     let cancel = CancellationToken::new();
@@ -344,7 +355,7 @@ async fn replicate_async(config: ReplicatorConfig) -> ExitCode {
                 listener
             }
             Err(err) => {
-                tracing::error!(reason = err.reason(), "{err}");
+                tracing::error!(reason = %err.reason(), "{err}");
                 return ExitCode::from(3);
             }
         };
@@ -352,7 +363,7 @@ async fn replicate_async(config: ReplicatorConfig) -> ExitCode {
     }
     let deadline = config.shutdown_timeout();
     tracing::info!(name = %config.name, mode = ?config.mode, workers = config.workers, batch_size = config.batch_size, "mongo-replicator replicate starting");
-    let run = replicator::run(config, metrics, health, cancel.clone());
+    let run = replicator::run(config, tokens, metrics, health, cancel.clone());
     tokio::pin!(run);
     let result = tokio::select! {
         result = &mut run => result,
@@ -376,7 +387,7 @@ async fn replicate_async(config: ReplicatorConfig) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(err) => {
-            tracing::error!(reason = err.reason(), "{err}");
+            tracing::error!(reason = %err.reason(), "{err}");
             ExitCode::from(err.exit_code())
         }
     }

@@ -355,12 +355,12 @@ pub struct ReplicatorSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
 
-    /// Parallel writers applying changes to the target (per-document order is kept). Default 8.
+    #[doc = concat!("Parallel writers applying changes to the target (per-document order is kept). Default ", crate::default_workers!(), ".")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 64))]
     pub workers: Option<i32>,
 
-    /// Most documents in one write batch. Default 1000.
+    #[doc = concat!("Most documents in one write batch. Default ", crate::default_batch_size!(), ".")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100000))]
     pub batch_size: Option<i32>,
@@ -370,7 +370,7 @@ pub struct ReplicatorSettings {
     pub log_level: Option<LogLevel>,
 
     /// Database in the target where checkpoints (resume tokens, copy progress) are kept.
-    /// Default `mongo_replicator`. It is never replicated.
+    #[doc = concat!("Default `", crate::default_checkpoint_database!(), "`. It is never replicated.")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     #[x_kube(validation = Rule::new(r#"self.matches('^[^/\\\\. "$*<>:|?]+$')"#)
@@ -501,6 +501,45 @@ pub fn crd_yaml() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The CEL rules, evaluated locally as the apiserver would (kube's `cel` feature), so a rule
+    /// mistake shows without the lab.
+    #[test]
+    fn cel_rules_accept_the_examples_and_refuse_what_cannot_work() {
+        let (_, base) = examples().into_iter().find(|(_, r)| r.spec.source.auth == AuthMethod::Entra).expect("an entra example");
+        for (name, example) in examples() {
+            kube::core::cel::validate_cel(&example).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        let mut value = serde_json::to_value(&base).unwrap();
+        value["metadata"]["name"] = "orders-dr".into();
+        type Breakage = Box<dyn Fn(&mut serde_json::Value)>;
+        let cases: Vec<(&str, Breakage)> = vec![
+            ("must be at most 50 characters", Box::new(|v| v["metadata"]["name"] = "x".repeat(51).into())),
+            ("auth: entra requires the entra block", Box::new(|v| drop(v["spec"]["source"].as_object_mut().unwrap().remove("entra")))),
+            ("auth: entra requires uri", Box::new(|v| drop(v["spec"]["source"].as_object_mut().unwrap().remove("uri")))),
+            ("must not contain a password", Box::new(|v| v["spec"]["source"]["uri"] = "mongodb://u:p@h/?tls=true".into())),
+            (
+                "requires connectionStringSecretRef",
+                Box::new(|v| drop(v["spec"]["target"].as_object_mut().unwrap().remove("connectionStringSecretRef"))),
+            ),
+            ("must not set entra", Box::new(|v| v["spec"]["target"]["entra"] = v["spec"]["source"]["entra"].clone())),
+            ("must be a GUID", Box::new(|v| v["spec"]["source"]["entra"]["clientId"] = "not-a-guid".into())),
+            ("spec.startAt applies only to mode: StreamOnly", Box::new(|v| v["spec"]["startAt"] = serde_json::json!({"clusterTime": "1.1"}))),
+            ("as many * wildcards", Box::new(|v| v["spec"]["namespaces"]["rename"] = serde_json::json!([{"from": "a.*", "to": "b.c"}]))),
+            (
+                "outside admin, local and config",
+                Box::new(|v| v["spec"]["namespaces"]["rename"] = serde_json::json!([{"from": "a.*", "to": "admin.*"}])),
+            ),
+            ("database.collection", Box::new(|v| v["spec"]["namespaces"]["include"] = serde_json::json!(["nodot"]))),
+        ];
+        for (expected, break_it) in cases {
+            let mut broken = value.clone();
+            break_it(&mut broken);
+            let replication: MongoReplication = serde_json::from_value(broken).unwrap();
+            let err = kube::core::cel::validate_cel(&replication).expect_err(expected).to_string();
+            assert!(err.contains(expected), "expected {expected:?}, got {err}");
+        }
+    }
 
     fn examples() -> Vec<(String, MongoReplication)> {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");

@@ -66,12 +66,12 @@ pub enum TelemetryError {
 
 impl TelemetryError {
     /// Stable reason for conditions, Events and metric labels.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> crate::reason::Reason {
         match self {
-            TelemetryError::InvalidLogFilter { .. } => "InvalidLogFilter",
-            TelemetryError::LoggingAlreadyInitialized => "LoggingAlreadyInitialized",
-            TelemetryError::LoggingInitFailed { .. } => "LoggingInitFailed",
-            TelemetryError::MetricsListenFailed { .. } => "MetricsListenFailed",
+            TelemetryError::InvalidLogFilter { .. } => crate::reason::Reason::InvalidLogFilter,
+            TelemetryError::LoggingAlreadyInitialized => crate::reason::Reason::LoggingAlreadyInitialized,
+            TelemetryError::LoggingInitFailed { .. } => crate::reason::Reason::LoggingInitFailed,
+            TelemetryError::MetricsListenFailed { .. } => crate::reason::Reason::MetricsListenFailed,
         }
     }
 }
@@ -552,7 +552,7 @@ mod tests {
         // The first call may win or lose against other tests; the second one must fail cleanly.
         let _ = init_logging("off", LogFormat::Json);
         let second = init_logging("off", LogFormat::Text).expect_err("already initialised");
-        assert!(matches!(second.reason(), "LoggingAlreadyInitialized" | "LoggingInitFailed"), "{second}");
+        assert!(matches!(second.reason().as_str(), "LoggingAlreadyInitialized" | "LoggingInitFailed"), "{second}");
     }
 
     #[test]

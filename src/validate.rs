@@ -11,16 +11,16 @@
 use std::time::{Duration, Instant};
 
 use mongodb::bson::{Document, doc};
-use mongodb::error::ErrorKind;
 use mongodb::options::ChangeStreamOptions;
 use mongodb::{Client, Database};
 use serde::Serialize;
 
-use crate::auth::{self, AuthError, ConnectionString, oidc};
-use crate::crd::AuthMethod;
-use crate::replicator::config::{EndpointConfig, EndpointRole, ReplicatorConfig};
+use crate::auth::oidc::{self, TokenError, TokenSources};
+use crate::auth::{AuthError, AuthMethod, ConnectionString, EndpointConfig, EndpointRole, Login, entra_identity};
+use crate::reason::Reason;
+use crate::replicator::classify;
+use crate::replicator::config::ReplicatorConfig;
 use crate::replicator::namespace::{NamespaceMap, StreamScope};
-use crate::replicator::retry::{describe, error_code};
 
 /// Kubernetes reads at most this much of a termination message.
 pub const TERMINATION_MESSAGE_LIMIT: usize = 4096;
@@ -38,7 +38,7 @@ pub struct Check {
     pub millis: u64,
     /// Stable reason when it failed, e.g. `FederatedCredentialSubjectMismatch`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    pub reason: Option<Reason>,
     /// What was found, or what went wrong and what to do about it. Never holds a secret.
     pub message: String,
 }
@@ -65,7 +65,7 @@ pub struct Verdict {
     pub passed: bool,
     /// Reason of the first failed check, for a condition.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    pub reason: Option<Reason>,
     /// Message of the first failed check, prefixed with its endpoint, or a summary.
     pub message: String,
     pub endpoints: Vec<EndpointReport>,
@@ -76,7 +76,7 @@ impl Verdict {
         let failed = endpoints.iter().find_map(|e| e.checks.iter().find(|c| !c.passed).map(|c| (e.role.clone(), c.clone())));
         match failed {
             Some((role, check)) => {
-                Verdict { passed: false, reason: check.reason.clone(), message: format!("{role}: {}: {}", check.name, check.message), endpoints }
+                Verdict { passed: false, reason: check.reason, message: format!("{role}: {}: {}", check.name, check.message), endpoints }
             }
             None => Verdict { passed: true, reason: None, message: "every check passed".into(), endpoints },
         }
@@ -117,10 +117,10 @@ impl Verdict {
     pub fn to_text(&self) -> String {
         let mut out = String::new();
         for endpoint in &self.endpoints {
-            out.push_str(&format!("{} ({}):\n", endpoint.role, auth_name(endpoint.auth)));
+            out.push_str(&format!("{} ({}):\n", endpoint.role, endpoint.auth));
             for check in &endpoint.checks {
                 let mark = if check.passed { "ok  " } else { "FAIL" };
-                let reason = check.reason.as_deref().map(|r| format!(" [{r}]")).unwrap_or_default();
+                let reason = check.reason.map(|r| format!(" [{r}]")).unwrap_or_default();
                 out.push_str(&format!("  {mark} {:<16} {:>6} ms  {}{reason}\n", check.name, check.millis, check.message));
             }
         }
@@ -130,13 +130,6 @@ impl Verdict {
             out.push('\n');
         }
         out
-    }
-}
-
-fn auth_name(auth: AuthMethod) -> &'static str {
-    match auth {
-        AuthMethod::Entra => "entra",
-        AuthMethod::ConnectionString => "connectionString",
     }
 }
 
@@ -151,46 +144,81 @@ fn truncate(text: &str, max: usize) -> String {
     format!("{}...", &text[..end])
 }
 
-/// Times a check and turns its result into a [`Check`].
-async fn timed<F>(name: &'static str, check: F) -> Check
-where
-    F: Future<Output = Result<String, (String, String)>>,
-{
-    let started = Instant::now();
-    let result = tokio::time::timeout(CHECK_TIMEOUT, check).await;
-    let millis = started.elapsed().as_millis() as u64;
-    match result {
-        Ok(Ok(message)) => Check { name, passed: true, millis, reason: None, message },
-        Ok(Err((reason, message))) => Check { name, passed: false, millis, reason: Some(reason), message },
-        Err(_) => {
-            Check { name, passed: false, millis, reason: Some("Timeout".into()), message: format!("no answer within {} s", CHECK_TIMEOUT.as_secs()) }
+/// Why a check failed; the reasons are the replicator's for the same answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckFailure {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("cannot create a client: {0}")]
+    Client(String),
+    /// A server's answer, classified by [`classify`] and scrubbed of the connection string.
+    #[error("{message}")]
+    Server { reason: Reason, message: String },
+    #[error("no answer within {} s", .0.as_secs())]
+    Timeout(Duration),
+}
+
+impl CheckFailure {
+    pub fn reason(&self) -> Reason {
+        match self {
+            CheckFailure::Auth(e) => e.reason(),
+            CheckFailure::Token(e) => e.reason(),
+            CheckFailure::Client(_) => Reason::ClientOptionsInvalid,
+            CheckFailure::Server { reason, .. } => *reason,
+            CheckFailure::Timeout(_) => Reason::Timeout,
+        }
+    }
+
+    /// A driver error, as the replicator would report it.
+    fn server(err: &mongodb::error::Error, scrub: &impl Fn(String) -> String) -> Self {
+        match oidc::token_error(err) {
+            Some(token) => CheckFailure::Token(token.clone()),
+            None => CheckFailure::Server { reason: classify::reason(err), message: scrub(classify::explain(err)) },
         }
     }
 }
 
-/// Runs every check of both endpoints.
-pub async fn validate(config: &ReplicatorConfig) -> Verdict {
+/// Times a check and turns its result into a [`Check`].
+async fn timed<F>(name: &'static str, check: F) -> Check
+where
+    F: Future<Output = Result<String, CheckFailure>>,
+{
+    let started = Instant::now();
+    let result = tokio::time::timeout(CHECK_TIMEOUT, check).await.unwrap_or(Err(CheckFailure::Timeout(CHECK_TIMEOUT)));
+    let millis = started.elapsed().as_millis() as u64;
+    match result {
+        Ok(message) => Check { name, passed: true, millis, reason: None, message },
+        Err(failure) => Check { name, passed: false, millis, reason: Some(failure.reason()), message: failure.to_string() },
+    }
+}
+
+/// Runs every check of both endpoints, with Microsoft Entra tokens from `tokens`.
+pub async fn validate(config: &ReplicatorConfig, tokens: &TokenSources) -> Verdict {
     let map = NamespaceMap::new(config.namespaces.as_ref(), &config.checkpoint_database).ok();
     let scope = map.as_ref().map(|m| m.stream_scope()).unwrap_or(StreamScope::Cluster);
-    let source = validate_endpoint(&config.source, EndpointRole::Source, config, &scope).await;
-    let target = validate_endpoint(&config.target, EndpointRole::Target, config, &scope).await;
+    let source = validate_endpoint(&config.source, EndpointRole::Source, config, &scope, tokens).await;
+    let target = validate_endpoint(&config.target, EndpointRole::Target, config, &scope, tokens).await;
     Verdict::new(vec![source, target])
 }
 
-async fn validate_endpoint(endpoint: &EndpointConfig, role: EndpointRole, config: &ReplicatorConfig, scope: &StreamScope) -> EndpointReport {
-    let mut report = EndpointReport { role: role.to_string(), auth: endpoint.auth, checks: Vec::new() };
+async fn validate_endpoint(
+    endpoint: &EndpointConfig,
+    role: EndpointRole,
+    config: &ReplicatorConfig,
+    scope: &StreamScope,
+    tokens: &TokenSources,
+) -> EndpointReport {
+    let mut report = EndpointReport { role: role.to_string(), auth: endpoint.login.method(), checks: Vec::new() };
     // What to scrub from driver messages: the connection string and its password.
-    let secret = match endpoint.auth {
-        AuthMethod::ConnectionString => auth::connection_string(endpoint, role).ok(),
-        AuthMethod::Entra => None,
-    };
+    let secret = endpoint.secret(role);
     let scrub = |text: String| secret.as_ref().map_or(text.clone(), |s: &ConnectionString| s.scrub(&text));
 
-    if endpoint.auth == AuthMethod::Entra {
+    if let Login::Entra { identity, .. } = &endpoint.login {
         let check = timed("token", async {
-            let identity = auth::entra_identity(endpoint, role).map_err(|e| (e.reason().to_string(), e.to_string()))?;
-            let source = oidc::TokenSources::global().get(&identity).map_err(|e| (e.reason().to_string(), e.to_string()))?;
-            let token = source.token(None, None).await.map_err(|e| (e.reason().to_string(), e.to_string()))?;
+            let identity = entra_identity(identity, role)?;
+            let token = tokens.get(&identity)?.token(None, None).await?;
             Ok(format!(
                 "Microsoft Entra token for client {} (scope {}), valid for {} s",
                 identity.client_id,
@@ -208,13 +236,14 @@ async fn validate_endpoint(endpoint: &EndpointConfig, role: EndpointRole, config
 
     let mut client = None;
     let check = timed("login", async {
-        let mut options = auth::client_options(endpoint, role).await.map_err(|e: AuthError| (e.reason().to_string(), e.to_string()))?;
+        let mut options = endpoint.client_options(role, tokens).await?;
         options.server_selection_timeout = Some(Duration::from_secs(10));
         options.connect_timeout = Some(Duration::from_secs(10));
-        let c = Client::with_options(options).map_err(|e| ("ClientOptionsInvalid".to_string(), scrub(e.to_string())))?;
-        let hello = c.database("admin").run_command(doc! {"hello": 1}).await.map_err(|e| classify(&e, &scrub))?;
+        let c = Client::with_options(options).map_err(|e| CheckFailure::Client(scrub(e.to_string())))?;
+        let server = |e: mongodb::error::Error| CheckFailure::server(&e, &scrub);
+        let hello = c.database("admin").run_command(doc! {"hello": 1}).await.map_err(server)?;
         // `hello` needs no login; `ping` runs on an authenticated connection.
-        c.database("admin").run_command(doc! {"ping": 1}).await.map_err(|e| classify(&e, &scrub))?;
+        c.database("admin").run_command(doc! {"ping": 1}).await.map_err(server)?;
         let version = match c.database("admin").run_command(doc! {"buildInfo": 1}).await {
             Ok(info) => info.get_str("version").unwrap_or("unknown").to_string(),
             Err(_) => "unknown".into(),
@@ -245,70 +274,44 @@ async fn validate_endpoint(endpoint: &EndpointConfig, role: EndpointRole, config
     report
 }
 
-type Failure = (String, String);
-
-fn classify(err: &mongodb::error::Error, scrub: &impl Fn(String) -> String) -> Failure {
-    if let Some(token) = oidc::token_error(err) {
-        return (token.reason().to_string(), token.to_string());
-    }
-    let message = scrub(describe(err));
-    match (err.kind.as_ref(), error_code(err)) {
-        (ErrorKind::Authentication { message, .. }, _) => (
-            "LoginFailed".into(),
-            format!(
-                "the server refused the login ({}); for auth: entra, check that the identity's principal (object) id is a user of the cluster",
-                scrub(message.clone())
-            ),
-        ),
-        (_, Some(18)) => (
-            "LoginFailed".into(),
-            format!(
-                "the server refused the login ({message}); for auth: entra, check that the identity's principal (object) id is a user of the cluster"
-            ),
-        ),
-        (_, Some(13)) => ("NotAuthorized".into(), format!("the user lacks a privilege: {message}")),
-        (ErrorKind::ServerSelection { .. } | ErrorKind::Io(_), _) => ("EndpointUnreachable".into(), message),
-        _ => ("EndpointError".into(), message),
-    }
-}
-
-async fn list_collections(client: &Client, scope: &StreamScope, scrub: &impl Fn(String) -> String) -> Result<String, Failure> {
+async fn list_collections(client: &Client, scope: &StreamScope, scrub: &impl Fn(String) -> String) -> Result<String, CheckFailure> {
+    let server = |e: mongodb::error::Error| CheckFailure::server(&e, scrub);
     let databases: Vec<String> = match scope {
         StreamScope::Collection(ns) => vec![ns.db.clone()],
         StreamScope::Database(db) => vec![db.clone()],
-        StreamScope::Cluster => client.list_database_names().await.map_err(|e| classify(&e, scrub))?,
+        StreamScope::Cluster => client.list_database_names().await.map_err(server)?,
     };
     let mut count = 0;
     for db in &databases {
-        count += client.database(db).list_collection_names().await.map_err(|e| classify(&e, scrub))?.len();
+        count += client.database(db).list_collection_names().await.map_err(server)?.len();
     }
     Ok(format!("{count} collections in {} database(s)", databases.len()))
 }
 
-async fn open_change_stream(client: &Client, scope: &StreamScope, scrub: &impl Fn(String) -> String) -> Result<String, Failure> {
+async fn open_change_stream(client: &Client, scope: &StreamScope, scrub: &impl Fn(String) -> String) -> Result<String, CheckFailure> {
     let options = ChangeStreamOptions::builder().max_await_time(Some(Duration::from_millis(100))).build();
     let (result, at) = match scope {
         StreamScope::Collection(ns) => (client.database(&ns.db).collection::<Document>(&ns.coll).watch().with_options(options).await, ns.to_string()),
         StreamScope::Database(db) => (client.database(db).watch().with_options(options).await, format!("database {db}")),
         StreamScope::Cluster => (client.watch().with_options(options).await, "the whole cluster".to_string()),
     };
-    let stream = result.map_err(|e| match error_code(&e) {
-        // 40573: not a replica set; 115/303: not supported here (e.g. a DocumentDB tier without the feature).
-        Some(40573 | 115 | 303 | 40324) => (
-            "ChangeStreamsUnsupported".to_string(),
-            format!("the source does not support change streams at {at}: {}; replication needs them (on Azure DocumentDB enable the change stream feature)", scrub(e.to_string())),
-        ),
-        _ => classify(&e, scrub),
+    let stream = result.map_err(|e| match CheckFailure::server(&e, scrub) {
+        CheckFailure::Server { reason: Reason::ChangeStreamsUnsupported, message } => CheckFailure::Server {
+            reason: Reason::ChangeStreamsUnsupported,
+            message: format!("the source does not support change streams at {at}: {message}"),
+        },
+        other => other,
     })?;
     let resumable = stream.resume_token().is_some();
     Ok(format!("opened a change stream on {at}{}", if resumable { " with a resume token" } else { "" }))
 }
 
-async fn write_probe(db: &Database, name: &str, scrub: &impl Fn(String) -> String) -> Result<String, Failure> {
+async fn write_probe(db: &Database, name: &str, scrub: &impl Fn(String) -> String) -> Result<String, CheckFailure> {
+    let server = |e: mongodb::error::Error| CheckFailure::server(&e, scrub);
     let probes = db.collection::<Document>(PROBE_COLLECTION);
     let id = format!("{name}:{}", rand::random::<u64>());
-    probes.insert_one(doc! {"_id": &id, "at": mongodb::bson::DateTime::now()}).await.map_err(|e| classify(&e, scrub))?;
-    probes.delete_one(doc! {"_id": &id}).await.map_err(|e| classify(&e, scrub))?;
+    probes.insert_one(doc! {"_id": &id, "at": mongodb::bson::DateTime::now()}).await.map_err(server)?;
+    probes.delete_one(doc! {"_id": &id}).await.map_err(server)?;
     Ok(format!("wrote and deleted a document in {}.{PROBE_COLLECTION}", db.name()))
 }
 
@@ -317,7 +320,7 @@ mod tests {
     use super::*;
 
     fn check(name: &'static str, passed: bool, message: &str) -> Check {
-        Check { name, passed, millis: 3, reason: (!passed).then(|| "LoginFailed".to_string()), message: message.into() }
+        Check { name, passed, millis: 3, reason: (!passed).then_some(Reason::LoginFailed), message: message.into() }
     }
 
     #[test]
@@ -331,7 +334,7 @@ mod tests {
             EndpointReport { role: "target".into(), auth: AuthMethod::ConnectionString, checks: vec![check("login", false, "also refused")] },
         ]);
         assert!(!verdict.passed);
-        assert_eq!(verdict.reason.as_deref(), Some("LoginFailed"));
+        assert_eq!(verdict.reason, Some(Reason::LoginFailed));
         assert_eq!(verdict.message, "source: login: refused");
         let text = verdict.to_text();
         assert!(text.contains("FAIL login") && text.contains("validation FAILED: source: login: refused"), "{text}");

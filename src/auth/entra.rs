@@ -7,6 +7,8 @@
 
 use serde::Deserialize;
 
+use crate::reason::Reason;
+
 /// What went wrong at the token endpoint, by AADSTS code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EntraFailure {
@@ -65,18 +67,18 @@ impl EntraFailure {
     }
 
     /// Stable reason for conditions, Events and metric labels.
-    pub fn reason(self) -> &'static str {
+    pub fn reason(self) -> Reason {
         match self {
-            Self::NoFederatedCredential => "NoFederatedCredential",
-            Self::IssuerMismatch => "FederatedCredentialIssuerMismatch",
-            Self::AudienceMismatch => "FederatedCredentialAudienceMismatch",
-            Self::SubjectMismatch => "FederatedCredentialSubjectMismatch",
-            Self::AssertionExpired => "ServiceAccountTokenExpired",
-            Self::UnknownClient => "ManagedIdentityNotFound",
-            Self::UnknownTenant => "TenantNotFound",
-            Self::MalformedTenant => "TenantIdMalformed",
-            Self::InvalidScope => "InvalidScope",
-            Self::Other(_) => "EntraTokenRequestFailed",
+            Self::NoFederatedCredential => Reason::NoFederatedCredential,
+            Self::IssuerMismatch => Reason::FederatedCredentialIssuerMismatch,
+            Self::AudienceMismatch => Reason::FederatedCredentialAudienceMismatch,
+            Self::SubjectMismatch => Reason::FederatedCredentialSubjectMismatch,
+            Self::AssertionExpired => Reason::ServiceAccountTokenExpired,
+            Self::UnknownClient => Reason::ManagedIdentityNotFound,
+            Self::UnknownTenant => Reason::TenantNotFound,
+            Self::MalformedTenant => Reason::TenantIdMalformed,
+            Self::InvalidScope => Reason::InvalidScope,
+            Self::Other(_) => Reason::EntraTokenRequestFailed,
         }
     }
 

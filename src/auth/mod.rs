@@ -2,17 +2,14 @@
 //! Secrets), kept in a type that never prints them, Microsoft Entra workload identity
 //! (MONGODB-OIDC, [`oidc`]), and the driver options built from them.
 
+pub mod endpoint;
 pub mod entra;
 pub mod oidc;
-pub mod transport;
 
 use std::fmt;
-use std::path::Path;
 
-use mongodb::options::{AuthMechanism, ClientOptions, Credential, Tls, TlsOptions};
-
-use crate::crd::AuthMethod;
-use crate::replicator::config::{EndpointConfig, EndpointRole};
+pub use self::endpoint::{AuthMethod, EndpointConfig, EndpointRole, EntraSettings, Login, UriSource, entra_identity};
+use crate::reason::Reason;
 
 /// A connection string that may hold credentials. `Debug` and `Display` show it with the user
 /// information and secret-bearing options replaced by `***`.
@@ -113,8 +110,6 @@ impl fmt::Display for ConnectionString {
 /// Why an endpoint's credentials could not be turned into driver options.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("{role}: no connection string: set uriFile or uriEnv, or pass --{role}-uri (auth: connectionString)")]
-    NoConnectionString { role: EndpointRole },
     #[error("{role}: cannot read the connection string from {path}: {reason}")]
     UnreadableSecret { role: EndpointRole, path: String, reason: String },
     #[error("{role}: environment variable {name} is not set or empty")]
@@ -135,96 +130,17 @@ pub enum AuthError {
 
 impl AuthError {
     /// Stable reason for conditions, Events and metric labels.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            AuthError::NoConnectionString { .. } | AuthError::MissingEnv { .. } => "ConnectionStringMissing",
-            AuthError::UnreadableSecret { .. } => "ConnectionStringUnreadable",
-            AuthError::InvalidConnectionString { .. } => "ConnectionStringInvalid",
-            AuthError::MissingCaFile { .. } => "CaFileMissing",
-            AuthError::EntraSettingMissing { .. } => "EntraSettingMissing",
-            AuthError::CredentialsInEntraUri { .. } => "CredentialsInEntraUri",
+            AuthError::MissingEnv { .. } => Reason::ConnectionStringMissing,
+            AuthError::UnreadableSecret { .. } => Reason::ConnectionStringUnreadable,
+            AuthError::InvalidConnectionString { .. } => Reason::ConnectionStringInvalid,
+            AuthError::MissingCaFile { .. } => Reason::CaFileMissing,
+            AuthError::EntraSettingMissing { .. } => Reason::EntraSettingMissing,
+            AuthError::CredentialsInEntraUri { .. } => Reason::CredentialsInEntraUri,
             AuthError::Entra { source, .. } => source.reason(),
         }
     }
-}
-
-/// Reads an endpoint's connection string from its file or environment variable.
-pub fn connection_string(endpoint: &EndpointConfig, role: EndpointRole) -> Result<ConnectionString, AuthError> {
-    if let Some(uri) = &endpoint.connection_string {
-        return Ok(uri.clone());
-    }
-    if let Some(path) = &endpoint.uri_file {
-        let text = std::fs::read_to_string(path).map_err(|err| AuthError::UnreadableSecret {
-            role,
-            path: path.display().to_string(),
-            reason: err.kind().to_string(),
-        })?;
-        return Ok(ConnectionString::new(text));
-    }
-    if let Some(name) = &endpoint.uri_env {
-        return match std::env::var(name) {
-            Ok(value) if !value.trim().is_empty() => Ok(ConnectionString::new(value)),
-            _ => Err(AuthError::MissingEnv { role, name: name.clone() }),
-        };
-    }
-    Err(AuthError::NoConnectionString { role })
-}
-
-/// Driver options for an endpoint: its connection string, extra CA certificates and an app name
-/// that shows up in the server's logs. An `auth: entra` endpoint logs in with MONGODB-OIDC
-/// through the process-wide token source of its identity.
-pub async fn client_options(endpoint: &EndpointConfig, role: EndpointRole) -> Result<ClientOptions, AuthError> {
-    let uri = match endpoint.auth {
-        AuthMethod::ConnectionString => connection_string(endpoint, role)?,
-        AuthMethod::Entra => ConnectionString::new(endpoint.uri.clone().unwrap_or_default()),
-    };
-    let mut options = ClientOptions::parse(uri.expose()).await.map_err(|err| AuthError::InvalidConnectionString {
-        role,
-        redacted: uri.redacted(),
-        detail: uri.scrub(&err.to_string()),
-    })?;
-    if endpoint.auth == AuthMethod::Entra {
-        if options.credential.as_ref().is_some_and(|c| c.username.is_some() || c.password.is_some()) {
-            return Err(AuthError::CredentialsInEntraUri { role });
-        }
-        let identity = entra_identity(endpoint, role)?;
-        let sources = oidc::TokenSources::global();
-        let source = sources.get(&identity).map_err(|source| AuthError::Entra { role, source })?;
-        let callback = oidc::callback(source, &role.to_string(), sources.metrics().clone());
-        options.credential =
-            Some(Credential::builder().mechanism(AuthMechanism::MongoDbOidc).source("$external".to_string()).oidc_callback(callback).build());
-    }
-    if let Some(ca) = &endpoint.ca_file {
-        if !Path::new(ca).exists() {
-            return Err(AuthError::MissingCaFile { role, path: ca.display().to_string() });
-        }
-        let mut tls = match options.tls.take() {
-            Some(Tls::Enabled(tls)) => tls,
-            _ => TlsOptions::default(),
-        };
-        tls.ca_file_path = Some(ca.clone());
-        options.tls = Some(Tls::Enabled(tls));
-    }
-    options.app_name = Some(format!("mongo-replicator/{}", env!("CARGO_PKG_VERSION")));
-    Ok(options)
-}
-
-/// The Entra identity of an `auth: entra` endpoint: its settings, else the variables the
-/// workload identity webhook injects (FACTS §4), else the public cloud's defaults.
-pub fn entra_identity(endpoint: &EndpointConfig, role: EndpointRole) -> Result<oidc::Identity, AuthError> {
-    let settings = endpoint.entra.clone().unwrap_or_default();
-    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-    let required = |value: Option<String>, field: &'static str, name: &'static str| {
-        value.or_else(|| env(name)).ok_or(AuthError::EntraSettingMissing { role, field, env: name })
-    };
-    Ok(oidc::Identity {
-        client_id: required(settings.client_id, "clientId", "AZURE_CLIENT_ID")?,
-        tenant_id: required(settings.tenant_id, "tenantId", "AZURE_TENANT_ID")?,
-        token_file: required(settings.token_file.map(|p| p.display().to_string()), "tokenFile", "AZURE_FEDERATED_TOKEN_FILE")?.into(),
-        scope: settings.scope.unwrap_or_else(|| oidc::default_scope().to_string()),
-        authority_host: settings.authority_host.or_else(|| env("AZURE_AUTHORITY_HOST")).unwrap_or_else(|| oidc::PUBLIC_AUTHORITY_HOST.to_string()),
-        ca_file: settings.ca_file,
-    })
 }
 
 #[cfg(test)]
@@ -248,32 +164,5 @@ mod tests {
         let scrubbed = uri.scrub(&message);
         assert!(!scrubbed.contains("s3cr"), "{scrubbed}");
         assert!(scrubbed.contains("mongodb://***@db:27017"), "{scrubbed}");
-    }
-
-    #[tokio::test]
-    async fn an_entra_uri_with_a_password_is_refused_and_missing_identity_names_the_variable() {
-        use crate::replicator::config::EntraSettings;
-        let mut endpoint = EndpointConfig {
-            auth: AuthMethod::Entra,
-            uri: Some("mongodb://app:secret@db.example:27017/?tls=true".into()),
-            uri_file: None,
-            uri_env: None,
-            ca_file: None,
-            entra: Some(EntraSettings {
-                client_id: Some("c".into()),
-                tenant_id: Some("t".into()),
-                token_file: Some("/t".into()),
-                ..Default::default()
-            }),
-            connection_string: None,
-        };
-        let err = client_options(&endpoint, EndpointRole::Source).await.unwrap_err();
-        assert_eq!(err.reason(), "CredentialsInEntraUri");
-        assert!(!err.to_string().contains("secret"));
-        if std::env::var_os("AZURE_CLIENT_ID").is_none() {
-            endpoint.entra = Some(EntraSettings::default());
-            let err = entra_identity(&endpoint, EndpointRole::Source).unwrap_err().to_string();
-            assert!(err.contains("AZURE_CLIENT_ID") && err.contains("clientId"), "{err}");
-        }
     }
 }

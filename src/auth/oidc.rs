@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use azure_core::cloud::{CloudConfiguration, CustomConfiguration};
@@ -28,8 +28,10 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 use super::entra::EntraError;
-use super::transport::{HttpsTransport, TransportError, causes};
 use crate::crd::DOCUMENTDB_SCOPE;
+use crate::error_chain::causes;
+use crate::https::{HttpsTransport, TransportError};
+use crate::reason::Reason;
 
 /// Public-cloud authority, used when neither the settings nor `AZURE_AUTHORITY_HOST` name one.
 pub const PUBLIC_AUTHORITY_HOST: &str = "https://login.microsoftonline.com/";
@@ -71,13 +73,13 @@ pub enum TokenError {
 
 impl TokenError {
     /// Stable reason for conditions, Events and metric labels.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
             TokenError::Refused { error, .. } => error.failure.reason(),
-            TokenError::TokenFile { .. } => "ServiceAccountTokenUnreadable",
-            TokenError::Unreachable { .. } => "EntraUnreachable",
-            TokenError::Timeout { .. } => "EntraTimeout",
-            TokenError::Settings(_) => "EntraSettingsInvalid",
+            TokenError::TokenFile { .. } => Reason::ServiceAccountTokenUnreadable,
+            TokenError::Unreachable { .. } => Reason::EntraUnreachable,
+            TokenError::Timeout { .. } => Reason::EntraTimeout,
+            TokenError::Settings(_) => Reason::EntraSettingsInvalid,
         }
     }
 
@@ -268,7 +270,7 @@ impl TokenSource {
                 // A token in its refresh window still works; use it while Entra is unavailable.
                 match current.as_ref() {
                     Some(token) if refused != Some(token.generation) && token.expires_at > Instant::now() && err.is_transient() => {
-                        tracing::warn!(client_id = %self.identity.client_id, reason = err.reason(), error = %err, "token refresh failed; using the current token until it expires");
+                        tracing::warn!(client_id = %self.identity.client_id, reason = %err.reason(), error = %err, "token refresh failed; using the current token until it expires");
                         Ok(token.clone())
                     }
                     _ => Err(err),
@@ -353,12 +355,6 @@ impl TokenSources {
         Self { sources: Arc::default(), metrics }
     }
 
-    /// The process-wide sources, for callers that have no registry to share.
-    pub fn global() -> &'static TokenSources {
-        static GLOBAL: OnceLock<TokenSources> = OnceLock::new();
-        GLOBAL.get_or_init(|| TokenSources::new(EntraMetrics::new()))
-    }
-
     pub fn metrics(&self) -> &EntraMetrics {
         &self.metrics
     }
@@ -390,7 +386,7 @@ pub fn callback(source: Arc<TokenSource>, endpoint: &str, metrics: EntraMetrics)
                 metrics.reauthentications.get_or_create(&EndpointLabel { endpoint: endpoint.clone() }).inc();
             }
             let token = source.token(previous, ctx.timeout).await.map_err(|err| {
-                tracing::warn!(endpoint = %endpoint, reason = err.reason(), error = %err, "no Microsoft Entra token for MONGODB-OIDC");
+                tracing::warn!(endpoint = %endpoint, reason = %err.reason(), error = %err, "no Microsoft Entra token for MONGODB-OIDC");
                 mongodb::error::Error::custom(err)
             })?;
             *handed_out.lock().unwrap_or_else(|p| p.into_inner()) = Some(token.generation);

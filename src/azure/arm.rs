@@ -21,9 +21,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use url::Url;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::auth::oidc::{AccessToken, TokenError, TokenSource};
-use crate::auth::transport::HttpsTransport;
-use crate::replicator::retry::jittered_step;
+use crate::https::HttpsTransport;
+use crate::reason::Reason;
+use crate::retry::{self, Decision, Failure};
 
 /// The public-cloud ARM endpoint (sovereign clouds have their own).
 pub const PUBLIC_ENDPOINT: &str = "https://management.azure.com/";
@@ -85,6 +88,13 @@ pub struct RetryPolicy {
     pub operation_timeout: Duration,
     /// Poll interval of a long-running operation when ARM gives no `Retry-After`.
     pub poll_interval: Duration,
+}
+
+impl RetryPolicy {
+    /// The schedule of [`crate::retry`] these bounds describe.
+    fn schedule(&self) -> retry::Policy {
+        retry::Policy { first_delay: self.base_delay, max_delay: self.max_delay, max_attempts: Some(self.max_attempts), budget: Some(self.budget) }
+    }
 }
 
 impl Default for RetryPolicy {
@@ -154,33 +164,36 @@ pub enum ArmError {
     UnexpectedResponse { detail: String },
     #[error("no access token for Azure Resource Manager: {0}")]
     Token(#[from] TokenError),
+    #[error("stopped by a shutdown while waiting to retry a request to Azure Resource Manager")]
+    Cancelled,
 }
 
 impl ArmError {
     /// Stable reason for conditions, Events and metric labels.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            ArmError::InvalidEndpoint { .. } => "InvalidArmEndpoint",
-            ArmError::InvalidResourceId { .. } => "InvalidResourceId",
-            ArmError::InvalidCredentialName { .. } => "InvalidFederatedCredentialName",
-            ArmError::InvalidCredential { .. } => "InvalidFederatedCredential",
-            ArmError::InvalidPrincipalId { .. } => "InvalidPrincipalId",
-            ArmError::InvalidRoles { .. } => "InvalidClusterUserRoles",
-            ArmError::IdentityNotFound { .. } => "IdentityNotFound",
-            ArmError::ClusterNotFound { .. } => "ClusterNotFound",
-            ArmError::FederatedCredentialLimit { .. } => "FederatedCredentialLimit",
-            ArmError::DuplicateIssuerSubject { .. } => "DuplicateIssuerSubject",
-            ArmError::InvalidRequest { .. } => "ArmInvalidRequest",
-            ArmError::Unauthorized { .. } => "ArmUnauthorized",
-            ArmError::Forbidden { .. } => "ArmForbidden",
-            ArmError::Throttled { .. } => "ArmThrottled",
-            ArmError::Conflict { .. } => "ArmConflict",
-            ArmError::Unavailable { .. } => "ArmUnavailable",
-            ArmError::OperationFailed { .. } => "ArmOperationFailed",
-            ArmError::Timeout { .. } => "ArmTimeout",
-            ArmError::Transport { .. } => "ArmUnreachable",
-            ArmError::UnexpectedResponse { .. } => "ArmUnexpectedResponse",
+            ArmError::InvalidEndpoint { .. } => Reason::InvalidArmEndpoint,
+            ArmError::InvalidResourceId { .. } => Reason::InvalidResourceId,
+            ArmError::InvalidCredentialName { .. } => Reason::InvalidFederatedCredentialName,
+            ArmError::InvalidCredential { .. } => Reason::InvalidFederatedCredential,
+            ArmError::InvalidPrincipalId { .. } => Reason::InvalidPrincipalId,
+            ArmError::InvalidRoles { .. } => Reason::InvalidClusterUserRoles,
+            ArmError::IdentityNotFound { .. } => Reason::IdentityNotFound,
+            ArmError::ClusterNotFound { .. } => Reason::ClusterNotFound,
+            ArmError::FederatedCredentialLimit { .. } => Reason::FederatedCredentialLimit,
+            ArmError::DuplicateIssuerSubject { .. } => Reason::DuplicateIssuerSubject,
+            ArmError::InvalidRequest { .. } => Reason::ArmInvalidRequest,
+            ArmError::Unauthorized { .. } => Reason::ArmUnauthorized,
+            ArmError::Forbidden { .. } => Reason::ArmForbidden,
+            ArmError::Throttled { .. } => Reason::ArmThrottled,
+            ArmError::Conflict { .. } => Reason::ArmConflict,
+            ArmError::Unavailable { .. } => Reason::ArmUnavailable,
+            ArmError::OperationFailed { .. } => Reason::ArmOperationFailed,
+            ArmError::Timeout { .. } => Reason::ArmTimeout,
+            ArmError::Transport { .. } => Reason::ArmUnreachable,
+            ArmError::UnexpectedResponse { .. } => Reason::ArmUnexpectedResponse,
             ArmError::Token(err) => err.reason(),
+            ArmError::Cancelled => Reason::Cancelled,
         }
     }
 
@@ -215,6 +228,7 @@ pub struct ArmClient {
     transport: Arc<HttpsTransport>,
     policy: RetryPolicy,
     writes: WriteLocks,
+    cancel: CancellationToken,
 }
 
 impl std::fmt::Debug for ArmClient {
@@ -229,12 +243,25 @@ impl ArmClient {
     /// [`crate::auth::oidc::Identity`]); only https endpoints are accepted, as every request
     /// carries a bearer token.
     pub fn new(endpoint: &str, tokens: Arc<TokenSource>, transport: Arc<HttpsTransport>) -> Result<Self, ArmError> {
-        Ok(Self { endpoint: parse_endpoint(endpoint)?, tokens, transport, policy: RetryPolicy::default(), writes: WriteLocks::default() })
+        Ok(Self {
+            endpoint: parse_endpoint(endpoint)?,
+            tokens,
+            transport,
+            policy: RetryPolicy::default(),
+            writes: WriteLocks::default(),
+            cancel: CancellationToken::new(),
+        })
     }
 
     /// The same client with other retry bounds.
     pub fn with_retry_policy(mut self, policy: RetryPolicy) -> Self {
         self.policy = policy;
+        self
+    }
+
+    /// The same client, ending its waits (retries, long-running operations) when `cancel` fires.
+    pub fn with_cancellation(mut self, cancel: CancellationToken) -> Self {
+        self.cancel = cancel;
         self
     }
 
@@ -404,7 +431,10 @@ impl ArmClient {
             if Instant::now() + wait > deadline {
                 return Err(ArmError::Timeout { operation: operation.to_string(), waited_secs: started.elapsed().as_secs().max(1) });
             }
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.cancel.cancelled() => return Err(ArmError::Cancelled),
+            }
             let response = self.exchange(Method::GET, &poll, None).await?;
             retry_after = response.retry_after();
             let done = match how {
@@ -457,47 +487,68 @@ impl ArmClient {
     /// 5xx and transport errors after a jittered backoff; within [`RetryPolicy`]. Any other
     /// answer is returned for the caller to interpret.
     async fn exchange(&self, method: Method, url: &Url, body: Option<&Value>) -> Result<Response, ArmError> {
-        let policy = &self.policy;
-        let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-        let started = Instant::now();
-        let mut refused: Option<u64> = None;
-        let mut reauthenticated = false;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let token = self.tokens.token(refused.take(), None).await?;
-            let request = build_request(&method, url, &body, &token)?;
-            let answer = match tokio::time::timeout(policy.request_timeout, self.transport.send(request)).await {
-                Ok(Ok((status, headers, body))) => Ok(Response::new(status, headers, body, token.secret())),
-                Ok(Err(detail)) => Err(redact_tokens(&detail, token.secret())),
-                Err(_) => Err(format!("no answer within {} s", policy.request_timeout.as_secs())),
-            };
-            match answer {
-                Ok(response) if response.status == 401 && !reauthenticated => {
+        let body = &body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let method = &method;
+        // A refused token is replaced once per request, and that attempt is not counted.
+        let reauthenticated = &std::sync::atomic::AtomicBool::new(false);
+        let attempt = || async move {
+            let mut refused = None;
+            loop {
+                let token = self.tokens.token(refused.take(), None).await.map_err(|e| Attempt::Final(e.into()))?;
+                let request = build_request(method, url, body, &token).map_err(Attempt::Final)?;
+                let answer = match tokio::time::timeout(self.policy.request_timeout, self.transport.send(request)).await {
+                    Ok(Ok((status, headers, body))) => Response::new(status, headers, body, token.secret()),
+                    Ok(Err(detail)) => return Err(Attempt::Retryable(Err(redact_tokens(&detail, token.secret())))),
+                    Err(_) => return Err(Attempt::Retryable(Err(format!("no answer within {} s", self.policy.request_timeout.as_secs())))),
+                };
+                if answer.status == 401 && !reauthenticated.swap(true, std::sync::atomic::Ordering::Relaxed) {
                     // The token may have been revoked or expired early: fetch a new one, once.
                     tracing::info!(method = %method, path = url.path(), "Azure Resource Manager refused the access token; fetching a new one");
-                    reauthenticated = true;
                     refused = Some(token.generation);
-                    attempt -= 1;
                     continue;
                 }
-                Ok(response) if !is_retryable(response.status) => return Ok(response),
-                _ => {}
+                return if is_retryable(answer.status) { Err(Attempt::Retryable(Ok(answer))) } else { Ok(answer) };
             }
-            let retry_after = answer.as_ref().ok().and_then(Response::retry_after);
-            let wait = next_wait(attempt, started.elapsed(), retry_after, policy, rand::random::<f64>());
-            let Some(wait) = wait else {
-                return Err(exhausted(answer, attempt, &self.endpoint));
-            };
-            match &answer {
-                Ok(response) => {
-                    tracing::warn!(method = %method, path = url.path(), status = response.status, code = %response.failure().code, attempt, wait_ms = wait.as_millis() as u64, request_id = response.header("x-ms-request-id").unwrap_or_default(), "Azure Resource Manager asked to retry")
-                }
-                Err(detail) => {
-                    tracing::warn!(method = %method, path = url.path(), error = %detail, attempt, wait_ms = wait.as_millis() as u64, "Azure Resource Manager unreachable; retrying")
-                }
+        };
+        let on_retry = |attempt: &Attempt, wait: Duration, number: u32| match attempt {
+            Attempt::Retryable(Ok(response)) => {
+                tracing::warn!(method = %method, path = url.path(), status = response.status, code = %response.failure().code, attempt = number, wait_ms = wait.as_millis() as u64, request_id = response.header("x-ms-request-id").unwrap_or_default(), "Azure Resource Manager asked to retry")
             }
-            tokio::time::sleep(wait).await;
+            Attempt::Retryable(Err(detail)) => {
+                tracing::warn!(method = %method, path = url.path(), error = %detail, attempt = number, wait_ms = wait.as_millis() as u64, "Azure Resource Manager unreachable; retrying")
+            }
+            Attempt::Final(_) => {}
+        };
+        retry::retry(&self.policy.schedule(), &self.cancel, attempt, Attempt::decision, on_retry).await.map_err(|failure| match failure {
+            Failure::Stopped(attempt) => attempt.into_error(0, &self.endpoint),
+            Failure::Exhausted { last, attempts } => last.into_error(attempts, &self.endpoint),
+            Failure::Cancelled { .. } => ArmError::Cancelled,
+        })
+    }
+}
+
+/// A failed attempt of one request.
+enum Attempt {
+    /// An answer worth another attempt (or a transport failure's description).
+    Retryable(Result<Response, String>),
+    /// An error no retry fixes (no token, a request that cannot be built).
+    Final(ArmError),
+}
+
+impl Attempt {
+    /// Retry-After is honoured as given; otherwise the policy's backoff.
+    fn decision(&self) -> Decision {
+        match self {
+            Attempt::Retryable(Ok(response)) => response.retry_after().map_or(Decision::Retry, Decision::RetryAfter),
+            Attempt::Retryable(Err(_)) => Decision::Retry,
+            Attempt::Final(_) => Decision::Stop,
+        }
+    }
+
+    fn into_error(self, attempts: u32, endpoint: &Url) -> ArmError {
+        match self {
+            Attempt::Retryable(answer) => exhausted(answer, attempts, endpoint),
+            Attempt::Final(err) => err,
         }
     }
 }
@@ -652,17 +703,6 @@ fn exhausted(answer: Result<Response, String>, attempts: u32, endpoint: &Url) ->
 /// server errors.
 fn is_retryable(status: u16) -> bool {
     matches!(status, 408 | 409 | 429) || status >= 500
-}
-
-/// How long to wait before attempt `attempt + 1`, or `None` when the policy says stop.
-/// `Retry-After` is honoured as given; otherwise the backoff doubles from `base_delay`, jittered
-/// to between half and all of it (`jitter` in [0, 1)) so clients do not retry in step.
-fn next_wait(attempt: u32, elapsed: Duration, retry_after: Option<Duration>, policy: &RetryPolicy, jitter: f64) -> Option<Duration> {
-    if attempt >= policy.max_attempts {
-        return None;
-    }
-    let wait = retry_after.unwrap_or_else(|| jittered_step(policy.base_delay, policy.max_delay, attempt.saturating_sub(1), jitter));
-    (elapsed + wait <= policy.budget).then_some(wait)
 }
 
 /// `Retry-After` in seconds (what ARM sends); an HTTP date is not expected and ignored.
@@ -1125,7 +1165,7 @@ mod tests {
         let throttled =
             response(429, &[("retry-after", "7")], r#"{"error":{"code":"TooManyRequests","message":"Please try again after 7 seconds."}}"#);
         let err = exhausted(Ok(throttled), 6, &endpoint);
-        assert_eq!((err.reason(), err.retry_after(), err.is_transient()), ("ArmThrottled", Some(Duration::from_secs(7)), true));
+        assert_eq!((err.reason().as_str(), err.retry_after(), err.is_transient()), ("ArmThrottled", Some(Duration::from_secs(7)), true));
         let conflict = response(
             409,
             &[],
@@ -1158,17 +1198,17 @@ mod tests {
     #[test]
     fn retries_honour_retry_after_back_off_with_jitter_and_stop_within_bounds() {
         let policy = RetryPolicy::default();
-        // Retry-After is honoured as given.
-        assert_eq!(next_wait(1, Duration::ZERO, Some(Duration::from_secs(7)), &policy, 0.3), Some(Duration::from_secs(7)));
-        // Backoff doubles, jittered between half and all of it, capped.
-        assert_eq!(next_wait(1, Duration::ZERO, None, &policy, 1.0), Some(Duration::from_millis(500)));
-        assert_eq!(next_wait(1, Duration::ZERO, None, &policy, 0.0), Some(Duration::from_millis(250)));
-        assert_eq!(next_wait(3, Duration::ZERO, None, &policy, 1.0), Some(Duration::from_secs(2)));
-        let capped = RetryPolicy { max_attempts: 100, ..RetryPolicy::default() };
-        assert_eq!(next_wait(40, Duration::ZERO, None, &capped, 1.0), Some(policy.max_delay));
-        // Bounded by attempts and by the time budget.
-        assert_eq!(next_wait(6, Duration::ZERO, None, &policy, 0.5), None);
-        assert_eq!(next_wait(2, Duration::from_secs(115), Some(Duration::from_secs(10)), &policy, 0.5), None);
+        // Retry-After is honoured as given; other retryable answers take the policy's backoff.
+        let throttled = Attempt::Retryable(Ok(response(429, &[("retry-after", "7")], "{}")));
+        assert_eq!(throttled.decision(), Decision::RetryAfter(Duration::from_secs(7)));
+        assert_eq!(Attempt::Retryable(Ok(response(503, &[], "{}"))).decision(), Decision::Retry);
+        assert_eq!(Attempt::Retryable(Err("refused".into())).decision(), Decision::Retry);
+        assert_eq!(Attempt::Final(ArmError::Cancelled).decision(), Decision::Stop);
+        // Backoff doubles from 500 ms, jittered between half and all of it, within 6 attempts and 120 s.
+        let schedule = policy.schedule();
+        let first = schedule.backoff().next().unwrap();
+        assert!(first >= Duration::from_millis(250) && first <= Duration::from_millis(500), "{first:?}");
+        assert_eq!((schedule.max_attempts, schedule.budget), (Some(6), Some(Duration::from_secs(120))));
         assert!(is_retryable(429) && is_retryable(409) && is_retryable(500) && is_retryable(503) && is_retryable(408));
         assert!(!is_retryable(400) && !is_retryable(401) && !is_retryable(403) && !is_retryable(404) && !is_retryable(202));
         assert_eq!(parse_retry_after(" 3 "), Some(Duration::from_secs(3)));

@@ -19,10 +19,10 @@ pub enum IssuerError {
 }
 
 impl IssuerError {
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> crate::reason::Reason {
         match self {
-            IssuerError::Unreadable(_) => "IssuerDiscoveryFailed",
-            IssuerError::Invalid(_) => "IssuerInvalid",
+            IssuerError::Unreadable(_) => crate::reason::Reason::IssuerDiscoveryFailed,
+            IssuerError::Invalid(_) => crate::reason::Reason::IssuerInvalid,
         }
     }
 }

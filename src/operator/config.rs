@@ -5,8 +5,9 @@
 
 use std::path::PathBuf;
 
-use crate::crd::{AuthMethod, Endpoint, MongoReplication};
-use crate::replicator::config::{EndpointConfig, EndpointRole, EntraSettings, ReplicatorConfig};
+use crate::auth::{EndpointConfig, EndpointRole, EntraSettings, Login, UriSource};
+use crate::crd::{self, AuthMethod, Endpoint, MongoReplication};
+use crate::replicator::config::{Mode, NamespaceRules, OnHistoryLost, Rename, ReplicatorConfig, StartAt};
 
 /// Where the replicator pod mounts the Secrets of an endpoint.
 pub const SECRETS_DIR: &str = "/var/run/secrets/mongo-replicator";
@@ -32,9 +33,9 @@ pub fn replicator_config(replication: &MongoReplication) -> ReplicatorConfig {
         endpoint(&spec.source, EndpointRole::Source),
         endpoint(&spec.target, EndpointRole::Target),
     );
-    config.namespaces = spec.namespaces.clone();
-    config.mode = spec.mode;
-    config.start_at = spec.start_at.clone();
+    config.namespaces = spec.namespaces.as_ref().map(namespace_rules);
+    config.mode = mode(spec.mode);
+    config.start_at = spec.start_at.as_ref().and_then(start_at);
     if let Some(settings) = &spec.replicator {
         if let Some(workers) = settings.workers {
             config.workers = workers.max(1) as usize;
@@ -46,41 +47,64 @@ pub fn replicator_config(replication: &MongoReplication) -> ReplicatorConfig {
             config.checkpoint_database = database.clone();
         }
         if let Some(policy) = settings.on_history_lost {
-            config.on_history_lost = policy;
+            config.on_history_lost = match policy {
+                crd::HistoryLostPolicy::Fail => OnHistoryLost::Fail,
+                crd::HistoryLostPolicy::Resync => OnHistoryLost::Resync,
+            };
         }
     }
     config
 }
 
+fn namespace_rules(filter: &crd::NamespaceFilter) -> NamespaceRules {
+    NamespaceRules {
+        include: filter.include.clone(),
+        exclude: filter.exclude.clone(),
+        rename: filter.rename.iter().map(|r| Rename { from: r.from.clone(), to: r.to.clone() }).collect(),
+    }
+}
+
+fn mode(mode: crd::ReplicationMode) -> Mode {
+    match mode {
+        crd::ReplicationMode::SnapshotAndStream => Mode::SnapshotAndStream,
+        crd::ReplicationMode::StreamOnly => Mode::StreamOnly,
+        crd::ReplicationMode::SnapshotOnly => Mode::SnapshotOnly,
+    }
+}
+
+/// The API's rules make exactly one of the two fields set.
+fn start_at(start: &crd::StreamStart) -> Option<StartAt> {
+    match (&start.cluster_time, &start.resume_token) {
+        (Some(time), _) => Some(StartAt::ClusterTime(time.clone())),
+        (None, Some(token)) => Some(StartAt::ResumeToken(token.clone())),
+        (None, None) => None,
+    }
+}
+
 fn endpoint(endpoint: &Endpoint, role: EndpointRole) -> EndpointConfig {
     let ca_file = endpoint.ca_secret_ref.as_ref().map(|r| secret_dir(role, true).join(&r.key));
-    match endpoint.auth {
-        AuthMethod::ConnectionString => EndpointConfig {
-            auth: AuthMethod::ConnectionString,
-            uri: None,
-            uri_file: endpoint.connection_string_secret_ref.as_ref().map(|r| secret_dir(role, false).join(&r.key)),
-            uri_env: None,
-            ca_file,
-            entra: None,
-            connection_string: None,
-        },
-        AuthMethod::Entra => EndpointConfig {
-            auth: AuthMethod::Entra,
-            uri: endpoint.uri.clone(),
-            uri_file: None,
-            uri_env: None,
-            ca_file,
+    let login = match endpoint.auth {
+        AuthMethod::ConnectionString => {
+            let key = endpoint.connection_string_secret_ref.as_ref().map_or("uri", |r| r.key.as_str());
+            Login::ConnectionString(UriSource::File(secret_dir(role, false).join(key)))
+        }
+        AuthMethod::Entra => Login::Entra {
+            uri: endpoint.uri.clone().unwrap_or_default(),
             // Source and target may use different identities: name each one; the pod's single
             // projected token (AZURE_FEDERATED_TOKEN_FILE) serves both.
-            entra: endpoint.entra.as_ref().map(|identity| EntraSettings {
-                client_id: Some(identity.client_id.clone()),
-                tenant_id: Some(identity.tenant_id.clone()),
-                scope: identity.scope.clone(),
-                ..Default::default()
-            }),
-            connection_string: None,
+            identity: endpoint
+                .entra
+                .as_ref()
+                .map(|identity| EntraSettings {
+                    client_id: Some(identity.client_id.clone()),
+                    tenant_id: Some(identity.tenant_id.clone()),
+                    scope: identity.scope.clone(),
+                    ..Default::default()
+                })
+                .unwrap_or_default(),
         },
-    }
+    };
+    EndpointConfig { login, ca_file }
 }
 
 #[cfg(test)]
@@ -111,6 +135,7 @@ mod tests {
             config.validate().unwrap_or_else(|e| panic!("{:?}: {e}", replication.metadata.name));
             let yaml = serde_saphyr::to_string(&config).unwrap();
             let back: ReplicatorConfig = serde_saphyr::from_str(&yaml).unwrap();
+            assert!(yaml.starts_with("version: 1\n"), "{yaml}");
             assert_eq!(back, config, "the file reads back as written");
             assert!(!yaml.contains("password") && !yaml.contains('@'), "{yaml}");
             assert!(config.name.contains('/'));
@@ -121,14 +146,15 @@ mod tests {
     fn endpoints_name_mounted_secrets_and_entra_identities() {
         let replication = examples().into_iter().find(|r| r.spec.source.auth == AuthMethod::Entra).expect("an Entra example");
         let config = replicator_config(&replication);
-        let entra = config.source.entra.as_ref().expect("entra settings");
+        let Login::Entra { identity: entra, .. } = &config.source.login else { panic!("an entra source") };
         assert_eq!(entra.client_id.as_deref(), replication.spec.source.entra.as_ref().map(|e| e.client_id.as_str()));
         assert!(entra.token_file.is_none(), "the webhook's AZURE_FEDERATED_TOKEN_FILE is used");
         if let Some(secret) = &replication.spec.target.connection_string_secret_ref {
-            assert_eq!(config.target.uri_file, Some(PathBuf::from(format!("{SECRETS_DIR}/target/{}", secret.key))));
+            let expected = PathBuf::from(format!("{SECRETS_DIR}/target/{}", secret.key));
+            assert_eq!(config.target.login, Login::ConnectionString(UriSource::File(expected)));
         }
         if replication.spec.mode == ReplicationMode::StreamOnly {
-            assert_eq!(config.start_at, replication.spec.start_at);
+            assert_eq!(config.start_at, replication.spec.start_at.as_ref().and_then(start_at));
         }
     }
 }

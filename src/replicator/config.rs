@@ -1,101 +1,140 @@
 //! The replicator's configuration: the file the operator writes into a ConfigMap (YAML or JSON),
 //! or the same settings from command-line flags. Secrets are never in it: connection strings
 //! come from files (mounted Secrets) or environment variables.
+//!
+//! The file is a versioned contract between operator and replicator: `spec.replicator.image`
+//! lets a user run an older replicator than the operator, so a file carries the [`CONFIG_VERSION`]
+//! it was written for, and a replicator refuses a newer one with a message naming both. Its
+//! types are owned here, apart from the CRD's (the operator converts), so the API can change
+//! without changing the file. Every default lives here, read by serde, clap and the CRD's docs.
 
-use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::auth::ConnectionString;
-use crate::crd::{AuthMethod, HistoryLostPolicy, NamespaceFilter, ReplicationMode, StreamStart};
+pub use crate::auth::endpoint::{EndpointConfig, EndpointRole, EntraSettings};
+use crate::reason::Reason;
 
-/// Which side of the replication an endpoint is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EndpointRole {
-    Source,
-    Target,
+/// The configuration file version this replicator writes and reads.
+pub const CONFIG_VERSION: u32 = 1;
+
+// Defaults as literal macros, so the CRD's documentation can quote them with `concat!`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! default_workers {
+    () => {
+        8
+    };
+}
+#[doc(hidden)]
+#[macro_export]
+macro_rules! default_batch_size {
+    () => {
+        1000
+    };
+}
+#[doc(hidden)]
+#[macro_export]
+macro_rules! default_checkpoint_database {
+    () => {
+        "mongo_replicator"
+    };
 }
 
-impl fmt::Display for EndpointRole {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            EndpointRole::Source => "source",
-            EndpointRole::Target => "target",
-        })
-    }
-}
+/// Parallel writers (and parallel range copies).
+pub const DEFAULT_WORKERS: usize = default_workers!();
+/// Most documents in one write command.
+pub const DEFAULT_BATCH_SIZE: usize = default_batch_size!();
+/// Longest a change waits in the replicator before it is written.
+pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 100;
+/// Database in the target holding checkpoints.
+pub const DEFAULT_CHECKPOINT_DATABASE: &str = default_checkpoint_database!();
+/// Collections larger than this are copied as parallel `_id` ranges.
+pub const DEFAULT_PARTITION_DOCUMENTS: u64 = 200_000;
+/// Port of `/metrics`, `/healthz` and `/readyz`.
+pub const DEFAULT_METRICS_PORT: u16 = 9090;
+/// How long SIGTERM may take to drain, checkpoint and exit.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_SECONDS: u64 = 30;
 
-/// How to reach and log in to one endpoint.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct EndpointConfig {
-    /// `connectionString` (the whole URI, credentials included, from `uriFile` or `uriEnv`) or `entra`.
-    pub auth: AuthMethod,
-    /// For `auth: entra`: the connection string without credentials.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uri: Option<String>,
-    /// File holding the connection string (a mounted Secret key).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uri_file: Option<PathBuf>,
-    /// Environment variable holding the connection string.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uri_env: Option<String>,
-    /// Extra CA certificates (PEM file) to trust for this endpoint's TLS.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ca_file: Option<PathBuf>,
-    /// For `auth: entra`: the Microsoft Entra identity to log in as. Omitted values come from the
-    /// variables the workload identity webhook injects.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub entra: Option<EntraSettings>,
-    /// A connection string given on the command line (never read from or written to a file).
-    #[serde(skip)]
-    pub connection_string: Option<ConnectionString>,
-}
-
-/// Microsoft Entra workload identity for one endpoint.
+/// Which namespaces to replicate, and under which names.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct EntraSettings {
-    /// Client id of the user-assigned managed identity. Default: `AZURE_CLIENT_ID`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client_id: Option<String>,
-    /// Tenant id. Default: `AZURE_TENANT_ID`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tenant_id: Option<String>,
-    /// Token scope. Default: Azure DocumentDB's, `https://ossrdbms-aad.database.windows.net/.default`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scope: Option<String>,
-    /// Microsoft Entra authority. Default: `AZURE_AUTHORITY_HOST`, else `https://login.microsoftonline.com/`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub authority_host: Option<String>,
-    /// The projected service-account token. Default: `AZURE_FEDERATED_TOKEN_FILE`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub token_file: Option<PathBuf>,
-    /// Extra CA certificates (PEM) to trust for the authority (private endpoints, private clouds).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ca_file: Option<PathBuf>,
+pub struct NamespaceRules {
+    /// `database.collection` patterns with `*` wildcards; empty: every user namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include: Vec<String>,
+    /// Patterns to leave out; exclusion wins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+    /// Renames in the target, first match wins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rename: Vec<Rename>,
+}
+
+/// Namespaces matching `from` are written to `to` (each `*` carries what it matched).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rename {
+    pub from: String,
+    pub to: String,
+}
+
+/// What the replication does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mode {
+    /// Copy, then follow the change stream from a point taken before the copy began.
+    #[default]
+    SnapshotAndStream,
+    /// Follow the change stream only.
+    StreamOnly,
+    /// Copy once, then stop.
+    SnapshotOnly,
+}
+
+/// Where a `StreamOnly` replication starts when it has no checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum StartAt {
+    /// A source cluster time, `<seconds>.<increment>`.
+    ClusterTime(String),
+    /// A resume token's hex `_data`; the stream starts after it.
+    ResumeToken(String),
+}
+
+/// What to do when the source's change history no longer reaches the checkpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OnHistoryLost {
+    /// Stop (exit 5) for a person to decide.
+    #[default]
+    Fail,
+    /// Drop the replicated target collections and copy again.
+    Resync,
 }
 
 /// Everything `mongo-replicator replicate` needs to know.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ReplicatorConfig {
+    /// The file format's version; a file without one is read as version 1.
+    #[serde(default = "current_version")]
+    pub version: u32,
     /// Identifies the replication; its checkpoint is stored under this name in the target.
     /// The operator uses `<namespace>/<name>` of the MongoReplication.
     pub name: String,
+    #[serde(deserialize_with = "source_endpoint")]
     pub source: EndpointConfig,
+    #[serde(deserialize_with = "target_endpoint")]
     pub target: EndpointConfig,
     /// Which namespaces, under which names. Omitted: every user namespace, unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespaces: Option<NamespaceFilter>,
+    pub namespaces: Option<NamespaceRules>,
     #[serde(default)]
-    pub mode: ReplicationMode,
+    pub mode: Mode,
     /// Where a `StreamOnly` replication starts when it has no checkpoint. Default: now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub start_at: Option<StreamStart>,
+    pub start_at: Option<StartAt>,
     /// Parallel writers (and parallel collection copies during the snapshot).
     #[serde(default = "default_workers")]
     pub workers: usize,
@@ -109,7 +148,7 @@ pub struct ReplicatorConfig {
     #[serde(default = "default_checkpoint_database")]
     pub checkpoint_database: String,
     #[serde(default)]
-    pub on_history_lost: HistoryLostPolicy,
+    pub on_history_lost: OnHistoryLost,
     /// Collections with more documents than this are copied as several `_id` ranges in parallel.
     #[serde(default = "default_partition_documents")]
     pub partition_documents: u64,
@@ -121,26 +160,42 @@ pub struct ReplicatorConfig {
     pub shutdown_timeout_seconds: u64,
 }
 
+fn current_version() -> u32 {
+    CONFIG_VERSION
+}
 fn default_workers() -> usize {
-    8
+    DEFAULT_WORKERS
 }
 fn default_batch_size() -> usize {
-    1000
+    DEFAULT_BATCH_SIZE
 }
 fn default_flush_interval_ms() -> u64 {
-    100
+    DEFAULT_FLUSH_INTERVAL_MS
 }
 fn default_checkpoint_database() -> String {
-    "mongo_replicator".to_string()
+    DEFAULT_CHECKPOINT_DATABASE.to_string()
 }
 fn default_partition_documents() -> u64 {
-    200_000
+    DEFAULT_PARTITION_DOCUMENTS
 }
 fn default_metrics_address() -> Option<SocketAddr> {
-    Some(SocketAddr::from(([0, 0, 0, 0], 9090)))
+    Some(SocketAddr::from(([0, 0, 0, 0], DEFAULT_METRICS_PORT)))
 }
 fn default_shutdown_timeout_seconds() -> u64 {
-    30
+    DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
+}
+fn source_endpoint<'de, D: Deserializer<'de>>(deserializer: D) -> Result<EndpointConfig, D::Error> {
+    EndpointConfig::deserialize_as(deserializer, EndpointRole::Source)
+}
+fn target_endpoint<'de, D: Deserializer<'de>>(deserializer: D) -> Result<EndpointConfig, D::Error> {
+    EndpointConfig::deserialize_as(deserializer, EndpointRole::Target)
+}
+
+/// The one field every version of the file has, read before the rest.
+#[derive(Deserialize)]
+struct VersionProbe {
+    #[serde(default = "current_version")]
+    version: u32,
 }
 
 /// A configuration that cannot work.
@@ -152,15 +207,21 @@ pub enum ConfigError {
     Malformed { path: String, reason: String },
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    #[error(
+        "config file {path} is version {found}, written by a newer operator; this replicator ({replicator}) reads version {supported}: \
+         run the operator's own replicator image (remove spec.replicator.image) or upgrade it"
+    )]
+    VersionUnsupported { path: String, found: u32, supported: u32, replicator: &'static str },
 }
 
 impl ConfigError {
     /// Stable reason for conditions, Events and metric labels.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            ConfigError::Unreadable { .. } => "ConfigUnreadable",
-            ConfigError::Malformed { .. } => "ConfigMalformed",
-            ConfigError::Invalid(_) => "ConfigInvalid",
+            ConfigError::Unreadable { .. } => Reason::ConfigUnreadable,
+            ConfigError::Malformed { .. } => Reason::ConfigMalformed,
+            ConfigError::Invalid(_) => Reason::ConfigInvalid,
+            ConfigError::VersionUnsupported { .. } => Reason::ConfigVersionUnsupported,
         }
     }
 }
@@ -169,29 +230,44 @@ impl ReplicatorConfig {
     /// A configuration with every optional setting at its default.
     pub fn new(name: &str, source: EndpointConfig, target: EndpointConfig) -> Self {
         Self {
+            version: CONFIG_VERSION,
             name: name.to_string(),
             source,
             target,
             namespaces: None,
-            mode: ReplicationMode::default(),
+            mode: Mode::default(),
             start_at: None,
             workers: default_workers(),
             batch_size: default_batch_size(),
             flush_interval_ms: default_flush_interval_ms(),
             checkpoint_database: default_checkpoint_database(),
-            on_history_lost: HistoryLostPolicy::default(),
+            on_history_lost: OnHistoryLost::default(),
             partition_documents: default_partition_documents(),
             metrics_address: default_metrics_address(),
             shutdown_timeout_seconds: default_shutdown_timeout_seconds(),
         }
     }
-
-    /// Reads a YAML (or JSON) configuration file and checks it.
+    /// Reads a YAML (or JSON) configuration file and checks it. A file of a newer version is
+    /// refused before its fields are read: they may be ones this replicator does not know.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|err| ConfigError::Unreadable { path: path.display().to_string(), reason: err.to_string() })?;
-        let config: ReplicatorConfig =
-            serde_saphyr::from_str(&text).map_err(|err| ConfigError::Malformed { path: path.display().to_string(), reason: err.to_string() })?;
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Unreadable { path: shown.clone(), reason: err.to_string() })?;
+        // The parser's message quotes the offending lines after its first; a connection string
+        // pasted into the file by mistake must not reach a log from there.
+        let malformed = |err: serde_saphyr::Error| ConfigError::Malformed {
+            path: shown.clone(),
+            reason: err.to_string().lines().next().unwrap_or_default().trim_start_matches("error: ").to_string(),
+        };
+        let probe: VersionProbe = serde_saphyr::from_str(&text).map_err(malformed)?;
+        if probe.version > CONFIG_VERSION {
+            return Err(ConfigError::VersionUnsupported {
+                path: shown,
+                found: probe.version,
+                supported: CONFIG_VERSION,
+                replicator: env!("CARGO_PKG_VERSION"),
+            });
+        }
+        let config: ReplicatorConfig = serde_saphyr::from_str(&text).map_err(malformed)?;
         config.validate()?;
         Ok(config)
     }
@@ -211,36 +287,11 @@ impl ReplicatorConfig {
         if self.flush_interval_ms == 0 || self.flush_interval_ms > 60_000 {
             return invalid(format!("flushIntervalMs must be between 1 and 60000, not {}", self.flush_interval_ms));
         }
-        if self.start_at.is_some() && self.mode != ReplicationMode::StreamOnly {
+        if self.version == 0 {
+            return invalid("version must be 1 or more".into());
+        }
+        if self.start_at.is_some() && self.mode != Mode::StreamOnly {
             return invalid("startAt applies only to mode: StreamOnly".into());
-        }
-        if let Some(start) = &self.start_at
-            && start.cluster_time.is_some() == start.resume_token.is_some()
-        {
-            return invalid("startAt takes exactly one of clusterTime or resumeToken".into());
-        }
-        for (role, endpoint) in [(EndpointRole::Source, &self.source), (EndpointRole::Target, &self.target)] {
-            match endpoint.auth {
-                AuthMethod::ConnectionString => {
-                    if endpoint.uri.is_some() {
-                        return invalid(format!(
-                            "{role}: auth: connectionString reads the URI from uriFile or uriEnv, so that it never sits in a config file; remove uri"
-                        ));
-                    }
-                    let sources = [endpoint.uri_file.is_some(), endpoint.uri_env.is_some(), endpoint.connection_string.is_some()];
-                    if endpoint.entra.is_some() {
-                        return invalid(format!("{role}: auth: connectionString must not set entra"));
-                    }
-                    if sources.iter().filter(|s| **s).count() != 1 {
-                        return invalid(format!("{role}: give the connection string exactly one way: uriFile, uriEnv or --{role}-uri"));
-                    }
-                }
-                AuthMethod::Entra => {
-                    if endpoint.uri.is_none() {
-                        return invalid(format!("{role}: auth: entra needs uri"));
-                    }
-                }
-            }
         }
         Ok(())
     }
@@ -265,11 +316,35 @@ target: {auth: connectionString, uriEnv: TARGET_URI}
 "
     }
 
+    fn file(text: &str) -> (tempdir::Dir, std::path::PathBuf) {
+        let dir = tempdir::Dir::new();
+        let path = dir.0.join("replicator.yaml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    mod tempdir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Self {
+                let path = std::env::temp_dir().join(format!("mrep-config-{}-{}", std::process::id(), rand::random::<u64>()));
+                std::fs::create_dir_all(&path).unwrap();
+                Self(path)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
     #[test]
     fn a_minimal_file_takes_the_defaults() {
         let config: ReplicatorConfig = serde_saphyr::from_str(minimal()).unwrap();
         config.validate().unwrap();
-        assert_eq!(config.mode, ReplicationMode::SnapshotAndStream);
+        assert_eq!(config.version, CONFIG_VERSION);
+        assert_eq!(config.mode, Mode::SnapshotAndStream);
         assert_eq!((config.workers, config.batch_size), (8, 1000));
         assert_eq!(config.checkpoint_database, "mongo_replicator");
         assert_eq!(config.metrics_address, Some("0.0.0.0:9090".parse().unwrap()));
@@ -279,10 +354,12 @@ target: {auth: connectionString, uriEnv: TARGET_URI}
     fn unknown_fields_and_inline_secrets_are_refused() {
         let typo = format!("{}workerz: 3\n", minimal());
         assert!(serde_saphyr::from_str::<ReplicatorConfig>(&typo).is_err());
-        let inline = minimal().replace("uriEnv: TARGET_URI", "uri: 'mongodb://u:p@h'");
-        let config: ReplicatorConfig = serde_saphyr::from_str(&inline).unwrap();
-        let err = config.validate().unwrap_err().to_string();
+        let (_dir, path) = file(&minimal().replace("uriEnv: TARGET_URI", "uri: 'mongodb://u:p@h'"));
+        let err = ReplicatorConfig::from_file(&path).unwrap_err();
+        assert_eq!(err.reason(), Reason::ConfigMalformed);
+        let err = err.to_string();
         assert!(err.contains("target") && err.contains("remove uri"), "{err}");
+        assert!(!err.contains("u:p@h"), "the message must not quote the file: {err}");
     }
 
     #[test]
@@ -291,30 +368,34 @@ target: {auth: connectionString, uriEnv: TARGET_URI}
         config.workers = 0;
         assert!(config.validate().unwrap_err().to_string().contains("workers"));
         config.workers = 4;
-        config.start_at = Some(StreamStart { cluster_time: Some("1.1".into()), resume_token: None });
+        config.start_at = Some(StartAt::ClusterTime("1.1".into()));
         assert!(config.validate().unwrap_err().to_string().contains("StreamOnly"));
+        let both = format!("{}mode: StreamOnly\nstartAt: {{clusterTime: '1.1', resumeToken: ab}}\n", minimal());
+        assert!(serde_saphyr::from_str::<ReplicatorConfig>(&both).is_err(), "startAt takes exactly one");
     }
 
     #[test]
-    fn entra_endpoints_take_their_identity_and_connection_strings_must_not() {
-        let text = minimal().replace(
-            "target: {auth: connectionString, uriEnv: TARGET_URI}",
-            "target:\n  auth: entra\n  uri: mongodb+srv://c.global.mongocluster.cosmos.azure.com/?tls=true\n  entra: {clientId: c1, tenantId: t1, authorityHost: 'https://login.example/', tokenFile: /t}",
-        );
-        let config: ReplicatorConfig = serde_saphyr::from_str(&text).unwrap();
-        config.validate().unwrap();
-        let identity = crate::auth::entra_identity(&config.target, EndpointRole::Target).unwrap();
-        assert_eq!((identity.client_id.as_str(), identity.tenant_id.as_str()), ("c1", "t1"));
-        assert_eq!(identity.authority_host, "https://login.example/");
-        assert_eq!(identity.scope, crate::crd::DOCUMENTDB_SCOPE);
-        assert_eq!(identity.token_file, PathBuf::from("/t"));
+    fn a_file_from_a_newer_operator_is_refused_naming_both_versions() {
+        let newer = format!("version: 2\n{}someFieldOfVersion2: {{x: 1}}\n", minimal());
+        let (_dir, path) = file(&newer);
+        let err = ReplicatorConfig::from_file(&path).unwrap_err();
+        assert_eq!(err.reason(), Reason::ConfigVersionUnsupported);
+        let message = err.to_string();
+        assert!(message.contains("version 2") && message.contains("reads version 1"), "{message}");
 
-        let mixed = minimal().replace("uriEnv: TARGET_URI}", "uriEnv: TARGET_URI, entra: {clientId: c1}}");
-        let config: ReplicatorConfig = serde_saphyr::from_str(&mixed).unwrap();
-        assert!(config.validate().unwrap_err().to_string().contains("must not set entra"));
+        let (_dir, path) = file(&format!("version: 1\n{}", minimal()));
+        assert_eq!(ReplicatorConfig::from_file(&path).unwrap().version, 1);
+        let (_dir, path) = file(minimal());
+        assert_eq!(ReplicatorConfig::from_file(&path).unwrap().version, 1, "a hand-written file without a version is version 1");
+        let (_dir, path) = file(&format!("version: 0\n{}", minimal()));
+        assert_eq!(ReplicatorConfig::from_file(&path).unwrap_err().reason(), Reason::ConfigInvalid);
+    }
 
-        let no_uri = text.replace("  uri: mongodb+srv://c.global.mongocluster.cosmos.azure.com/?tls=true\n", "");
-        let config: ReplicatorConfig = serde_saphyr::from_str(&no_uri).unwrap();
-        assert!(config.validate().unwrap_err().to_string().contains("entra needs uri"));
+    #[test]
+    fn a_written_config_carries_its_version_and_reads_back() {
+        let config: ReplicatorConfig = serde_saphyr::from_str(minimal()).unwrap();
+        let yaml = serde_saphyr::to_string(&config).unwrap();
+        assert!(yaml.starts_with("version: 1\n"), "{yaml}");
+        assert_eq!(serde_saphyr::from_str::<ReplicatorConfig>(&yaml).unwrap(), config);
     }
 }

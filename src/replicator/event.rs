@@ -275,7 +275,7 @@ fn index_specs(event: &Document) -> Option<Vec<Document>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{NamespaceFilter, RenameRule};
+    use crate::replicator::config::{NamespaceRules as NamespaceFilter, Rename as RenameRule};
     use mongodb::bson::doc;
 
     fn map() -> NamespaceMap {

@@ -5,34 +5,42 @@
 //! follow the stream from that start point, checkpointing as it goes.
 
 pub mod checkpoint;
+pub mod classify;
 pub mod config;
+pub mod context;
 pub mod event;
 pub mod namespace;
-pub mod retry;
 pub mod sink;
 pub mod snapshot;
 pub mod stream;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use mongodb::Client;
 use mongodb::bson::{DateTime, doc};
-use mongodb::error::ErrorKind;
 use tokio_util::sync::CancellationToken;
 
 use self::checkpoint::{Checkpoint, CheckpointPhase, CheckpointStore, token_from_data};
-use self::config::{EndpointRole, ReplicatorConfig};
+use self::classify::{describe, is_refusal, is_transient};
+use self::config::{EndpointRole, Mode, OnHistoryLost, ReplicatorConfig, StartAt};
+use self::context::{Context, Settings};
 use self::namespace::{NamespaceError, NamespaceMap};
-use self::retry::{Backoff, describe, error_code, is_transient};
 use self::sink::Sink;
 use self::snapshot::{Copier, SnapshotError};
 use self::stream::{StartPoint, StreamError, Streamer};
-use crate::auth::transport::causes;
-use crate::auth::{self, AuthError, oidc};
-use crate::crd::{HistoryLostPolicy, Progress, ReplicationMode};
+use crate::auth::AuthError;
+use crate::auth::oidc::{self, TokenSources};
+use crate::crd::Progress;
+use crate::error_chain::causes;
+use crate::reason::Reason;
+use crate::retry::{Decision, Failure, Policy, retry};
 use crate::telemetry::{Health, Metrics};
+
+/// Waiting for an endpoint to answer at start.
+const CONNECT_RETRY: Policy = Policy::unbounded(Duration::from_millis(500), Duration::from_secs(30));
+/// Starting over from the checkpoint after a transient failure of the snapshot or the stream.
+const RUN_RETRY: Policy = Policy::unbounded(Duration::from_millis(500), Duration::from_secs(30));
 
 /// How a run ended without error.
 #[derive(Debug, PartialEq, Eq)]
@@ -52,10 +60,10 @@ pub enum ReplicatorError {
     Auth(#[from] AuthError),
     #[error("{role}: cannot create a client: {detail}")]
     Client { role: EndpointRole, detail: String },
-    #[error("{role}: login refused: {detail}")]
-    Unauthorized { role: EndpointRole, detail: String },
     #[error("{role}: {detail}")]
-    Unreachable { role: EndpointRole, detail: String },
+    Refused { role: EndpointRole, reason: Reason, detail: String },
+    #[error("{role}: {detail}")]
+    Unreachable { role: EndpointRole, reason: Reason, detail: String },
     #[error("cannot use the checkpoint in the target: {}", describe(.0))]
     Checkpoint(#[source] mongodb::error::Error),
     #[error("startAt.resumeToken is not a resume token's hex _data")]
@@ -66,6 +74,8 @@ pub enum ReplicatorError {
     Snapshot(#[from] SnapshotError),
     #[error(transparent)]
     Stream(#[from] StreamError),
+    #[error("stopped by a shutdown")]
+    Cancelled,
 }
 
 impl ReplicatorError {
@@ -75,21 +85,21 @@ impl ReplicatorError {
     }
 
     /// Stable reason for conditions, Events and metric labels.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         if let Some(token) = self.token_failure() {
             return token.reason();
         }
         match self {
             ReplicatorError::Namespace(e) => e.reason(),
             ReplicatorError::Auth(e) => e.reason(),
-            ReplicatorError::Client { .. } => "ClientOptionsInvalid",
-            ReplicatorError::Unauthorized { .. } => "LoginFailed",
-            ReplicatorError::Unreachable { .. } => "EndpointUnreachable",
-            ReplicatorError::Checkpoint(_) => "CheckpointUnusable",
-            ReplicatorError::InvalidStartToken => "InvalidStartToken",
-            ReplicatorError::NoStartPoint => "NoStartPoint",
+            ReplicatorError::Client { .. } => Reason::ClientOptionsInvalid,
+            ReplicatorError::Refused { reason, .. } | ReplicatorError::Unreachable { reason, .. } => *reason,
+            ReplicatorError::Checkpoint(_) => Reason::CheckpointUnusable,
+            ReplicatorError::InvalidStartToken => Reason::InvalidStartToken,
+            ReplicatorError::NoStartPoint => Reason::NoStartPoint,
             ReplicatorError::Snapshot(e) => e.reason(),
             ReplicatorError::Stream(e) => e.reason(),
+            ReplicatorError::Cancelled => Reason::Cancelled,
         }
     }
 
@@ -104,7 +114,7 @@ impl ReplicatorError {
         match self {
             ReplicatorError::Namespace(_) | ReplicatorError::Auth(_) | ReplicatorError::Client { .. } | ReplicatorError::InvalidStartToken => 3,
             ReplicatorError::Stream(StreamError::HistoryLost(_)) => 5,
-            ReplicatorError::Unauthorized { .. }
+            ReplicatorError::Refused { .. }
             | ReplicatorError::Stream(StreamError::Unsupported(_) | StreamError::Malformed(_) | StreamError::Sink(_))
             | ReplicatorError::Snapshot(SnapshotError::Sink(_)) => 4,
             _ => 1,
@@ -118,6 +128,11 @@ impl ReplicatorError {
             ReplicatorError::Checkpoint(e) => is_transient(e),
             _ => false,
         }
+    }
+
+    /// A shutdown, wherever it stopped the work.
+    fn is_cancelled(&self) -> bool {
+        self.reason() == Reason::Cancelled
     }
 }
 
@@ -134,211 +149,223 @@ pub fn progress(checkpoint: &Checkpoint, lag_seconds: Option<i64>) -> Progress {
     }
 }
 
-async fn connect(config: &ReplicatorConfig, role: EndpointRole) -> Result<Client, ReplicatorError> {
+async fn connect(config: &ReplicatorConfig, role: EndpointRole, tokens: &TokenSources) -> Result<Client, ReplicatorError> {
     let endpoint = match role {
         EndpointRole::Source => &config.source,
         EndpointRole::Target => &config.target,
     };
-    let options = auth::client_options(endpoint, role).await?;
+    let options = endpoint.client_options(role, tokens).await?;
     Client::with_options(options).map_err(|e| ReplicatorError::Client { role, detail: e.to_string() })
 }
 
 /// Pings an endpoint until it answers; a refused login is final, an unreachable server is retried.
 async fn wait_reachable(client: &Client, role: EndpointRole, metrics: &Metrics, cancel: &CancellationToken) -> Result<(), ReplicatorError> {
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-    loop {
-        match client.database("admin").run_command(doc! {"ping": 1}).await {
-            Ok(_) => return Ok(()),
-            Err(err) if oidc::token_error(&err).is_some_and(|e| !e.is_transient()) => {
-                let detail = oidc::token_error(&err).map(ToString::to_string).unwrap_or_default();
-                return Err(ReplicatorError::Unauthorized { role, detail });
-            }
-            Err(err) if matches!(err.kind.as_ref(), ErrorKind::Authentication { .. }) || matches!(error_code(&err), Some(18 | 13)) => {
-                return Err(ReplicatorError::Unauthorized { role, detail: err.to_string() });
-            }
-            Err(err) if is_transient(&err) => {
-                metrics.retry("connect");
-                let delay = backoff.next_delay();
-                tracing::warn!(%role, error = %describe(&err), retry_in = ?delay, "endpoint not reachable yet");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = cancel.cancelled() => return Err(ReplicatorError::Unreachable { role, detail: "stopped before it answered".into() }),
-                }
-            }
-            Err(err) => return Err(ReplicatorError::Unreachable { role, detail: describe(&err) }),
+    let ping = || async { client.database("admin").run_command(doc! {"ping": 1}).await.map(drop) };
+    let decide = |err: &mongodb::error::Error| Decision::retry_if(!is_refusal(err) && is_transient(err));
+    let on_retry = |err: &mongodb::error::Error, wait: Duration, _| {
+        metrics.retry("connect");
+        tracing::warn!(%role, error = %describe(err), retry_in = ?wait, "endpoint not reachable yet");
+    };
+    retry(&CONNECT_RETRY, cancel, ping, decide, on_retry).await.map_err(|failure| match failure {
+        Failure::Cancelled { .. } => ReplicatorError::Cancelled,
+        other => {
+            let err = other.into_error();
+            let (reason, detail) = (classify::reason(&err), describe(&err));
+            if is_refusal(&err) { ReplicatorError::Refused { role, reason, detail } } else { ReplicatorError::Unreachable { role, reason, detail } }
         }
-    }
+    })
 }
 
 /// Runs one replication until it is cancelled, finishes (`SnapshotOnly`) or fails for good.
-/// Transient failures are retried with backoff from the last checkpoint.
+/// Transient failures are retried with backoff from the last checkpoint. Microsoft Entra
+/// tokens come from `tokens`, shared with whatever else the process signs in to.
 pub async fn run(
     config: ReplicatorConfig,
+    tokens: Arc<TokenSources>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     cancel: CancellationToken,
 ) -> Result<Outcome, ReplicatorError> {
     metrics.set_phase("starting");
-    let map = Arc::new(NamespaceMap::new(config.namespaces.as_ref(), &config.checkpoint_database)?);
-    let source = connect(&config, EndpointRole::Source).await?;
-    let target = connect(&config, EndpointRole::Target).await?;
-    wait_reachable(&source, EndpointRole::Source, &metrics, &cancel).await?;
-    wait_reachable(&target, EndpointRole::Target, &metrics, &cancel).await?;
-
-    let store = CheckpointStore::new(&target.database(&config.checkpoint_database), &config.name);
-    let sink = Sink::new(target.clone(), map.clone(), metrics.clone(), config.batch_size, cancel.clone());
-    let copier = Copier {
-        source: source.clone(),
-        sink: sink.clone(),
-        store: store.clone(),
-        map: map.clone(),
-        metrics: metrics.clone(),
-        workers: config.workers,
-        batch_size: config.batch_size,
-        partition_documents: config.partition_documents,
-        cancel: cancel.clone(),
-        copied: Arc::new(AtomicU64::new(0)),
+    let result = Replication::start(&config, &tokens, metrics.clone(), &health, cancel).await;
+    let result = match result {
+        Ok(replication) => replication.run(&config).await,
+        Err(err) => Err(err),
     };
-    let streamer = Streamer { copier: copier.clone(), flush_interval: config.flush_interval() };
-    health.set_ready(true);
-
-    let mut checkpoint = match store.load().await.map_err(ReplicatorError::Checkpoint)? {
-        Some(saved) => {
-            tracing::info!(phase = ?saved.phase, events_applied = saved.events_applied, docs_copied = saved.docs_copied, "resuming from checkpoint");
-            saved
+    match result {
+        Err(err) if err.is_cancelled() => {
+            metrics.set_phase("stopped");
+            Ok(Outcome::Stopped)
         }
-        None => Checkpoint {
-            name: config.name.clone(),
-            phase: if config.mode == ReplicationMode::StreamOnly { CheckpointPhase::Stream } else { CheckpointPhase::Snapshot },
-            start_token: None,
-            token: None,
-            last_applied_cluster_time: None,
-            docs_copied: 0,
-            events_applied: 0,
-            saved_at: DateTime::now(),
-        },
-    };
+        Err(err) => {
+            metrics.set_phase("failed");
+            health.set_ready(false);
+            Err(err)
+        }
+        Ok(outcome) => {
+            metrics.set_phase("stopped");
+            Ok(outcome)
+        }
+    }
+}
 
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-    loop {
-        let step = advance(&config, &map, &source, &store, &copier, &streamer, &mut checkpoint, &cancel).await;
-        match step {
-            Ok(outcome) => {
-                metrics.set_phase("stopped");
-                return Ok(outcome);
+/// A started replication: connected endpoints, its context, copier and streamer.
+struct Replication {
+    ctx: Arc<Context>,
+    copier: Copier,
+    streamer: Streamer,
+    mode: Mode,
+    start_at: Option<StartAt>,
+    on_history_lost: OnHistoryLost,
+}
+
+impl Replication {
+    async fn start(
+        config: &ReplicatorConfig,
+        tokens: &TokenSources,
+        metrics: Arc<Metrics>,
+        health: &Health,
+        cancel: CancellationToken,
+    ) -> Result<Self, ReplicatorError> {
+        let map = Arc::new(NamespaceMap::new(config.namespaces.as_ref(), &config.checkpoint_database)?);
+        let source = connect(config, EndpointRole::Source, tokens).await?;
+        let target = connect(config, EndpointRole::Target, tokens).await?;
+        wait_reachable(&source, EndpointRole::Source, &metrics, &cancel).await?;
+        wait_reachable(&target, EndpointRole::Target, &metrics, &cancel).await?;
+        let settings = Settings::of(config);
+        let ctx = Arc::new(Context {
+            store: CheckpointStore::new(&target.database(&config.checkpoint_database), &config.name),
+            sink: Sink::new(target, map.clone(), metrics.clone(), settings.batch_size, cancel.clone()),
+            source,
+            map,
+            metrics,
+            cancel,
+            settings,
+        });
+        let copier = Copier::new(ctx.clone());
+        let streamer = Streamer::new(ctx.clone(), copier.clone());
+        health.set_ready(true);
+        Ok(Self { ctx, copier, streamer, mode: config.mode, start_at: config.start_at.clone(), on_history_lost: config.on_history_lost })
+    }
+
+    /// Carries the replication on from its checkpoint, starting over from the checkpoint after
+    /// transient failures, and from a new copy after lost history when the policy says so.
+    async fn run(&self, config: &ReplicatorConfig) -> Result<Outcome, ReplicatorError> {
+        let ctx = &self.ctx;
+        let checkpoint = match ctx.store.load().await.map_err(ReplicatorError::Checkpoint)? {
+            Some(saved) => {
+                tracing::info!(phase = ?saved.phase, events_applied = saved.events_applied, docs_copied = saved.docs_copied, "resuming from checkpoint");
+                saved
             }
-            Err(ReplicatorError::Snapshot(SnapshotError::Cancelled)) => {
-                metrics.set_phase("stopped");
-                return Ok(Outcome::Stopped);
-            }
-            Err(ReplicatorError::Stream(StreamError::HistoryLost(err))) if config.on_history_lost == HistoryLostPolicy::Resync => {
-                tracing::warn!(error = %err, "the source's change history no longer reaches the checkpoint; copying the data again (onHistoryLost: Resync)");
-                resync(&copier, &store, &mut checkpoint).await?;
-            }
-            Err(err) if err.is_transient() && !cancel.is_cancelled() => {
-                let delay = backoff.next_delay();
-                tracing::warn!(error = %err, reason = err.reason(), retry_in = ?delay, "transient failure; continuing from the checkpoint");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = cancel.cancelled() => return Ok(Outcome::Stopped),
+            None => Checkpoint {
+                name: config.name.clone(),
+                phase: if config.mode == Mode::StreamOnly { CheckpointPhase::Stream } else { CheckpointPhase::Snapshot },
+                start_token: None,
+                token: None,
+                last_applied_cluster_time: None,
+                docs_copied: 0,
+                events_applied: 0,
+                saved_at: DateTime::now(),
+            },
+        };
+        let checkpoint = &tokio::sync::Mutex::new(checkpoint);
+        let attempt = || async move {
+            let mut checkpoint = checkpoint.lock().await;
+            loop {
+                match self.advance(&mut checkpoint).await {
+                    Err(ReplicatorError::Stream(StreamError::HistoryLost(err))) if self.on_history_lost == OnHistoryLost::Resync => {
+                        tracing::warn!(error = %err, "the source's change history no longer reaches the checkpoint; copying the data again (onHistoryLost: Resync)");
+                        self.resync(&mut checkpoint).await?;
+                    }
+                    other => return other,
                 }
             }
-            Err(err) => {
-                metrics.set_phase("failed");
-                health.set_ready(false);
-                return Err(err);
-            }
+        };
+        let on_retry = |err: &ReplicatorError, wait: Duration, _| {
+            tracing::warn!(error = %err, reason = %err.reason(), retry_in = ?wait, "transient failure; continuing from the checkpoint");
+        };
+        match retry(&RUN_RETRY, &ctx.cancel, attempt, |err: &ReplicatorError| Decision::retry_if(err.is_transient()), on_retry).await {
+            Ok(outcome) => Ok(outcome),
+            Err(Failure::Cancelled { .. }) => Err(ReplicatorError::Cancelled),
+            Err(failure) => Err(failure.into_error()),
         }
     }
-}
 
-/// Carries the replication forward from its checkpoint: start point, snapshot, stream.
-#[allow(clippy::too_many_arguments)]
-async fn advance(
-    config: &ReplicatorConfig,
-    map: &NamespaceMap,
-    source: &Client,
-    store: &CheckpointStore,
-    copier: &Copier,
-    streamer: &Streamer,
-    checkpoint: &mut Checkpoint,
-    cancel: &CancellationToken,
-) -> Result<Outcome, ReplicatorError> {
-    let save = |c: &Checkpoint| {
-        let mut c = c.clone();
-        c.saved_at = DateTime::now();
-        async move { store.save(&c).await.map_err(ReplicatorError::Checkpoint) }
-    };
-    if checkpoint.phase == CheckpointPhase::Snapshot {
-        copier.metrics.set_phase("snapshot");
-        if checkpoint.start_token.is_none() {
-            // The stream's start point is taken before anything is copied, so every change made
-            // during the copy is replayed afterwards.
-            checkpoint.start_token = Some(start_token(source, map, streamer, &StartPoint::Now).await?);
+    /// Carries the replication forward from its checkpoint: start point, snapshot, stream.
+    async fn advance(&self, checkpoint: &mut Checkpoint) -> Result<Outcome, ReplicatorError> {
+        let ctx = &self.ctx;
+        let save = |c: &Checkpoint| {
+            let mut c = c.clone();
+            c.saved_at = DateTime::now();
+            async move { ctx.store.save(&c).await.map_err(ReplicatorError::Checkpoint) }
+        };
+        if checkpoint.phase == CheckpointPhase::Snapshot {
+            ctx.metrics.set_phase("snapshot");
+            if checkpoint.start_token.is_none() {
+                // The stream's start point is taken before anything is copied, so every change made
+                // during the copy is replayed afterwards.
+                checkpoint.start_token = Some(self.start_token(&StartPoint::Now).await?);
+                save(checkpoint).await?;
+            }
+            let copied = self.copier.copy_all().await?;
+            checkpoint.docs_copied += copied as i64;
+            tracing::info!(documents = copied, "snapshot finished");
+            if self.mode == Mode::SnapshotOnly {
+                checkpoint.phase = CheckpointPhase::Done;
+                save(checkpoint).await?;
+                return Ok(Outcome::SnapshotDone);
+            }
+            checkpoint.phase = CheckpointPhase::Stream;
+            checkpoint.token = checkpoint.start_token.clone();
             save(checkpoint).await?;
         }
-        let copied = copier.copy_all().await?;
-        checkpoint.docs_copied += copied as i64;
-        tracing::info!(documents = copied, "snapshot finished");
-        if config.mode == ReplicationMode::SnapshotOnly {
-            checkpoint.phase = CheckpointPhase::Done;
-            save(checkpoint).await?;
+        if checkpoint.phase == CheckpointPhase::Done {
+            tracing::info!("the snapshot was finished in an earlier run; nothing to do (mode: SnapshotOnly)");
             return Ok(Outcome::SnapshotDone);
         }
-        checkpoint.phase = CheckpointPhase::Stream;
-        checkpoint.token = checkpoint.start_token.clone();
-        save(checkpoint).await?;
-    }
-    if checkpoint.phase == CheckpointPhase::Done {
-        tracing::info!("the snapshot was finished in an earlier run; nothing to do (mode: SnapshotOnly)");
-        return Ok(Outcome::SnapshotDone);
-    }
-    let start = match (&checkpoint.token, &config.start_at) {
-        (Some(token), _) => StartPoint::ResumeAfter(token.clone()),
-        (None, Some(start)) => match (&start.cluster_time, &start.resume_token) {
-            (Some(time), _) => StartPoint::AtClusterTime(parse_cluster_time(time).ok_or(ReplicatorError::InvalidStartToken)?),
-            (None, Some(data)) => StartPoint::ResumeAfter(token_from_data(data).ok_or(ReplicatorError::InvalidStartToken)?),
-            (None, None) => StartPoint::Now,
-        },
-        (None, None) => {
-            // Saved first, so a crash before the first change does not move the start to "later".
-            let token = start_token(source, map, streamer, &StartPoint::Now).await?;
-            checkpoint.token = Some(token.clone());
-            save(checkpoint).await?;
-            StartPoint::ResumeAfter(token)
+        let start = match (&checkpoint.token, &self.start_at) {
+            (Some(token), _) => StartPoint::ResumeAfter(token.clone()),
+            (None, Some(StartAt::ClusterTime(time))) => {
+                StartPoint::AtClusterTime(parse_cluster_time(time).ok_or(ReplicatorError::InvalidStartToken)?)
+            }
+            (None, Some(StartAt::ResumeToken(data))) => StartPoint::ResumeAfter(token_from_data(data).ok_or(ReplicatorError::InvalidStartToken)?),
+            (None, None) => {
+                // Saved first, so a crash before the first change does not move the start to "later".
+                let token = self.start_token(&StartPoint::Now).await?;
+                checkpoint.token = Some(token.clone());
+                save(checkpoint).await?;
+                StartPoint::ResumeAfter(token)
+            }
+        };
+        self.streamer.run(start, checkpoint).await?;
+        if ctx.cancel.is_cancelled() {
+            tracing::info!(events_applied = checkpoint.events_applied, "stopped; checkpoint saved");
         }
-    };
-    streamer.run(start, checkpoint).await?;
-    if cancel.is_cancelled() {
-        tracing::info!(events_applied = checkpoint.events_applied, "stopped; checkpoint saved");
+        Ok(Outcome::Stopped)
     }
-    Ok(Outcome::Stopped)
-}
 
-/// Opens the stream at `start` and returns the token it starts from.
-async fn start_token(
-    source: &Client,
-    map: &NamespaceMap,
-    streamer: &Streamer,
-    start: &StartPoint,
-) -> Result<mongodb::change_stream::event::ResumeToken, ReplicatorError> {
-    let stream = stream::open(source, &map.stream_scope(), start, Duration::from_millis(100), streamer.copier.batch_size as u32).await?;
-    stream.resume_token().ok_or(ReplicatorError::NoStartPoint)
-}
-
-/// Starts over after the source lost the history the checkpoint needs: the replicated target
-/// collections are dropped (deletes in the lost history must not survive) and copied again.
-async fn resync(copier: &Copier, store: &CheckpointStore, checkpoint: &mut Checkpoint) -> Result<(), ReplicatorError> {
-    for collection in copier.included_collections().await? {
-        let target = copier.map.target(&collection.ns);
-        copier.sink.apply_ddl(&event::Ddl::DropCollection(target)).await.map_err(SnapshotError::from)?;
+    /// Opens the stream at `start` and returns the token it starts from.
+    async fn start_token(&self, start: &StartPoint) -> Result<mongodb::change_stream::event::ResumeToken, ReplicatorError> {
+        let ctx = &self.ctx;
+        let stream = stream::open(&ctx.source, &ctx.map.stream_scope(), start, Duration::from_millis(100), ctx.settings.batch_size as u32).await?;
+        stream.resume_token().ok_or(ReplicatorError::NoStartPoint)
     }
-    store.forget_all_ranges().await.map_err(ReplicatorError::Checkpoint)?;
-    checkpoint.phase = CheckpointPhase::Snapshot;
-    checkpoint.start_token = None;
-    checkpoint.token = None;
-    checkpoint.saved_at = DateTime::now();
-    store.save(checkpoint).await.map_err(ReplicatorError::Checkpoint)
+
+    /// Starts over after the source lost the history the checkpoint needs: the replicated target
+    /// collections are dropped (deletes in the lost history must not survive) and copied again.
+    async fn resync(&self, checkpoint: &mut Checkpoint) -> Result<(), ReplicatorError> {
+        let ctx = &self.ctx;
+        for collection in self.copier.included_collections().await? {
+            let target = ctx.map.target(&collection.ns);
+            ctx.sink.apply_ddl(&event::Ddl::DropCollection(target)).await.map_err(SnapshotError::from)?;
+        }
+        ctx.store.forget_all_ranges().await.map_err(ReplicatorError::Checkpoint)?;
+        checkpoint.phase = CheckpointPhase::Snapshot;
+        checkpoint.start_token = None;
+        checkpoint.token = None;
+        checkpoint.saved_at = DateTime::now();
+        ctx.store.save(checkpoint).await.map_err(ReplicatorError::Checkpoint)
+    }
 }
 
 /// Parses `<seconds>.<increment>`.

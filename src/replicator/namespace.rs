@@ -5,7 +5,8 @@
 
 use std::fmt;
 
-use crate::crd::NamespaceFilter;
+use super::config::NamespaceRules;
+use crate::reason::Reason;
 
 /// Databases MongoDB keeps for itself: never read from, never written to.
 const SYSTEM_DATABASES: [&str; 3] = ["admin", "local", "config"];
@@ -68,10 +69,10 @@ pub enum NamespaceError {
 
 impl NamespaceError {
     /// Stable reason for conditions, Events and metric labels.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            NamespaceError::InvalidPattern { .. } => "InvalidNamespacePattern",
-            NamespaceError::InvalidRename { .. } => "InvalidRename",
+            NamespaceError::InvalidPattern { .. } => Reason::InvalidNamespacePattern,
+            NamespaceError::InvalidRename { .. } => Reason::InvalidRename,
         }
     }
 }
@@ -146,7 +147,7 @@ impl Rename {
     }
 }
 
-/// A compiled [`NamespaceFilter`].
+/// A compiled [`NamespaceRules`].
 #[derive(Clone, Debug)]
 pub struct NamespaceMap {
     include: Vec<Pattern>,
@@ -158,8 +159,8 @@ pub struct NamespaceMap {
 impl NamespaceMap {
     /// `filter` None means every user namespace. `checkpoint_db` is never replicated, nor written
     /// to by a rename.
-    pub fn new(filter: Option<&NamespaceFilter>, checkpoint_db: &str) -> Result<Self, NamespaceError> {
-        let empty = NamespaceFilter::default();
+    pub fn new(filter: Option<&NamespaceRules>, checkpoint_db: &str) -> Result<Self, NamespaceError> {
+        let empty = NamespaceRules::default();
         let filter = filter.unwrap_or(&empty);
         let patterns = |list: &[String]| {
             list.iter()
@@ -316,13 +317,13 @@ fn glob<'t>(pattern: &str, text: &'t str, mut capture: impl FnMut(&'t str)) -> b
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::RenameRule;
+    use crate::replicator::config::Rename as RenameRule;
     use proptest::prelude::*;
 
     const CHECKPOINTS: &str = "mongo_replicator";
 
-    fn filter(include: &[&str], exclude: &[&str], rename: &[(&str, &str)]) -> NamespaceFilter {
-        NamespaceFilter {
+    fn filter(include: &[&str], exclude: &[&str], rename: &[(&str, &str)]) -> NamespaceRules {
+        NamespaceRules {
             include: include.iter().map(|s| s.to_string()).collect(),
             exclude: exclude.iter().map(|s| s.to_string()).collect(),
             rename: rename.iter().map(|(f, t)| RenameRule { from: f.to_string(), to: t.to_string() }).collect(),
@@ -334,7 +335,7 @@ mod tests {
     }
 
     fn refusal(include: &[&str], rename: &[(&str, &str)]) -> &'static str {
-        NamespaceMap::new(Some(&filter(include, &[], rename)), CHECKPOINTS).expect_err("refused").reason()
+        NamespaceMap::new(Some(&filter(include, &[], rename)), CHECKPOINTS).expect_err("refused").reason().as_str()
     }
 
     fn ns(s: &str) -> Namespace {

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use mongodb::bson::{Bson, Document, RawDocumentBuf, doc};
@@ -10,10 +10,15 @@ use mongodb::error::{ErrorKind, InsertManyError};
 use mongodb::{Client, Database};
 use tokio_util::sync::CancellationToken;
 
+use super::classify::{code, describe, error_code, is_transient};
 use super::event::{Ddl, DocWrite, DocWriteKind};
 use super::namespace::{Namespace, NamespaceMap};
-use super::retry::{Backoff, describe, error_code, is_transient};
+use crate::reason::Reason;
+use crate::retry::{Decision, Failure, Policy, retry};
 use crate::telemetry::Metrics;
+
+/// Writes are retried without limit while the target may come back, until a shutdown.
+const WRITE_RETRY: Policy = Policy::unbounded(Duration::from_millis(100), Duration::from_secs(10));
 
 /// Most bytes of documents in one write command; the server refuses commands over 16 MB and one
 /// large document must still fit beside the command's own fields.
@@ -36,12 +41,17 @@ pub enum SinkError {
 }
 
 impl SinkError {
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            SinkError::WriteRefused { .. } => "TargetWriteRefused",
-            SinkError::Command { .. } => "TargetCommandFailed",
-            SinkError::Cancelled { .. } => "Cancelled",
+            SinkError::WriteRefused { .. } => Reason::TargetWriteRefused,
+            SinkError::Command { .. } => Reason::TargetCommandFailed,
+            SinkError::Cancelled { .. } => Reason::Cancelled,
         }
+    }
+
+    /// Whether the same write may succeed later.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SinkError::Command { source, .. } if is_transient(source))
     }
 }
 
@@ -56,12 +66,6 @@ pub struct Sink {
     cancel: CancellationToken,
 }
 
-/// Server codes that mean "already done" for DDL replayed after a crash.
-const NAMESPACE_NOT_FOUND: i32 = 26;
-const INDEX_NOT_FOUND: i32 = 27;
-const NAMESPACE_EXISTS: i32 = 48;
-const DUPLICATE_KEY: i32 = 11000;
-
 impl Sink {
     pub fn new(client: Client, map: Arc<NamespaceMap>, metrics: Arc<Metrics>, batch_size: usize, cancel: CancellationToken) -> Self {
         Self { client, map, metrics, batch_size, cancel }
@@ -71,26 +75,29 @@ impl Sink {
         self.client.database(&ns.db)
     }
 
-    /// Runs a command, retrying transient failures with backoff until it succeeds, fails for
-    /// good, or the sink is cancelled.
+    /// Retries `op` while it fails transiently, until the sink is cancelled (a shutdown: writes
+    /// in flight are idempotent and replayed from the checkpoint).
+    async fn retrying<T, Fut>(&self, ns: &Namespace, what: &'static str, op: impl FnMut() -> Fut) -> Result<T, SinkError>
+    where
+        Fut: Future<Output = Result<T, SinkError>>,
+    {
+        let on_retry = |err: &SinkError, wait: Duration, _| {
+            self.metrics.retry("write");
+            tracing::warn!(ns = %ns, command = what, error = %err, retry_in = ?wait, "transient write failure; retrying");
+        };
+        retry(&WRITE_RETRY, &self.cancel, op, |e: &SinkError| Decision::retry_if(e.is_transient()), on_retry).await.map_err(|failure| match failure {
+            Failure::Cancelled { .. } => SinkError::Cancelled { ns: ns.to_string() },
+            other => other.into_error(),
+        })
+    }
+
+    /// Runs a command, retrying transient failures.
     async fn command(&self, ns: &Namespace, name: &'static str, command: &Document) -> Result<Document, SinkError> {
-        let mut backoff = Backoff::default();
-        loop {
-            // The driver takes the command by value; keeping ours lets a retry resend it.
-            match self.db(ns).run_command(command.clone()).await {
-                Ok(reply) => return Ok(reply),
-                Err(err) if is_transient(&err) && !self.cancel.is_cancelled() => {
-                    self.metrics.retry("write");
-                    let delay = backoff.next_delay();
-                    tracing::warn!(ns = %ns, command = name, error = %describe(&err), retry_in = ?delay, "transient write failure; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.cancel.cancelled() => return Err(SinkError::Cancelled { ns: ns.to_string() }),
-                    }
-                }
-                Err(source) => return Err(SinkError::Command { command: name, ns: ns.to_string(), source }),
-            }
-        }
+        // The driver takes the command by value; keeping ours lets a retry resend it.
+        self.retrying(ns, name, || async {
+            self.db(ns).run_command(command.clone()).await.map_err(|source| SinkError::Command { command: name, ns: ns.to_string(), source })
+        })
+        .await
     }
 
     /// Applies document writes in order per document: for each document only its last write
@@ -146,7 +153,7 @@ impl Sink {
         for chunk in chunks(docs, self.batch_size) {
             let len = chunk.len();
             let command = doc! {"insert": &ns.coll, "documents": chunk, "ordered": false};
-            let duplicates = check_write_errors(ns, &self.command(ns, "insert", &command).await?, &[DUPLICATE_KEY])?;
+            let duplicates = check_write_errors(ns, &self.command(ns, "insert", &command).await?, &[code::DUPLICATE_KEY])?;
             if !duplicates.is_empty() {
                 let docs = command.get_array("documents").map_err(|_| SinkError::WriteRefused {
                     ns: ns.to_string(),
@@ -169,29 +176,21 @@ impl Sink {
     /// are: the change stream brings them up to date.
     pub async fn insert_copied(&self, ns: &Namespace, docs: Vec<RawDocumentBuf>) -> Result<(), SinkError> {
         let coll = self.client.database(&ns.db).collection::<RawDocumentBuf>(&ns.coll);
-        let mut backoff = Backoff::default();
-        loop {
-            let err = match coll.insert_many(&docs).ordered(false).await {
+        let docs = &docs;
+        self.retrying(ns, "insert", || async {
+            let err = match coll.insert_many(docs).ordered(false).await {
                 Ok(_) => return Ok(()),
                 Err(err) => err,
             };
             if let ErrorKind::InsertMany(InsertManyError { write_errors: Some(errors), write_concern_error: None, .. }) = err.kind.as_ref() {
-                match errors.iter().find(|e| e.code != DUPLICATE_KEY) {
-                    None => return Ok(()),
-                    Some(e) => {
-                        let message = e.message.chars().take(500).collect();
-                        return Err(SinkError::WriteRefused { ns: ns.to_string(), code: e.code, message });
-                    }
-                }
+                return match errors.iter().find(|e| e.code != code::DUPLICATE_KEY) {
+                    None => Ok(()),
+                    Some(e) => Err(SinkError::WriteRefused { ns: ns.to_string(), code: e.code, message: e.message.chars().take(500).collect() }),
+                };
             }
-            if !is_transient(&err) || self.cancel.is_cancelled() {
-                return Err(SinkError::Command { command: "insert", ns: ns.to_string(), source: err });
-            }
-            self.metrics.retry("write");
-            let delay = backoff.next_delay();
-            tracing::warn!(ns = %ns, error = %describe(&err), retry_in = ?delay, "transient failure copying documents; retrying");
-            tokio::time::sleep(delay).await;
-        }
+            Err(SinkError::Command { command: "insert", ns: ns.to_string(), source: err })
+        })
+        .await
     }
 
     /// Applies a DDL change. Replaying one after a crash is harmless: "already done" answers
@@ -219,7 +218,7 @@ impl Sink {
         };
         match result {
             Err(SinkError::Command { source, .. })
-                if matches!(error_code(&source), Some(NAMESPACE_NOT_FOUND | INDEX_NOT_FOUND | NAMESPACE_EXISTS)) =>
+                if matches!(error_code(&source), Some(code::NAMESPACE_NOT_FOUND | code::INDEX_NOT_FOUND | code::NAMESPACE_EXISTS)) =>
             {
                 Ok(())
             }
@@ -248,7 +247,7 @@ impl Sink {
             let mapped = Namespace::new(target_db, coll);
             if self.map.includes(&source) && self.map.target(&source) == mapped {
                 match self.command(&mapped, "drop", &doc! {"drop": &mapped.coll}).await {
-                    Err(SinkError::Command { source, .. }) if error_code(&source) == Some(NAMESPACE_NOT_FOUND) => {}
+                    Err(SinkError::Command { source, .. }) if error_code(&source) == Some(code::NAMESPACE_NOT_FOUND) => {}
                     other => other.map(drop)?,
                 }
             }
@@ -424,11 +423,11 @@ mod tests {
     fn duplicate_ids_are_returned_only_when_expected() {
         let ns = Namespace::new("db", "c");
         let reply = doc! {"ok": 1, "writeErrors": [{"index": 2, "code": 11000, "errmsg": "E11000 duplicate key", "keyPattern": {"_id": 1}}]};
-        assert_eq!(check_write_errors(&ns, &reply, &[DUPLICATE_KEY]).unwrap(), vec![2]);
+        assert_eq!(check_write_errors(&ns, &reply, &[code::DUPLICATE_KEY]).unwrap(), vec![2]);
         let err = check_write_errors(&ns, &reply, &[]).unwrap_err();
         assert!(err.to_string().contains("db.c") && err.to_string().contains("11000"));
         let secondary = doc! {"ok": 1, "writeErrors": [{"index": 0, "code": 11000, "errmsg": "E11000", "keyPattern": {"sku": 1}}]};
-        assert!(check_write_errors(&ns, &secondary, &[DUPLICATE_KEY]).is_err(), "a unique secondary index is a real conflict");
+        assert!(check_write_errors(&ns, &secondary, &[code::DUPLICATE_KEY]).is_err(), "a unique secondary index is a real conflict");
         assert!(check_write_errors(&ns, &doc! {"ok": 1, "n": 3}, &[]).unwrap().is_empty());
     }
 }

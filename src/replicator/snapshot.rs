@@ -7,16 +7,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use mongodb::Client;
 use mongodb::bson::{Bson, Document, RawDocumentBuf, doc};
 use mongodb::options::FindOptions;
 use tokio_util::sync::CancellationToken;
 
-use super::checkpoint::{CheckpointStore, RangeId, RangeProgress};
-use super::namespace::{Namespace, NamespaceMap};
-use super::retry::{Backoff, describe, is_transient};
+use super::checkpoint::{RangeId, RangeProgress};
+use super::classify::{describe, is_transient};
+use super::context::Context;
+use super::namespace::Namespace;
 use super::sink::{Sink, SinkError};
-use crate::telemetry::Metrics;
+use crate::reason::Reason;
+use crate::retry::{Decision, Failure, Policy, retry};
+
+/// A range whose read or write failed transiently is resumed from its saved progress.
+const RANGE_RETRY: Policy = Policy::unbounded(Duration::from_millis(100), Duration::from_secs(10));
 
 /// Why the snapshot stopped.
 #[derive(Debug, thiserror::Error)]
@@ -42,13 +46,13 @@ pub enum SnapshotError {
 }
 
 impl SnapshotError {
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            SnapshotError::Read { .. } => "SourceReadFailed",
-            SnapshotError::List { .. } => "SourceListFailed",
-            SnapshotError::Progress(_) => "CheckpointWriteFailed",
+            SnapshotError::Read { .. } => Reason::SourceReadFailed,
+            SnapshotError::List { .. } => Reason::SourceListFailed,
+            SnapshotError::Progress(_) => Reason::CheckpointWriteFailed,
             SnapshotError::Sink(e) => e.reason(),
-            SnapshotError::Cancelled => "Cancelled",
+            SnapshotError::Cancelled => Reason::Cancelled,
         }
     }
 
@@ -56,7 +60,7 @@ impl SnapshotError {
     pub fn is_transient(&self) -> bool {
         match self {
             SnapshotError::Read { source, .. } | SnapshotError::List { source, .. } | SnapshotError::Progress(source) => is_transient(source),
-            SnapshotError::Sink(SinkError::Command { source, .. }) => is_transient(source),
+            SnapshotError::Sink(e) => e.is_transient(),
             _ => false,
         }
     }
@@ -65,16 +69,9 @@ impl SnapshotError {
 /// Copies collections from the source into the target.
 #[derive(Clone)]
 pub struct Copier {
-    pub source: Client,
-    pub sink: Sink,
-    pub store: CheckpointStore,
-    pub map: Arc<NamespaceMap>,
-    pub metrics: Arc<Metrics>,
-    pub workers: usize,
-    pub batch_size: usize,
-    pub partition_documents: u64,
-    pub cancel: CancellationToken,
-    pub copied: Arc<AtomicU64>,
+    ctx: Arc<Context>,
+    /// Documents copied by this process, for the progress line.
+    copied: Arc<AtomicU64>,
 }
 
 /// An included source collection and its creation options.
@@ -85,6 +82,10 @@ pub struct SourceCollection {
 }
 
 impl Copier {
+    pub fn new(ctx: Arc<Context>) -> Self {
+        Self { ctx, copied: Arc::default() }
+    }
+
     /// The included collections of the source (views and system collections are left out).
     pub async fn included_collections(&self) -> Result<Vec<SourceCollection>, SnapshotError> {
         let list_err = |what: &str| {
@@ -92,9 +93,10 @@ impl Copier {
             move |source| SnapshotError::List { what: what.clone(), source }
         };
         let mut out = Vec::new();
-        let dbs = self.source.list_database_names().await.map_err(list_err("databases"))?;
-        for db in dbs.into_iter().filter(|db| self.map.may_include_database(db)) {
+        let dbs = self.ctx.source.list_database_names().await.map_err(list_err("databases"))?;
+        for db in dbs.into_iter().filter(|db| self.ctx.map.may_include_database(db)) {
             let specs: Vec<Document> = self
+                .ctx
                 .source
                 .database(&db)
                 .run_cursor_command(doc! {"listCollections": 1, "filter": {"type": "collection"}})
@@ -106,7 +108,7 @@ impl Copier {
             for spec in specs {
                 let Ok(name) = spec.get_str("name") else { continue };
                 let ns = Namespace::new(db.clone(), name);
-                if self.map.includes(&ns) {
+                if self.ctx.map.includes(&ns) {
                     let options = spec.get_document("options").cloned().unwrap_or_default();
                     out.push(SourceCollection { ns, options });
                 }
@@ -121,7 +123,7 @@ impl Copier {
         let collections = self.included_collections().await?;
         let mut ranges = Vec::new();
         for collection in &collections {
-            let target = self.map.target(&collection.ns);
+            let target = self.ctx.map.target(&collection.ns);
             self.create_collection(&target, &collection.options).await?;
             for range in self.plan(&collection.ns).await? {
                 if !range.done {
@@ -133,7 +135,7 @@ impl Copier {
         let progress = self.progress_line(collections.len());
         let results: Vec<Result<u64, SnapshotError>> = futures::stream::iter(ranges)
             .map(|(source, target, range)| self.copy_range(source, target, range))
-            .buffer_unordered(self.workers)
+            .buffer_unordered(self.ctx.settings.workers)
             .collect()
             .await;
         progress.cancel();
@@ -143,14 +145,14 @@ impl Copier {
         }
         // Indexes after the data: building them once is faster than maintaining them per insert.
         for collection in &collections {
-            self.copy_indexes(&collection.ns, &self.map.target(&collection.ns)).await?;
+            self.copy_indexes(&collection.ns, &self.ctx.map.target(&collection.ns)).await?;
         }
         Ok(total)
     }
 
     /// Copies one collection afresh (a collection renamed into the replicated set mid-stream).
     pub async fn copy_collection(&self, source: &Namespace, target: &Namespace) -> Result<u64, SnapshotError> {
-        self.store.forget_ranges(&[source.to_string()]).await.map_err(SnapshotError::Progress)?;
+        self.ctx.store.forget_ranges(&[source.to_string()]).await.map_err(SnapshotError::Progress)?;
         self.create_collection(target, &Document::new()).await?;
         let mut total = 0;
         for range in self.plan(source).await? {
@@ -162,29 +164,30 @@ impl Copier {
 
     async fn create_collection(&self, target: &Namespace, options: &Document) -> Result<(), SnapshotError> {
         let ddl = super::event::Ddl::CreateCollection { ns: target.clone(), options: options.clone() };
-        Ok(self.sink.apply_ddl(&ddl).await?)
+        Ok(self.ctx.sink.apply_ddl(&ddl).await?)
     }
 
     async fn copy_indexes(&self, source: &Namespace, target: &Namespace) -> Result<(), SnapshotError> {
-        let indexes =
-            Sink::list_indexes(&self.source, source).await.map_err(|e| SnapshotError::List { what: format!("indexes of {source}"), source: e })?;
-        Ok(self.sink.create_indexes(target, indexes).await?)
+        let indexes = Sink::list_indexes(&self.ctx.source, source)
+            .await
+            .map_err(|e| SnapshotError::List { what: format!("indexes of {source}"), source: e })?;
+        Ok(self.ctx.sink.create_indexes(target, indexes).await?)
     }
 
     /// The ranges of a collection: the saved plan when it is complete, else a new one. Large
     /// collections whose `_id`s are all of one kind are split at `_id`s found by skipping.
     async fn plan(&self, ns: &Namespace) -> Result<Vec<RangeProgress>, SnapshotError> {
         let key = ns.to_string();
-        let saved = self.store.ranges(&key).await.map_err(SnapshotError::Progress)?;
+        let saved = self.ctx.store.ranges(&key).await.map_err(SnapshotError::Progress)?;
         if is_complete_plan(&saved) {
             return Ok(saved);
         }
-        let coll = self.source.database(&ns.db).collection::<Document>(&ns.coll);
+        let coll = self.ctx.source.database(&ns.db).collection::<Document>(&ns.coll);
         let read_err = |source| SnapshotError::Read { ns: key.clone(), source };
         let count = coll.estimated_document_count().await.map_err(read_err)?;
         let mut bounds: Vec<Bson> = Vec::new();
-        if count > self.partition_documents && self.partition_documents > 0 {
-            let parts = count.div_ceil(self.partition_documents).min(self.workers as u64 * 4);
+        if count > self.ctx.settings.partition_documents && self.ctx.settings.partition_documents > 0 {
+            let parts = count.div_ceil(self.ctx.settings.partition_documents).min(self.ctx.settings.workers as u64 * 4);
             let step = count / parts;
             let first = self.id_at(ns, 0).await?;
             let last = self.id_at_end(ns).await?;
@@ -204,14 +207,14 @@ impl Copier {
         let mut lower = None;
         for (i, upper) in bounds.into_iter().map(Some).chain(std::iter::once(None)).enumerate() {
             let range = RangeProgress {
-                id: RangeId { replication: self.store.name().to_string(), ns: key.clone(), range: i as u32 },
+                id: RangeId { replication: self.ctx.store.name().to_string(), ns: key.clone(), range: i as u32 },
                 lower: lower.clone(),
                 upper: upper.clone(),
                 last_id: None,
                 copied: 0,
                 done: false,
             };
-            self.store.save_range(&range).await.map_err(SnapshotError::Progress)?;
+            self.ctx.store.save_range(&range).await.map_err(SnapshotError::Progress)?;
             ranges.push(range);
             lower = upper;
         }
@@ -227,7 +230,7 @@ impl Copier {
     }
 
     async fn edge_id(&self, ns: &Namespace, sort: Document, skip: u64) -> Result<Option<Bson>, SnapshotError> {
-        let coll = self.source.database(&ns.db).collection::<Document>(&ns.coll);
+        let coll = self.ctx.source.database(&ns.db).collection::<Document>(&ns.coll);
         let doc = coll
             .find_one(doc! {})
             .sort(sort)
@@ -240,36 +243,43 @@ impl Copier {
 
     /// Copies one range, resuming after its last copied `_id`; transient read or write failures
     /// restart the range from its saved progress.
-    async fn copy_range(&self, source: Namespace, target: Namespace, mut range: RangeProgress) -> Result<u64, SnapshotError> {
-        let mut backoff = Backoff::default();
-        let mut total = 0;
-        loop {
-            match self.copy_range_once(&source, &target, &mut range).await {
-                Ok(n) => return Ok(total + n),
-                Err((n, err)) if err.is_transient() && !self.cancel.is_cancelled() => {
-                    total += n;
-                    self.metrics.retry("read");
-                    let delay = backoff.next_delay();
-                    tracing::warn!(ns = %source, error = %err, retry_in = ?delay, "snapshot: transient failure; resuming the range");
-                    tokio::time::sleep(delay).await;
-                }
-                Err((_, err)) => return Err(err),
-            }
+    async fn copy_range(&self, source: Namespace, target: Namespace, range: RangeProgress) -> Result<u64, SnapshotError> {
+        let range = &tokio::sync::Mutex::new(range);
+        let total = &AtomicU64::new(0);
+        let (source, target) = (&source, &target);
+        let attempt = || async move {
+            let mut range = range.lock().await;
+            let (copied, result) = match self.copy_range_once(source, target, &mut range).await {
+                Ok(n) => (n, Ok(())),
+                Err((n, err)) => (n, Err(err)),
+            };
+            total.fetch_add(copied, Ordering::Relaxed);
+            result
+        };
+        let on_retry = |err: &SnapshotError, wait: Duration, _| {
+            self.ctx.metrics.retry("read");
+            tracing::warn!(ns = %source, error = %err, retry_in = ?wait, "snapshot: transient failure; resuming the range");
+        };
+        let decide = |err: &SnapshotError| Decision::retry_if(err.is_transient());
+        match retry(&RANGE_RETRY, &self.ctx.cancel, attempt, decide, on_retry).await {
+            Ok(()) => Ok(total.load(Ordering::Relaxed)),
+            Err(Failure::Cancelled { .. }) => Err(SnapshotError::Cancelled),
+            Err(failure) => Err(failure.into_error()),
         }
     }
 
     async fn copy_range_once(&self, source: &Namespace, target: &Namespace, range: &mut RangeProgress) -> Result<u64, (u64, SnapshotError)> {
-        let coll = self.source.database(&source.db).collection::<RawDocumentBuf>(&source.coll);
+        let coll = self.ctx.source.database(&source.db).collection::<RawDocumentBuf>(&source.coll);
         let filter = range_filter(range.lower.as_ref(), range.upper.as_ref(), range.last_id.as_ref());
         let read_err = |source_err| SnapshotError::Read { ns: source.to_string(), source: source_err };
-        let options = FindOptions::builder().sort(doc! {"_id": 1}).batch_size(self.batch_size as u32).build();
+        let options = FindOptions::builder().sort(doc! {"_id": 1}).batch_size(self.ctx.settings.batch_size as u32).build();
         let mut cursor = coll.find(filter).with_options(options).await.map_err(|e| (0, read_err(e)))?;
         let mut copied = 0;
-        let mut batch = Vec::with_capacity(self.batch_size);
+        let mut batch = Vec::with_capacity(self.ctx.settings.batch_size);
         // One batch is written while the next is read; its progress is saved once it is written.
         let mut in_flight: Option<InFlight> = None;
         loop {
-            if self.cancel.is_cancelled() {
+            if self.ctx.cancel.is_cancelled() {
                 return Err((copied, SnapshotError::Cancelled));
             }
             let next = cursor.try_next().await.map_err(|e| (copied, read_err(e)))?;
@@ -277,12 +287,12 @@ impl Copier {
             if let Some(doc) = next {
                 batch.push(doc);
             }
-            if batch.len() >= self.batch_size || (end && !batch.is_empty()) {
+            if batch.len() >= self.ctx.settings.batch_size || (end && !batch.is_empty()) {
                 if let Some(previous) = in_flight.take() {
                     copied += self.finish(previous, range).await.map_err(|e| (copied, e))?;
                 }
                 let docs = std::mem::take(&mut batch);
-                let (sink, target) = (self.sink.clone(), target.clone());
+                let (sink, target) = (self.ctx.sink.clone(), target.clone());
                 in_flight = Some(InFlight {
                     last_id: docs.last().and_then(raw_id),
                     count: docs.len() as u64,
@@ -294,7 +304,7 @@ impl Copier {
                     copied += self.finish(previous, range).await.map_err(|e| (copied, e))?;
                 }
                 range.done = true;
-                self.store.save_range(range).await.map_err(|e| (copied, SnapshotError::Progress(e)))?;
+                self.ctx.store.save_range(range).await.map_err(|e| (copied, SnapshotError::Progress(e)))?;
                 return Ok(copied);
             }
         }
@@ -308,8 +318,8 @@ impl Copier {
         }
         range.last_id = batch.last_id;
         range.copied += batch.count as i64;
-        self.store.save_range(range).await.map_err(SnapshotError::Progress)?;
-        self.metrics.documents_copied(batch.count);
+        self.ctx.store.save_range(range).await.map_err(SnapshotError::Progress)?;
+        self.ctx.metrics.documents_copied(batch.count);
         self.copied.fetch_add(batch.count, Ordering::Relaxed);
         Ok(batch.count)
     }

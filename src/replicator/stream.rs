@@ -13,14 +13,15 @@ use mongodb::change_stream::event::ResumeToken;
 use mongodb::options::{ChangeStreamOptions, FullDocumentType};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 
 use super::checkpoint::Checkpoint;
+use super::classify::{ErrorClass, classify, describe, is_transient};
+use super::context::Context;
 use super::event::{Action, Ddl, DocWrite, DocWriteKind, MalformedEvent, cluster_time, map_event, operation_label};
-use super::namespace::{NamespaceMap, StreamScope};
-use super::retry::{CHANGE_STREAM_HISTORY_LOST, describe, error_code, is_transient};
+use super::namespace::StreamScope;
 use super::sink::SinkError;
 use super::snapshot::{Copier, SnapshotError};
+use crate::reason::Reason;
 
 /// Where a change stream starts.
 #[derive(Clone, Debug)]
@@ -70,15 +71,15 @@ pub enum StreamError {
 }
 
 impl StreamError {
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            StreamError::Source(_) => "SourceStreamFailed",
-            StreamError::HistoryLost(_) => "ChangeStreamHistoryLost",
-            StreamError::Unsupported(_) => "ChangeStreamsUnsupported",
-            StreamError::Malformed(_) => "MalformedChangeEvent",
+            StreamError::Source(_) => Reason::SourceStreamFailed,
+            StreamError::HistoryLost(_) => Reason::ChangeStreamHistoryLost,
+            StreamError::Unsupported(_) => Reason::ChangeStreamsUnsupported,
+            StreamError::Malformed(_) => Reason::MalformedChangeEvent,
             StreamError::Sink(e) => e.reason(),
             StreamError::Copy(e) => e.reason(),
-            StreamError::Checkpoint(_) => "CheckpointWriteFailed",
+            StreamError::Checkpoint(_) => Reason::CheckpointWriteFailed,
         }
     }
 
@@ -86,17 +87,16 @@ impl StreamError {
     pub fn is_transient(&self) -> bool {
         match self {
             StreamError::Source(e) | StreamError::Checkpoint(e) => is_transient(e),
-            StreamError::Sink(SinkError::Command { source, .. }) => is_transient(source),
+            StreamError::Sink(e) => e.is_transient(),
             StreamError::Copy(e) => e.is_transient(),
             _ => false,
         }
     }
 
     fn from_source(err: mongodb::error::Error) -> Self {
-        match error_code(&err) {
-            Some(CHANGE_STREAM_HISTORY_LOST) => StreamError::HistoryLost(err),
-            // 40573: not a replica set; 115/40324: $changeStream unknown; 136: change streams disabled.
-            Some(40573 | 115 | 40324 | 136) => StreamError::Unsupported(err),
+        match classify(&err) {
+            ErrorClass::HistoryLost => StreamError::HistoryLost(err),
+            ErrorClass::ChangeStreamsUnsupported => StreamError::Unsupported(err),
             _ => StreamError::Source(err),
         }
     }
@@ -137,35 +137,31 @@ struct Window {
     newest: Option<Timestamp>,
 }
 
-/// Follows the change stream until cancelled or a permanent error. It shares the copier's
-/// endpoints and settings, and uses the copier for collections renamed into the replicated set.
+/// Follows the change stream until cancelled or a permanent error. It uses the copier for
+/// collections renamed into the replicated set.
 pub struct Streamer {
-    pub copier: Copier,
-    pub flush_interval: Duration,
+    ctx: Arc<Context>,
+    copier: Copier,
 }
 
 impl Streamer {
+    pub fn new(ctx: Arc<Context>, copier: Copier) -> Self {
+        Self { ctx, copier }
+    }
+
     /// Streams from `start`, saving progress into `checkpoint` (at least once a second under
     /// load, on idle batches and on shutdown). Returns Ok when cancelled and drained.
     pub async fn run(&self, start: StartPoint, checkpoint: &mut Checkpoint) -> Result<(), StreamError> {
-        let scope = self.copier.map.stream_scope();
-        let max_await = self.flush_interval.max(Duration::from_millis(100));
-        let stream = open(&self.copier.source, &scope, &start, max_await, self.copier.batch_size as u32).await?;
+        let ctx = &self.ctx;
+        let scope = ctx.map.stream_scope();
+        let max_await = ctx.settings.flush_interval.max(Duration::from_millis(100));
+        let stream = open(&ctx.source, &scope, &start, max_await, ctx.settings.batch_size as u32).await?;
         tracing::info!(scope = ?scope, start = %start, "streaming");
-        self.copier.metrics.set_phase("stream");
+        self.ctx.metrics.set_phase("stream");
 
         // The reader fills windows while the writers apply the previous one.
         let (tx, mut rx) = mpsc::channel::<Result<Window, StreamError>>(2);
-        let reader = Reader {
-            source: self.copier.source.clone(),
-            scope,
-            map: self.copier.map.clone(),
-            max_await,
-            batch_size: self.copier.batch_size,
-            window_events: self.copier.batch_size * self.copier.workers,
-            flush_interval: self.flush_interval,
-            cancel: self.copier.cancel.clone(),
-        };
+        let reader = Reader { ctx: ctx.clone(), scope, max_await };
         let reader_task = tokio::spawn(reader.run(stream, tx));
 
         let mut last_save = Instant::now();
@@ -184,10 +180,10 @@ impl Streamer {
             if let Some(ts) = window.newest {
                 checkpoint.last_applied_cluster_time = Some(ts);
                 let lag = (DateTime::now().timestamp_millis() / 1000 - i64::from(ts.time)).max(0);
-                self.copier.metrics.set_lag_seconds(lag as f64);
+                self.ctx.metrics.set_lag_seconds(lag as f64);
             } else {
                 // An empty window means the stream is caught up with the source.
-                self.copier.metrics.set_lag_seconds(0.0);
+                self.ctx.metrics.set_lag_seconds(0.0);
             }
             if window.token.is_some() {
                 checkpoint.token = window.token.clone();
@@ -208,25 +204,25 @@ impl Streamer {
 
     async fn save(&self, checkpoint: &mut Checkpoint) -> Result<(), StreamError> {
         checkpoint.saved_at = DateTime::now();
-        self.copier.store.save(checkpoint).await.map_err(StreamError::Checkpoint)?;
-        self.copier.metrics.checkpoint_saved();
+        self.ctx.store.save(checkpoint).await.map_err(StreamError::Checkpoint)?;
+        self.ctx.metrics.checkpoint_saved();
         Ok(())
     }
 
     /// Applies one window: document writes in parallel by key, DDL in order between flushes.
     async fn apply(&self, window: &Window) -> Result<(), StreamError> {
-        let mut buckets: Vec<Vec<DocWrite>> = vec![Vec::new(); self.copier.workers];
+        let mut buckets: Vec<Vec<DocWrite>> = vec![Vec::new(); self.ctx.settings.workers];
         for (action, operation) in &window.actions {
             match action {
                 Action::Write(write @ DocWrite { kind: DocWriteKind::Patch(_), .. }) => {
                     // Patches do not commute with other writes of the document: apply in order.
                     self.flush(&mut buckets).await?;
-                    self.copier.sink.apply(vec![write.clone()]).await?;
-                    self.copier.metrics.events_applied(operation, 1);
+                    self.ctx.sink.apply(vec![write.clone()]).await?;
+                    self.ctx.metrics.events_applied(operation, 1);
                 }
                 Action::Write(write) => {
-                    buckets[bucket_of(write, self.copier.workers)].push(write.clone());
-                    self.copier.metrics.events_applied(operation, 1);
+                    buckets[bucket_of(write, self.ctx.settings.workers)].push(write.clone());
+                    self.ctx.metrics.events_applied(operation, 1);
                 }
                 Action::Ddl(ddl) => {
                     self.flush(&mut buckets).await?;
@@ -234,9 +230,9 @@ impl Streamer {
                     if let Ddl::CopyCollection { source, target } = ddl {
                         self.copier.copy_collection(source, target).await?;
                     } else {
-                        self.copier.sink.apply_ddl(ddl).await?;
+                        self.ctx.sink.apply_ddl(ddl).await?;
                     }
-                    self.copier.metrics.events_applied(operation, 1);
+                    self.ctx.metrics.events_applied(operation, 1);
                 }
                 Action::Skip | Action::Invalidate => {}
             }
@@ -247,7 +243,7 @@ impl Streamer {
     async fn flush(&self, buckets: &mut [Vec<DocWrite>]) -> Result<(), StreamError> {
         let mut tasks = JoinSet::new();
         for bucket in buckets.iter_mut().filter(|b| !b.is_empty()) {
-            let sink = self.copier.sink.clone();
+            let sink = self.ctx.sink.clone();
             let writes = std::mem::take(bucket);
             tasks.spawn(async move { sink.apply(writes).await });
         }
@@ -274,20 +270,15 @@ fn bucket_of(write: &DocWrite, workers: usize) -> usize {
 }
 
 struct Reader {
-    source: Client,
+    ctx: Arc<Context>,
     scope: StreamScope,
-    map: Arc<NamespaceMap>,
     max_await: Duration,
-    batch_size: usize,
-    window_events: usize,
-    flush_interval: Duration,
-    cancel: CancellationToken,
 }
 
 impl Reader {
     async fn run(self, mut stream: ChangeStream<Document>, tx: mpsc::Sender<Result<Window, StreamError>>) {
         loop {
-            if self.cancel.is_cancelled() {
+            if self.ctx.cancel.is_cancelled() {
                 return;
             }
             let window = self.read_window(&mut stream).await;
@@ -300,7 +291,7 @@ impl Reader {
                 return;
             }
             if let Some(token) = reopen {
-                match open(&self.source, &self.scope, &StartPoint::StartAfter(token), self.max_await, self.batch_size as u32).await {
+                match open(&self.ctx.source, &self.scope, &StartPoint::StartAfter(token), self.max_await, self.ctx.settings.batch_size as u32).await {
                     Ok(s) => stream = s,
                     Err(err) => {
                         let _ = tx.send(Err(err)).await;
@@ -314,7 +305,7 @@ impl Reader {
     /// Reads until the window is full, the flush interval passes or the server's batch runs
     /// dry. Returns the window and, after an invalidate, the token to reopen after.
     async fn read_window(&self, stream: &mut ChangeStream<Document>) -> Result<(Window, Option<ResumeToken>), StreamError> {
-        let deadline = Instant::now() + self.flush_interval;
+        let deadline = Instant::now() + self.ctx.settings.flush_interval;
         let mut actions = Vec::new();
         let mut newest = None;
         loop {
@@ -325,7 +316,7 @@ impl Reader {
                 newest = Some(ts);
             }
             let operation = operation_label(&event);
-            let action = map_event(event, &self.map)?;
+            let action = map_event(event, &self.ctx.map)?;
             if action == Action::Invalidate {
                 let token = stream.resume_token();
                 return Ok((Window { actions, token: token.clone(), newest }, token));
@@ -333,7 +324,7 @@ impl Reader {
             if action != Action::Skip {
                 actions.push((action, operation));
             }
-            if actions.len() >= self.window_events || Instant::now() >= deadline || self.cancel.is_cancelled() {
+            if actions.len() >= self.ctx.settings.window_events() || Instant::now() >= deadline || self.ctx.cancel.is_cancelled() {
                 break;
             }
         }

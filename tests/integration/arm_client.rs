@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use mongo_replicator::auth::oidc::{EntraMetrics, Identity, TokenError, TokenSource};
-use mongo_replicator::auth::transport::HttpsTransport;
 use mongo_replicator::azure::arm::{ArmClient, ArmError, FederatedCredential, MANAGEMENT_SCOPE};
+use mongo_replicator::https::HttpsTransport;
 use mongo_replicator_lab::KubeLab;
 use mongo_replicator_lab::azure::{AzureLab, LabIdentity, PodIdentity};
 use mongo_replicator_lab::entra::{EntraOptions, TOKEN_EXCHANGE_AUDIENCE};

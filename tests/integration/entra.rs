@@ -377,9 +377,10 @@ async fn fifty_concurrent_connections_make_one_entra_call() -> Result<()> {
 
     // Fifty clients (each with its own driver token cache) connect at once: the shared token
     // source lets one request through to Entra and the others wait for its answer.
+    let tokens = auth::oidc::TokenSources::default();
     let mut clients = Vec::new();
     for _ in 0..50 {
-        let options = auth::client_options(&config.target, EndpointRole::Target).await?;
+        let options = config.target.client_options(EndpointRole::Target, &tokens).await?;
         clients.push(mongodb::Client::with_options(options)?);
     }
     let started = Instant::now();
@@ -391,7 +392,7 @@ async fn fifty_concurrent_connections_make_one_entra_call() -> Result<()> {
     ensure!(azure.entra.token_requests() == 1, "{} Entra calls for 50 connections", azure.entra.token_requests());
     let stats = gateway.stats();
     ensure!(stats.connections >= 50 && stats.sasl_start_accepted >= 50, "{stats:?}");
-    let metrics = auth::oidc::TokenSources::global().metrics();
+    let metrics = tokens.metrics();
     ensure!(metrics.acquisitions(&wi.identity.client_id) == 1);
     eprintln!("50 OIDC logins with one Entra call in {elapsed:?}");
     drop(server);

@@ -1,4 +1,5 @@
-//! The HTTPS transport azure_identity sends Microsoft Entra requests through: hyper + rustls
+//! The HTTPS client of the product: Microsoft Entra token requests (as azure_identity's
+//! transport) and Azure Resource Manager calls go through it. hyper + rustls
 //! (ring, like the rest of the binary) trusting the system roots plus optional extra CA
 //! certificates (private endpoints, sovereign or private clouds), with pooled keep-alive
 //! connections so a token refresh does not pay a TLS handshake.
@@ -18,6 +19,9 @@ use hyper_util::rt::TokioExecutor;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
+use crate::error_chain::describe;
+use crate::reason::Reason;
+
 /// Why the transport could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -30,11 +34,11 @@ pub enum TransportError {
 }
 
 impl TransportError {
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            TransportError::UnreadableCa { .. } => "CaFileUnreadable",
-            TransportError::NoRoots => "NoTrustedCertificates",
-            TransportError::Tls(_) => "TlsSetupFailed",
+            TransportError::UnreadableCa { .. } => Reason::CaFileUnreadable,
+            TransportError::NoRoots => Reason::NoTrustedCertificates,
+            TransportError::Tls(_) => Reason::TlsSetupFailed,
         }
     }
 }
@@ -90,21 +94,11 @@ impl HttpsTransport {
 
     /// Sends one request and reads the whole answer: status, headers and body.
     pub async fn send(&self, request: http::Request<Full<Bytes>>) -> Result<(u16, http::HeaderMap, Bytes), String> {
-        let response = self.client.request(request).await.map_err(|e| describe(&e))?;
+        let response = self.client.request(request).await.map_err(|e| describe(&e))?; // causes say what failed (DNS, refused, certificate)
         let (parts, body) = response.into_parts();
         let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
         Ok((parts.status.as_u16(), parts.headers, body))
     }
-}
-
-/// An error and its causes, outermost first.
-pub fn causes<'a>(err: &'a (dyn std::error::Error + 'static)) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
-    std::iter::successors(Some(err), |e| e.source())
-}
-
-/// A hyper error with its causes, which say what failed (DNS, refused, certificate).
-fn describe(err: &(dyn std::error::Error + 'static)) -> String {
-    causes(err).map(ToString::to_string).collect::<Vec<_>>().join(": ")
 }
 
 #[async_trait::async_trait]
