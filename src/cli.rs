@@ -284,6 +284,8 @@ fn validate(args: ValidateArgs) -> ExitCode {
         Err(err) => {
             eprintln!("mongo-replicator validate: {err}");
             let verdict = serde_json::json!({"passed": false, "reason": err.reason(), "message": err.to_string()}).to_string();
+            let shown = if text { format!("validation FAILED: {err} [{}]\n", err.reason()) } else { format!("{verdict}\n") };
+            let _ = std::io::stdout().lock().write_all(shown.as_bytes());
             write_termination_log(&args.termination_log, &verdict);
             return ExitCode::from(3);
         }

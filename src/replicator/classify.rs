@@ -160,6 +160,8 @@ pub fn describe(err: &MongoError) -> String {
     }
     match err.kind.as_ref() {
         ErrorKind::ServerSelection { message, .. } => unreachable_servers(message).unwrap_or_else(|| err.to_string()),
+        // The driver's own text appends the raw server response as bytes.
+        ErrorKind::Command(e) => format!("{} ({}): {}", e.code_name, e.code, e.message),
         _ => err.to_string(),
     }
 }

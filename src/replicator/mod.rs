@@ -60,7 +60,7 @@ pub enum ReplicatorError {
     Auth(#[from] AuthError),
     #[error("{role}: cannot create a client: {detail}")]
     Client { role: EndpointRole, detail: String },
-    #[error("{role}: {detail}")]
+    #[error("{role}: {} refused: {detail}", if *.reason == Reason::NotAuthorized { "command" } else { "login" })]
     Refused { role: EndpointRole, reason: Reason, detail: String },
     #[error("{role}: {detail}")]
     Unreachable { role: EndpointRole, reason: Reason, detail: String },
@@ -84,10 +84,19 @@ impl ReplicatorError {
         causes(self).find_map(|err| err.downcast_ref::<mongodb::error::Error>().and_then(oidc::token_error))
     }
 
+    /// The server's refusal behind this error (a login, or a command for lack of privileges),
+    /// wherever it happened: at start, in the snapshot or in the stream.
+    fn server_refusal(&self) -> Option<&mongodb::error::Error> {
+        causes(self).filter_map(|err| err.downcast_ref::<mongodb::error::Error>()).find(|err| is_refusal(err))
+    }
+
     /// Stable reason for conditions, Events and metric labels.
     pub fn reason(&self) -> Reason {
         if let Some(token) = self.token_failure() {
             return token.reason();
+        }
+        if let Some(refusal) = self.server_refusal() {
+            return classify::reason(refusal);
         }
         match self {
             ReplicatorError::Namespace(e) => e.reason(),
@@ -108,7 +117,7 @@ impl ReplicatorError {
     /// source's history no longer reaches the checkpoint, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         // Entra refused for good (identity gone, token file missing): nothing will change by itself.
-        if self.token_failure().is_some_and(|t| !t.is_transient()) {
+        if self.token_failure().is_some_and(|t| !t.is_transient()) || self.server_refusal().is_some() {
             return 4;
         }
         match self {

@@ -353,3 +353,47 @@ metricsAddress: null
     ensure!(saved.is_some(), "the checkpoint is not under the configured name");
     Ok(())
 }
+
+#[tokio::test]
+async fn sigterm_during_a_long_retry_wait_exits_within_the_shutdown_timeout() -> Result<()> {
+    let (source, mut target) = servers().await?;
+    let src = source.admin_client().await?;
+    let docs: Vec<Document> = (0..20_000).map(|i| doc! {"_id": i, "pad": "x".repeat(64)}).collect();
+    src.database("app").collection::<Document>("events").insert_many(docs).await?;
+    // Server selection gives up fast, so the replicator spends its time in retry waits.
+    let env = vec![("SRC_URI", source.uri()), ("DST_URI", format!("{}&serverSelectionTimeoutMS=200", target.uri()))];
+    let port = mongo_replicator_lab::process::free_port()?;
+    let address = format!("127.0.0.1:{port}");
+    let dir = crate::support::tempdir::Dir::new("sigterm-retry")?;
+    let config = dir.0.join("replicator.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "name: it\nsource: {{auth: connectionString, uriEnv: SRC_URI}}\ntarget: {{auth: connectionString, uriEnv: DST_URI}}\n\
+             workers: 1\nbatchSize: 50\nmetricsAddress: '{address}'\nshutdownTimeoutSeconds: 3\n"
+        ),
+    )?;
+    let mut replicator = ReplicatorProcess::start(&["--config".to_string(), config.display().to_string()], &env)?;
+    eventually(Duration::from_secs(60), || async {
+        let metrics = http_get(port, "/metrics").await?;
+        ensure!(metric_value(&metrics, "mongo_replicator_documents_copied_total").unwrap_or(0.0) > 0.0, "nothing copied yet");
+        Ok(())
+    })
+    .await?;
+    target.kill();
+    // Backoff doubles from 100 ms: the eighth write retry waits 6.4-12.8 s, longer than the shutdown timeout.
+    eventually(Duration::from_secs(90), || async {
+        let metrics = http_get(port, "/metrics").await?;
+        let retries = metric_value(&metrics, "mongo_replicator_retries_total{operation=\"write\"}").unwrap_or(0.0);
+        ensure!(retries >= 8.0, "{retries} write retries so far");
+        Ok(())
+    })
+    .await
+    .with_context(|| replicator.log_tail(10))?;
+    let started = std::time::Instant::now();
+    let code = replicator.terminate(Duration::from_secs(30)).await?;
+    let took = started.elapsed();
+    ensure!(took < Duration::from_secs(3), "SIGTERM took {took:?}, more than shutdownTimeoutSeconds (3 s); log:\n{}", replicator.log_tail(10));
+    ensure!(code == Some(0), "exit {code:?} after SIGTERM; log:\n{}", replicator.log_tail(10));
+    Ok(())
+}

@@ -145,3 +145,26 @@ where
         }
     }
 }
+
+/// Runs `mongo-replicator validate --config FILE` with `env`: its exit code, JSON verdict and
+/// termination message (at most 4096 bytes, JSON).
+pub async fn validate_with_env(config: &std::path::Path, env: &[(&str, String)]) -> Result<(Option<i32>, serde_json::Value, serde_json::Value)> {
+    let termination_log = config.with_extension("termination-log");
+    std::fs::write(&termination_log, "")?;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mongo-replicator"))
+        .args(["validate", "--config"])
+        .arg(config)
+        .args(["--output", "json", "--termination-log"])
+        .arg(&termination_log)
+        .env_remove("RUST_LOG")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let verdict: serde_json::Value = serde_json::from_str(stdout.trim())
+        .with_context(|| format!("validate printed no JSON verdict: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr)))?;
+    let message = std::fs::read_to_string(&termination_log)?;
+    anyhow::ensure!(message.len() <= 4096, "termination message of {} bytes", message.len());
+    let termination: serde_json::Value = serde_json::from_str(&message).with_context(|| format!("termination message is not JSON: {message}"))?;
+    Ok((out.status.code(), verdict, termination))
+}

@@ -49,6 +49,8 @@ pub struct SecantusOptions {
     pub oplog_max_entries: Option<u64>,
     /// `--noop-heartbeat-seconds`: lets the post-batch resume token advance on an idle server.
     pub noop_heartbeat_seconds: Option<u32>,
+    /// `--standalone`: no replica-set advertisement, so no change streams (like a standalone mongod).
+    pub standalone: bool,
 }
 
 /// A running (or stopped, restartable) SecantusDB server with its own storage directory.
@@ -128,6 +130,9 @@ impl SecantusServer {
         }
         if let Some(s) = self.options.noop_heartbeat_seconds {
             args.extend(["--noop-heartbeat-seconds".into(), s.to_string()]);
+        }
+        if self.options.standalone {
+            args.push("--standalone".into());
         }
         self.starts += 1;
         let log = self.dir.path().join(format!("secantusd-{}.log", self.starts));
