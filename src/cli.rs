@@ -47,6 +47,49 @@ pub enum Command {
     /// most 4096 bytes) also goes to the termination-log file when it exists, for the operator's
     /// validation Job. Exit codes: 0 every check passed, 1 a check failed, 3 invalid configuration.
     Validate(ValidateArgs),
+    /// Run the operator: reconcile MongoReplications into validation Jobs and replicator
+    /// Deployments and keep their status true. Runs in a cluster (in-cluster configuration) or
+    /// with KUBECONFIG. Exit codes: 0 stopped by SIGTERM/SIGINT, 1 lost the leader lease or
+    /// failed, 3 invalid settings.
+    Operator(OperatorArgs),
+}
+
+/// Arguments of `operator`; each also reads an environment variable (the Helm chart sets them).
+#[derive(Args, Debug)]
+pub struct OperatorArgs {
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "MREP_METRICS_ADDRESS", default_value = "0.0.0.0:8080")]
+    pub metrics_address: SocketAddr,
+    /// Namespaces to watch, comma-separated; empty: every namespace.
+    #[arg(long, env = "MREP_WATCH_NAMESPACES", value_delimiter = ',', default_value = "")]
+    pub watch_namespaces: Vec<String>,
+    /// Image of replicator and validation pods, unless a MongoReplication names its own.
+    #[arg(long, env = "MREP_REPLICATOR_IMAGE")]
+    pub replicator_image: String,
+    /// Pull policy of replicator and validation pods.
+    #[arg(long, env = "MREP_REPLICATOR_IMAGE_PULL_POLICY", default_value = "IfNotPresent")]
+    pub replicator_image_pull_policy: String,
+    /// Reconcile only while holding a coordination.k8s.io Lease (run two replicas for failover).
+    #[arg(long, env = "MREP_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+    /// Name of the Lease.
+    #[arg(long, env = "MREP_LEASE_NAME", default_value = "mongo-replicator-operator")]
+    pub lease_name: String,
+    /// Namespace of the Lease: the operator's own.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// This replica's identity in the Lease: its pod name.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Reconciles running at once.
+    #[arg(long, env = "MREP_CONCURRENCY", default_value_t = 8)]
+    pub concurrency: u16,
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, env = "MREP_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// Log format; default: text on a terminal, JSON otherwise.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormatFlag>,
 }
 
 /// Arguments of `validate`.
@@ -59,7 +102,7 @@ pub struct ValidateArgs {
     #[arg(long, value_enum)]
     pub output: Option<LogFormatFlag>,
     /// Where Kubernetes reads a container's termination message; written only when it exists.
-    #[arg(long, value_name = "FILE", default_value = "/dev/termination-log")]
+    #[arg(long, value_name = "FILE", default_value = crate::validate::TERMINATION_LOG)]
     pub termination_log: PathBuf,
     /// Log level for the diagnostics written to stderr.
     #[arg(long, default_value = "warn")]
@@ -264,6 +307,7 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Command::Replicate(args) => replicate(*args),
         Command::Validate(args) => validate(args),
+        Command::Operator(args) => operator(args),
     }
 }
 
@@ -390,9 +434,65 @@ async fn replicate_async(config: ReplicatorConfig) -> ExitCode {
         }
         Err(err) => {
             tracing::error!(reason = %err.reason(), "{err}");
+            // In a pod, the reason reaches the operator (and `kubectl describe pod`) this way.
+            let message = serde_json::json!({"reason": err.reason(), "message": err.to_string(), "exitCode": err.exit_code()});
+            write_termination_log(std::path::Path::new(crate::validate::TERMINATION_LOG), &message.to_string());
             ExitCode::from(err.exit_code())
         }
     }
+}
+
+fn operator(args: OperatorArgs) -> ExitCode {
+    let format = match args.log_format {
+        Some(LogFormatFlag::Json) => LogFormat::Json,
+        Some(LogFormatFlag::Text) => LogFormat::Text,
+        None => telemetry::default_log_format(),
+    };
+    if let Err(err) = telemetry::init_logging(&args.log_level, format) {
+        eprintln!("mongo-replicator: {err}");
+        return ExitCode::from(3);
+    }
+    let identity = args.identity.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+    let settings = crate::operator::Settings {
+        namespaces: args.watch_namespaces.iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect(),
+        children: crate::operator::children::ChildSettings {
+            replicator_image: args.replicator_image.clone(),
+            image_pull_policy: args.replicator_image_pull_policy.clone(),
+        },
+        metrics_address: args.metrics_address,
+        leader_election: args.leader_election,
+        lease_name: args.lease_name.clone(),
+        lease_namespace: args.lease_namespace.clone(),
+        identity,
+        concurrency: args.concurrency.max(1),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            tracing::error!("cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let trigger = shutdown.clone();
+        tokio::spawn(async move {
+            let signal = shutdown_signal().await;
+            tracing::info!(signal, "stopping: finishing the reconciles in flight");
+            trigger.cancel();
+        });
+        match crate::operator::run(settings, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                tracing::error!("{err}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "mongo-replicator".into())
 }
 
 /// Resolves on SIGTERM or SIGINT with the signal's name.

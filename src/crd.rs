@@ -460,6 +460,14 @@ pub struct Progress {
     /// When the checkpoint was last saved in the target (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_saved_at: Option<String>,
+    /// What the replicator is doing: `Snapshot` (copying), `Stream` (following the change
+    /// stream) or `Done` (a `SnapshotOnly` copy finished).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// The hash of the configuration the reporting replicator runs with; `Ready` needs it to be
+    /// the current one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
 }
 
 /// The CRD, with descriptions reflowed for `kubectl explain`.

@@ -131,6 +131,18 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// What `/metrics` serves: the replicator's metrics, or the operator's.
+pub trait Scrape: Send + Sync + 'static {
+    /// Every metric in the OpenMetrics text format, ending with `# EOF`.
+    fn encode(&self) -> String;
+}
+
+impl Scrape for Metrics {
+    fn encode(&self) -> String {
+        Metrics::encode(self)
+    }
+}
+
 /// The replicator's Prometheus metrics, all named `mongo_replicator_*`.
 ///
 /// Create one at start-up, register any extra metrics through [`Metrics::registry_mut`], then
@@ -254,6 +266,16 @@ impl Metrics {
     /// are reported as 0.
     pub fn set_lag_seconds(&self, s: f64) {
         self.lag.set(s.max(0.0));
+    }
+
+    /// The lag last set, in seconds.
+    pub fn lag_seconds(&self) -> f64 {
+        self.lag.get()
+    }
+
+    /// Documents the snapshot copied in this process.
+    pub fn documents_copied_total(&self) -> u64 {
+        self.documents_copied.get()
     }
 
     /// Notes that a checkpoint (resume token) was saved just now; `checkpoint_age_seconds` is
@@ -385,7 +407,7 @@ pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Telemet
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until `shutdown` is cancelled.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, health: Arc<Health>, shutdown: CancellationToken) -> Result<(), TelemetryError> {
+pub async fn serve<M: Scrape>(addr: SocketAddr, metrics: Arc<M>, health: Arc<Health>, shutdown: CancellationToken) -> Result<(), TelemetryError> {
     let (listener, local) = bind(addr).await?;
     tracing::info!(addr = %local, "serving /metrics, /healthz and /readyz");
     serve_listener(listener, metrics, health, shutdown).await;
@@ -394,7 +416,7 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, health: Arc<Health>,
 
 /// As [`serve`], on a listener bound by the caller (see [`bind`]). Returns once `shutdown` is
 /// cancelled and the listener is closed; open connections finish their in-flight request.
-pub async fn serve_listener(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Health>, shutdown: CancellationToken) {
+pub async fn serve_listener<M: Scrape>(listener: TcpListener, metrics: Arc<M>, health: Arc<Health>, shutdown: CancellationToken) {
     loop {
         let stream = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -411,9 +433,9 @@ pub async fn serve_listener(listener: TcpListener, metrics: Arc<Metrics>, health
     }
 }
 
-async fn serve_connection(stream: TcpStream, metrics: Arc<Metrics>, health: Arc<Health>, shutdown: CancellationToken) {
+async fn serve_connection<M: Scrape>(stream: TcpStream, metrics: Arc<M>, health: Arc<Health>, shutdown: CancellationToken) {
     let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
-        let response = respond(request.method(), request.uri().path(), &metrics, &health);
+        let response = respond(request.method(), request.uri().path(), &*metrics, &health);
         async move { Ok::<_, Infallible>(response) }
     });
     let mut builder = http1::Builder::new();
@@ -434,7 +456,7 @@ async fn serve_connection(stream: TcpStream, metrics: Arc<Metrics>, health: Arc<
 }
 
 /// The response to one request; reads the current metrics and health, no I/O.
-fn respond(method: &Method, path: &str, metrics: &Metrics, health: &Health) -> Response<Full<Bytes>> {
+fn respond<M: Scrape>(method: &Method, path: &str, metrics: &M, health: &Health) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match path {
         "/metrics" | "/healthz" | "/readyz" if method != Method::GET => {
             let mut response = text(StatusCode::METHOD_NOT_ALLOWED, TEXT_CONTENT_TYPE, format!("{method} not allowed; use GET"));

@@ -22,6 +22,8 @@ use crate::replicator::classify;
 use crate::replicator::config::ReplicatorConfig;
 use crate::replicator::namespace::{NamespaceMap, StreamScope};
 
+/// Where Kubernetes reads a container's termination message from, by default.
+pub const TERMINATION_LOG: &str = "/dev/termination-log";
 /// Kubernetes reads at most this much of a termination message.
 pub const TERMINATION_MESSAGE_LIMIT: usize = 4096;
 /// How long one check may take.

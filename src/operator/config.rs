@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use crate::auth::{EndpointConfig, EndpointRole, EntraSettings, Login, UriSource};
 use crate::crd::{self, AuthMethod, Endpoint, MongoReplication};
-use crate::replicator::config::{Mode, NamespaceRules, OnHistoryLost, Rename, ReplicatorConfig, StartAt};
+use crate::replicator::config::{Mode, NamespaceRules, OnHistoryLost, Rename, ReplicatorConfig, StartAt, StatusReport};
 
 /// Where the replicator pod mounts the Secrets of an endpoint.
 pub const SECRETS_DIR: &str = "/var/run/secrets/mongo-replicator";
@@ -33,6 +33,7 @@ pub fn replicator_config(replication: &MongoReplication) -> ReplicatorConfig {
         endpoint(&spec.source, EndpointRole::Source),
         endpoint(&spec.target, EndpointRole::Target),
     );
+    config.status_report = Some(StatusReport { namespace: namespace.to_string(), name: name.to_string() });
     config.namespaces = spec.namespaces.as_ref().map(namespace_rules);
     config.mode = mode(spec.mode);
     config.start_at = spec.start_at.as_ref().and_then(start_at);

@@ -158,6 +158,18 @@ pub struct ReplicatorConfig {
     /// How long SIGTERM may take to drain, checkpoint and exit.
     #[serde(default = "default_shutdown_timeout_seconds")]
     pub shutdown_timeout_seconds: u64,
+    /// The MongoReplication whose `status.progress` the replicator keeps up to date (the
+    /// operator sets it); omitted: no status is written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_report: Option<StatusReport>,
+}
+
+/// The object a replicator reports its progress to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StatusReport {
+    pub namespace: String,
+    pub name: String,
 }
 
 fn current_version() -> u32 {
@@ -245,6 +257,7 @@ impl ReplicatorConfig {
             partition_documents: default_partition_documents(),
             metrics_address: default_metrics_address(),
             shutdown_timeout_seconds: default_shutdown_timeout_seconds(),
+            status_report: None,
         }
     }
     /// Reads a YAML (or JSON) configuration file and checks it. A file of a newer version is

@@ -10,6 +10,7 @@ pub mod config;
 pub mod context;
 pub mod event;
 pub mod namespace;
+pub mod report;
 pub mod sink;
 pub mod snapshot;
 pub mod stream;
@@ -145,8 +146,9 @@ impl ReplicatorError {
     }
 }
 
-/// The figures users see in `status.progress`, from the checkpoint and the live lag.
-pub fn progress(checkpoint: &Checkpoint, lag_seconds: Option<i64>) -> Progress {
+/// The figures users see in `status.progress`, from the checkpoint, the live lag and the
+/// hash of the configuration the replicator runs with.
+pub fn progress(checkpoint: &Checkpoint, lag_seconds: Option<i64>, config_hash: Option<&str>) -> Progress {
     Progress {
         docs_copied: Some(checkpoint.docs_copied),
         events_applied: Some(checkpoint.events_applied),
@@ -155,6 +157,15 @@ pub fn progress(checkpoint: &Checkpoint, lag_seconds: Option<i64>) -> Progress {
             .last_applied_cluster_time
             .map(|ts| DateTime::from_millis(i64::from(ts.time) * 1000).try_to_rfc3339_string().unwrap_or_default()),
         checkpoint_saved_at: checkpoint.saved_at.try_to_rfc3339_string().ok(),
+        phase: Some(
+            match checkpoint.phase {
+                CheckpointPhase::Snapshot => "Snapshot",
+                CheckpointPhase::Stream => "Stream",
+                CheckpointPhase::Done => "Done",
+            }
+            .to_string(),
+        ),
+        config_hash: config_hash.map(str::to_string),
     }
 }
 
@@ -253,6 +264,9 @@ impl Replication {
         });
         let copier = Copier::new(ctx.clone());
         let streamer = Streamer::new(ctx.clone(), copier.clone());
+        if let Some(target) = &config.status_report {
+            report::spawn(target.clone(), ctx.clone());
+        }
         health.set_ready(true);
         Ok(Self { ctx, copier, streamer, mode: config.mode, start_at: config.start_at.clone(), on_history_lost: config.on_history_lost })
     }
@@ -406,7 +420,8 @@ mod tests {
             events_applied: 45,
             saved_at: DateTime::from_millis(1767225601000),
         };
-        let p = progress(&checkpoint, Some(2));
+        let p = progress(&checkpoint, Some(2), Some("abc"));
+        assert_eq!((p.phase.as_deref(), p.config_hash.as_deref()), (Some("Stream"), Some("abc")));
         assert_eq!((p.docs_copied, p.events_applied, p.lag_seconds), (Some(1200), Some(45), Some(2)));
         assert_eq!(p.last_applied_cluster_time.as_deref(), Some("2026-01-01T00:00:00Z"));
         assert_eq!(p.checkpoint_saved_at.as_deref(), Some("2026-01-01T00:00:01Z"));

@@ -1,0 +1,385 @@
+//! One reconcile of one MongoReplication, as named steps. Only the I/O steps take the client:
+//!
+//! observe (Secrets, the validation Job and its pod, the Deployment and its pods) → check the
+//! spec (pure) → build the children (pure, [`super::children`]) → apply them (server-side
+//! apply, one field manager) → compute the status (pure, [`super::status`]) → one status
+//! patch, skipped when only timestamps would change, and an Event per condition transition.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
+use kube::core::{DynamicObject, GroupVersionKind, ObjectMeta};
+use kube::discovery::ApiResource;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::children::{self, ChildSettings, FIELD_MANAGER, Names, REPLICATION_LABEL};
+use super::metrics::OperatorMetrics;
+use super::status::{self, Observed, Replicator, Validation};
+use crate::crd::{MongoReplication, MongoReplicationStatus};
+use crate::reason::Reason;
+use crate::replicator::namespace::NamespaceMap;
+
+/// Longest wait for one API call; a slow apiserver fails the reconcile, which is retried.
+const API_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often a replication is looked at when nothing happens (progress, crash loops).
+const RESYNC: Duration = Duration::from_secs(300);
+/// How often while something is in progress.
+const WHILE_IN_PROGRESS: Duration = Duration::from_secs(5);
+/// Wait before a validation that may pass with time (70021, unreachable) runs again.
+const VALIDATION_RETRY: Duration = Duration::from_secs(15);
+/// Reasons of a failed validation that waiting may fix.
+const RETRYABLE_VALIDATION: &[Reason] =
+    &[Reason::NoFederatedCredential, Reason::EntraUnreachable, Reason::EntraTimeout, Reason::EndpointUnreachable, Reason::Timeout];
+/// Exit codes of a replicator that stopped for good (see `replicate --help`).
+const PERMANENT_EXIT_CODES: &[i32] = &[3, 4, 5];
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: OperatorMetrics,
+    pub children: ChildSettings,
+}
+
+/// Why a reconcile failed; the controller retries it with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("the Kubernetes API refused {what}: {source}")]
+    Api {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("the Kubernetes API did not answer {what} within {} s", API_TIMEOUT.as_secs())]
+    Timeout { what: String },
+    #[error("cannot encode the replicator's configuration: {0}")]
+    Encode(String),
+}
+
+impl ReconcileError {
+    /// Stable label of the `errors` metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ReconcileError::Api { .. } => "KubernetesApiError",
+            ReconcileError::Timeout { .. } => "KubernetesApiTimeout",
+            ReconcileError::Encode(_) => "ConfigEncodeFailed",
+        }
+    }
+}
+
+/// Runs one API call with the per-call timeout.
+async fn call<T>(what: impl Into<String>, fut: impl Future<Output = Result<T, kube::Error>>) -> Result<T, ReconcileError> {
+    let what = what.into();
+    match tokio::time::timeout(API_TIMEOUT, fut).await {
+        Ok(result) => result.map_err(|source| ReconcileError::Api { what, source }),
+        Err(_) => Err(ReconcileError::Timeout { what }),
+    }
+}
+
+/// `get`, with 404 as `None`.
+async fn get_opt<K>(api: &Api<K>, name: &str) -> Result<Option<K>, ReconcileError>
+where
+    K: Clone + DeserializeOwned + std::fmt::Debug,
+{
+    call(format!("get {name}"), api.get_opt(name)).await
+}
+
+/// Server-side apply with the operator's field manager.
+async fn apply<K>(api: &Api<K>, object: &K) -> Result<K, ReconcileError>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let name = object.meta().name.clone().unwrap_or_default();
+    call(
+        format!("apply of {} {name}", K::kind(&Default::default())),
+        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(object)),
+    )
+    .await
+}
+
+/// Reconciles one object the watch could read.
+pub async fn reconcile(replication: Arc<MongoReplication>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let started = Instant::now();
+    let result = reconcile_inner(&replication, &ctx).await;
+    ctx.metrics.reconciled(started.elapsed(), result.as_ref().err().map(ReconcileError::reason));
+    result
+}
+
+async fn reconcile_inner(replication: &MongoReplication, ctx: &Context) -> Result<Action, ReconcileError> {
+    if replication.metadata.deletion_timestamp.is_some() {
+        // Children are owned: the garbage collector removes them.
+        return Ok(Action::await_change());
+    }
+    let namespace = replication.namespace().unwrap_or_default();
+    let name = replication.name_any();
+    let client = &ctx.client;
+
+    // Observe: the referenced Secrets.
+    let secrets_api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let mut secret_data: Vec<(String, BTreeMap<String, Vec<u8>>)> = Vec::new();
+    let mut spec_error = None;
+    for (secret_name, key) in children::referenced_secrets(replication) {
+        match get_opt(&secrets_api, &secret_name).await? {
+            None => {
+                spec_error.get_or_insert((
+                    "SecretNotFound".to_string(),
+                    format!("Secret {namespace}/{secret_name} does not exist; create it with the key {key}"),
+                ));
+            }
+            Some(secret) => {
+                let data: BTreeMap<String, Vec<u8>> = secret.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+                if data.get(&key).is_none_or(|v| v.is_empty()) {
+                    spec_error
+                        .get_or_insert(("SecretKeyMissing".to_string(), format!("Secret {namespace}/{secret_name} has no (or an empty) key {key}")));
+                }
+                secret_data.push((secret_name, data));
+            }
+        }
+    }
+
+    // Check the spec (pure): what the schema cannot say.
+    let config = super::config::replicator_config(replication);
+    if let Err(err) = config.validate() {
+        spec_error.get_or_insert((err.reason().to_string(), err.to_string()));
+    }
+    if let Err(err) = NamespaceMap::new(config.namespaces.as_ref(), &config.checkpoint_database) {
+        spec_error.get_or_insert((err.reason().to_string(), err.to_string()));
+    }
+    let config_yaml = serde_saphyr::to_string(&config).map_err(|e| ReconcileError::Encode(e.to_string()))?;
+    let image = children::image(replication, &ctx.children);
+    let secrets: Vec<(&str, &BTreeMap<String, Vec<u8>>)> = secret_data.iter().map(|(n, d)| (n.as_str(), d)).collect();
+    let hash = children::config_hash(&config_yaml, &secrets, &image);
+    let names = Names::of(&name, &hash);
+
+    // Observe: the validation Job of this configuration, and the replicator.
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
+    let mut validation = match get_opt(&jobs, &names.job).await? {
+        None => Validation::Running,
+        Some(job) => observe_validation(&job, &pods).await?,
+    };
+    let suspended = replication.spec.suspend;
+
+    let mut requeue = RESYNC;
+    if spec_error.is_none() {
+        if let Validation::Failed { retrying: true, .. } = &validation {
+            // Run it again after a while: delete the finished Job, recreated below on the next pass.
+            requeue = VALIDATION_RETRY;
+            let finished = get_opt(&jobs, &names.job).await?.and_then(|j| j.status.and_then(|s| s.completion_time.or(s.start_time)));
+            let waited = finished.map(|t| k8s_openapi::jiff::Timestamp::now().duration_since(t.0).as_secs() as u64).unwrap_or(u64::MAX);
+            if waited >= VALIDATION_RETRY.as_secs() {
+                delete_job(&jobs, &names.job).await?;
+                validation = Validation::Running;
+            }
+        }
+        // Build (pure) and apply.
+        let run_replicator = validation == Validation::Passed && !suspended;
+        let built =
+            children::build(&children::Inputs { replication, config_yaml: &config_yaml, hash: &hash, settings: &ctx.children, run_replicator });
+        apply(&Api::<ServiceAccount>::namespaced(client.clone(), &namespace), &built.service_account).await?;
+        apply(&Api::<ConfigMap>::namespaced(client.clone(), &namespace), &built.config_map).await?;
+        apply(&Api::<Role>::namespaced(client.clone(), &namespace), &built.role).await?;
+        apply(&Api::<RoleBinding>::namespaced(client.clone(), &namespace), &built.role_binding).await?;
+        if validation == Validation::Running && get_opt(&jobs, &names.job).await?.is_none() {
+            apply(&jobs, &built.job).await?;
+        }
+        remove_stale_jobs(&jobs, &name, &names.job).await?;
+        apply(&deployments, &built.deployment).await?;
+    }
+
+    let replicator = observe_replicator(&deployments, &pods, &names.replicator, &hash).await?;
+    let progress = replication.status.as_ref().and_then(|s| s.progress.clone());
+    let progress_current = progress.as_ref().and_then(|p| p.config_hash.as_deref()) == Some(hash.as_str());
+    let observed = Observed {
+        generation: replication.metadata.generation.unwrap_or_default(),
+        spec_error,
+        validation,
+        suspended,
+        replicator,
+        progress,
+        progress_current,
+    };
+    let old = replication.status.as_ref();
+    let new = status::compute(old, &observed, &Time(k8s_openapi::jiff::Timestamp::now()));
+    if status::differs(old, &new) {
+        patch_status(client, &namespace, &name, &new).await?;
+        for condition in status::transitions(old, &new) {
+            publish(ctx, replication, &condition).await;
+        }
+    }
+    ctx.metrics.set_phase(&namespace, &name, new.phase);
+    let in_progress = new.conditions.iter().any(|c| c.type_ == status::RECONCILING && c.status == "True");
+    Ok(Action::requeue(if in_progress { requeue.min(WHILE_IN_PROGRESS) } else { requeue }))
+}
+
+/// Reads the verdict of a validation Job from its pod's termination message.
+async fn observe_validation(job: &Job, pods: &Api<Pod>) -> Result<Validation, ReconcileError> {
+    let status = job.status.clone().unwrap_or_default();
+    let succeeded = status.succeeded.unwrap_or(0) > 0;
+    let failed = status.failed.unwrap_or(0) > 0 || status.conditions.iter().flatten().any(|c| c.type_ == "Failed" && c.status == "True");
+    if succeeded {
+        return Ok(Validation::Passed);
+    }
+    if !failed {
+        return Ok(Validation::Running);
+    }
+    let name = job.name_any();
+    let list =
+        call(format!("list pods of Job {name}"), pods.list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={name}")))).await?;
+    let message = list.items.iter().find_map(|pod| {
+        let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+        statuses.iter().find_map(|s| s.state.as_ref()?.terminated.as_ref()?.message.clone())
+    });
+    let verdict: Option<serde_json::Value> = message.as_deref().and_then(|m| serde_json::from_str(m).ok());
+    let (reason, message) = match verdict {
+        Some(v) => {
+            (v["reason"].as_str().unwrap_or("ValidationFailed").to_string(), v["message"].as_str().unwrap_or("the validation failed").to_string())
+        }
+        None => {
+            ("ValidationFailed".into(), format!("the validation Job {name} failed without a verdict (deadline passed, or the pod could not start)"))
+        }
+    };
+    let retrying = Reason::ALL.iter().any(|r| r.as_str() == reason && RETRYABLE_VALIDATION.contains(r));
+    Ok(Validation::Failed { reason, message, retrying })
+}
+
+/// The replicator's state: its Deployment, and a container that ended for good.
+async fn observe_replicator(deployments: &Api<Deployment>, pods: &Api<Pod>, name: &str, hash: &str) -> Result<Replicator, ReconcileError> {
+    let Some(deployment) = get_opt(deployments, name).await? else { return Ok(Replicator::Stopped) };
+    let wanted = deployment.spec.replicas.unwrap_or(1);
+    if wanted == 0 {
+        return Ok(Replicator::Stopped);
+    }
+    let labels = format!("{REPLICATION_LABEL}={},app.kubernetes.io/component=replicator", name.trim_end_matches("-replicator"));
+    let list = call(format!("list pods of {name}"), pods.list(&ListParams::default().labels(&labels))).await?;
+    for pod in &list.items {
+        let current = pod.metadata.annotations.as_ref().and_then(|a| a.get(children::CONFIG_HASH_ANNOTATION)).is_some_and(|h| h == hash);
+        let Some(statuses) = pod.status.as_ref().and_then(|s| s.container_statuses.as_ref()) else { continue };
+        for status in statuses.iter().filter(|_| current) {
+            let terminated =
+                status.state.as_ref().and_then(|s| s.terminated.as_ref()).or(status.last_state.as_ref().and_then(|s| s.terminated.as_ref()));
+            if let Some(terminated) = terminated.filter(|t| PERMANENT_EXIT_CODES.contains(&t.exit_code)) {
+                let verdict: Option<serde_json::Value> = terminated.message.as_deref().and_then(|m| serde_json::from_str(m).ok());
+                let reason = verdict.as_ref().and_then(|v| v["reason"].as_str()).unwrap_or("ReplicatorFailed").to_string();
+                let message = verdict
+                    .as_ref()
+                    .and_then(|v| v["message"].as_str())
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("the replicator exited with code {}", terminated.exit_code));
+                return Ok(Replicator::Failed { reason, message });
+            }
+        }
+    }
+    let status = deployment.status.unwrap_or_default();
+    let rolled_out = status.observed_generation == deployment.metadata.generation && status.updated_replicas.unwrap_or(0) >= wanted;
+    Ok(if rolled_out && status.ready_replicas.unwrap_or(0) >= wanted { Replicator::Running } else { Replicator::Starting })
+}
+
+async fn delete_job(jobs: &Api<Job>, name: &str) -> Result<(), ReconcileError> {
+    let params = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
+    match tokio::time::timeout(API_TIMEOUT, jobs.delete(name, &params)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(kube::Error::Api(status))) if status.is_not_found() => Ok(()),
+        Ok(Err(source)) => Err(ReconcileError::Api { what: format!("delete of Job {name}"), source }),
+        Err(_) => Err(ReconcileError::Timeout { what: format!("delete of Job {name}") }),
+    }
+}
+
+/// Deletes the validation Jobs of earlier configurations.
+async fn remove_stale_jobs(jobs: &Api<Job>, replication: &str, current: &str) -> Result<(), ReconcileError> {
+    let labels = format!("{REPLICATION_LABEL}={replication},app.kubernetes.io/component=validation");
+    let list = call(format!("list Jobs of {replication}"), jobs.list(&ListParams::default().labels(&labels))).await?;
+    for job in list.items.iter().filter(|j| j.metadata.name.as_deref() != Some(current)) {
+        delete_job(jobs, &job.name_any()).await?;
+    }
+    Ok(())
+}
+
+/// The API resource of MongoReplications, for writes that must not depend on the object's shape.
+fn resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(crate::crd::GROUP, "v1alpha1", "MongoReplication"), "mongoreplications")
+}
+
+/// One server-side apply of the operator's part of the status (never `progress`, which the
+/// replicator owns). Dynamic, so it also works for an object the typed watch cannot read.
+async fn patch_status(client: &Client, namespace: &str, name: &str, status: &MongoReplicationStatus) -> Result<(), ReconcileError> {
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource());
+    let patch = serde_json::json!({
+        "apiVersion": "mongo-replicator.io/v1alpha1",
+        "kind": "MongoReplication",
+        "status": status,
+    });
+    call(format!("status patch of {namespace}/{name}"), api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)))
+        .await?;
+    Ok(())
+}
+
+/// An Event for a condition's transition, with the condition's reason; a failed Event is
+/// logged, never fatal.
+async fn publish(ctx: &Context, replication: &MongoReplication, condition: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition) {
+    let bad = (condition.type_ == status::STALLED && condition.status == "True")
+        || (condition.type_ != status::STALLED
+            && condition.type_ != status::RECONCILING
+            && condition.status == "False"
+            && condition.type_ != status::REPLICATING);
+    let event = Event {
+        type_: if bad { EventType::Warning } else { EventType::Normal },
+        reason: condition.reason.clone(),
+        note: Some(format!("{} is {}: {}", condition.type_, condition.status, condition.message).chars().take(1024).collect()),
+        action: condition.type_.clone(),
+        secondary: None,
+    };
+    if let Err(err) = ctx.recorder.publish(&event, &replication.object_ref(&())).await {
+        tracing::warn!(error = %err, "cannot publish an Event");
+    }
+}
+
+/// For an object the watch could not read (written around the schema, or by an older CRD): a
+/// `Stalled` condition and an Event that say why, so it never stalls the others.
+pub async fn report_invalid(ctx: &Context, metadata: &ObjectMeta, error: &str) -> Result<(), ReconcileError> {
+    let (Some(namespace), Some(name)) = (metadata.namespace.as_deref(), metadata.name.as_deref()) else { return Ok(()) };
+    let message = format!("the object does not match the MongoReplication schema: {error}");
+    let observed = Observed {
+        generation: metadata.generation.unwrap_or_default(),
+        spec_error: Some(("InvalidSpec".into(), message.clone())),
+        validation: Validation::Running,
+        suspended: false,
+        replicator: Replicator::Stopped,
+        progress: None,
+        progress_current: false,
+    };
+    let new = status::compute(None, &observed, &Time(k8s_openapi::jiff::Timestamp::now()));
+    patch_status(&ctx.client, namespace, name, &new).await?;
+    let reference = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("mongo-replicator.io/v1alpha1".into()),
+        kind: Some("MongoReplication".into()),
+        name: Some(name.into()),
+        namespace: Some(namespace.into()),
+        uid: metadata.uid.clone(),
+        ..Default::default()
+    };
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "InvalidSpec".into(),
+        note: Some(message.chars().take(1024).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(err) = ctx.recorder.publish(&event, &reference).await {
+        tracing::warn!(error = %err, "cannot publish an Event");
+    }
+    Ok(())
+}

@@ -1,0 +1,311 @@
+//! Status from what was observed: pure. Conditions follow the Kubernetes API conventions and
+//! kstatus (which Flux and Argo CD read): `Reconciling` while a validation or rollout runs,
+//! `Stalled` when a person must act, `Ready` only when the connectivity was validated *and* the
+//! replicator reports progress for the current configuration. A condition keeps its
+//! `lastTransitionTime` while its status stays the same.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::crd::{MongoReplicationStatus, Phase, Progress};
+
+pub const CONNECTIVITY_VALIDATED: &str = "ConnectivityValidated";
+pub const REPLICATING: &str = "Replicating";
+pub const RECONCILING: &str = "Reconciling";
+pub const STALLED: &str = "Stalled";
+pub const READY: &str = "Ready";
+
+/// Where the validation of the current configuration is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Validation {
+    /// The Job for this configuration runs (or is about to).
+    Running,
+    Passed,
+    /// It failed; `retrying` when waiting may fix it (a federated credential still propagating,
+    /// an endpoint not reachable yet) and the operator runs it again.
+    Failed {
+        reason: String,
+        message: String,
+        retrying: bool,
+    },
+}
+
+/// Where the replicator is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Replicator {
+    /// Scaled to zero: not validated yet, or suspended.
+    Stopped,
+    /// Rolling out, or running but not ready yet.
+    Starting,
+    /// Its pod is ready.
+    Running,
+    /// Its container ended with a permanent error (exit 3, 4 or 5) and the reason it wrote.
+    Failed { reason: String, message: String },
+}
+
+/// Everything the status is computed from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observed {
+    pub generation: i64,
+    /// The spec cannot work as written (a missing Secret, an invalid namespace pattern).
+    pub spec_error: Option<(String, String)>,
+    pub validation: Validation,
+    pub suspended: bool,
+    pub replicator: Replicator,
+    /// What the replicator last reported, and whether it reported it for the current configuration.
+    pub progress: Option<Progress>,
+    pub progress_current: bool,
+}
+
+/// The new status, from the old one (for transition times and the replicator's progress) and
+/// what was observed.
+pub fn compute(old: Option<&MongoReplicationStatus>, observed: &Observed, now: &Time) -> MongoReplicationStatus {
+    let generation = observed.generation;
+    let condition = |type_: &str, status: bool, reason: &str, message: String| Condition {
+        type_: type_.to_string(),
+        status: if status { "True" } else { "False" }.to_string(),
+        reason: reason.to_string(),
+        message,
+        observed_generation: Some(generation),
+        last_transition_time: now.clone(),
+    };
+    let unknown = |type_: &str, reason: &str, message: String| Condition { status: "Unknown".into(), ..condition(type_, false, reason, message) };
+
+    let mut conditions = Vec::new();
+    let mut stalled: Option<(String, String)> = observed.spec_error.clone();
+    let mut reconciling: Option<(String, String)> = None;
+
+    // ConnectivityValidated
+    let validated = match (&observed.spec_error, &observed.validation) {
+        (Some((reason, message)), _) => {
+            conditions.push(condition(CONNECTIVITY_VALIDATED, false, reason, message.clone()));
+            false
+        }
+        (None, Validation::Running) => {
+            let message = "the validation Job is checking both endpoints".to_string();
+            conditions.push(unknown(CONNECTIVITY_VALIDATED, "Validating", message.clone()));
+            reconciling = Some(("Validating".into(), message));
+            false
+        }
+        (None, Validation::Passed) => {
+            conditions.push(condition(CONNECTIVITY_VALIDATED, true, "Validated", "both endpoints answered every check".into()));
+            true
+        }
+        (None, Validation::Failed { reason, message, retrying }) => {
+            let message = if *retrying {
+                format!("{message} (retrying: this can pass with time, e.g. while a new federated credential propagates)")
+            } else {
+                message.clone()
+            };
+            conditions.push(condition(CONNECTIVITY_VALIDATED, false, reason, message.clone()));
+            if *retrying {
+                reconciling = Some((reason.clone(), message));
+            } else {
+                stalled.get_or_insert((reason.clone(), message));
+            }
+            false
+        }
+    };
+
+    // Replicating
+    let phase_of_progress = observed.progress.as_ref().and_then(|p| p.phase.clone());
+    let replicating = match (&observed.replicator, observed.suspended) {
+        (_, true) => {
+            conditions.push(condition(
+                REPLICATING,
+                false,
+                "Suspended",
+                "spec.suspend is true: the replicator is scaled to zero; the checkpoint is kept".into(),
+            ));
+            false
+        }
+        (Replicator::Failed { reason, message }, false) => {
+            conditions.push(condition(REPLICATING, false, reason, message.clone()));
+            stalled.get_or_insert((reason.clone(), message.clone()));
+            false
+        }
+        (Replicator::Running, false) if observed.progress_current => {
+            let (reason, message) = match phase_of_progress.as_deref() {
+                Some("Snapshot") => ("Snapshotting", "copying the existing data"),
+                Some("Done") => ("SnapshotDone", "the snapshot is finished (mode: SnapshotOnly)"),
+                _ => ("Streaming", "following the source's change stream"),
+            };
+            conditions.push(condition(REPLICATING, true, reason, message.into()));
+            true
+        }
+        (Replicator::Running | Replicator::Starting, false) => {
+            let message = "the replicator is starting and has not reported progress for this configuration yet".to_string();
+            conditions.push(unknown(REPLICATING, "Starting", message.clone()));
+            if validated {
+                reconciling.get_or_insert(("Starting".into(), message));
+            }
+            false
+        }
+        (Replicator::Stopped, false) => {
+            conditions.push(condition(REPLICATING, false, "WaitingForValidation", "the replicator starts once both endpoints are validated".into()));
+            false
+        }
+    };
+
+    let ready = validated && (replicating || observed.suspended) && stalled.is_none();
+    match &reconciling {
+        Some((reason, message)) if stalled.is_none() => conditions.push(condition(RECONCILING, true, reason, message.clone())),
+        _ => conditions.push(condition(RECONCILING, false, "Reconciled", "nothing in progress".into())),
+    }
+    match &stalled {
+        Some((reason, message)) => conditions.push(condition(STALLED, true, reason, message.clone())),
+        None => conditions.push(condition(STALLED, false, "NotStalled", "nothing needs a person".into())),
+    }
+    let (ready_reason, ready_message) = if ready {
+        if observed.suspended {
+            ("Suspended".to_string(), "suspended on request".to_string())
+        } else {
+            ("Replicating".into(), "validated and replicating".into())
+        }
+    } else if let Some((reason, message)) = stalled.clone().or_else(|| reconciling.clone()) {
+        (reason, message)
+    } else {
+        ("NotReady".into(), "the replicator has not reported progress for this configuration".into())
+    };
+    conditions.push(condition(READY, ready, &ready_reason, ready_message));
+
+    // A condition whose status did not change keeps its transition time.
+    if let Some(old) = old {
+        for condition in &mut conditions {
+            if let Some(previous) = old.conditions.iter().find(|c| c.type_ == condition.type_ && c.status == condition.status) {
+                condition.last_transition_time = previous.last_transition_time.clone();
+            }
+        }
+    }
+
+    let phase = if stalled.is_some() {
+        Phase::Failed
+    } else if observed.suspended {
+        Phase::Suspended
+    } else if !validated {
+        Phase::Validating
+    } else if replicating && phase_of_progress.as_deref() == Some("Snapshot") {
+        Phase::Snapshotting
+    } else if replicating {
+        Phase::Streaming
+    } else {
+        Phase::Pending
+    };
+    MongoReplicationStatus {
+        observed_generation: Some(generation),
+        phase: Some(phase),
+        conditions,
+        // The replicator's own field manager owns progress; the operator leaves it out.
+        progress: None,
+    }
+}
+
+/// Whether two statuses differ in more than their transition times: an unchanged status is
+/// not written again.
+pub fn differs(old: Option<&MongoReplicationStatus>, new: &MongoReplicationStatus) -> bool {
+    let Some(old) = old else { return true };
+    let strip = |conditions: &[Condition]| -> Vec<(String, String, String, String, Option<i64>)> {
+        let mut v: Vec<_> =
+            conditions.iter().map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone(), c.message.clone(), c.observed_generation)).collect();
+        v.sort();
+        v
+    };
+    old.observed_generation != new.observed_generation || old.phase != new.phase || strip(&old.conditions) != strip(&new.conditions)
+}
+
+/// The conditions whose status or reason changed, for Events: `(type, status, reason, message)`.
+pub fn transitions(old: Option<&MongoReplicationStatus>, new: &MongoReplicationStatus) -> Vec<Condition> {
+    new.conditions
+        .iter()
+        .filter(|c| {
+            let previous = old.and_then(|o| o.conditions.iter().find(|p| p.type_ == c.type_));
+            previous.is_none_or(|p| p.status != c.status || p.reason != c.reason)
+        })
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn time(s: i64) -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(s).unwrap())
+    }
+
+    fn observed() -> Observed {
+        Observed {
+            generation: 3,
+            spec_error: None,
+            validation: Validation::Passed,
+            suspended: false,
+            replicator: Replicator::Running,
+            progress: Some(Progress { phase: Some("Stream".into()), ..Default::default() }),
+            progress_current: true,
+        }
+    }
+
+    fn get<'a>(status: &'a MongoReplicationStatus, type_: &str) -> &'a Condition {
+        status.conditions.iter().find(|c| c.type_ == type_).unwrap()
+    }
+
+    #[test]
+    fn ready_only_when_validated_and_progress_is_reported_for_this_configuration() {
+        let status = compute(None, &observed(), &time(1));
+        assert_eq!((get(&status, READY).status.as_str(), status.phase), ("True", Some(Phase::Streaming)));
+        assert_eq!(get(&status, STALLED).status, "False");
+        assert_eq!(get(&status, RECONCILING).status, "False");
+        assert!(status.conditions.iter().all(|c| c.observed_generation == Some(3)));
+
+        let stale = Observed { progress_current: false, ..observed() };
+        let status = compute(None, &stale, &time(1));
+        assert_eq!((get(&status, READY).status.as_str(), get(&status, RECONCILING).status.as_str()), ("False", "True"));
+        assert_eq!(get(&status, REPLICATING).status, "Unknown");
+    }
+
+    #[test]
+    fn failures_a_person_must_fix_are_stalled_and_propagation_is_reconciling() {
+        let failed = Observed {
+            validation: Validation::Failed { reason: "FederatedCredentialSubjectMismatch".into(), message: "wrong subject".into(), retrying: false },
+            replicator: Replicator::Stopped,
+            ..observed()
+        };
+        let status = compute(None, &failed, &time(1));
+        assert_eq!(get(&status, STALLED).reason, "FederatedCredentialSubjectMismatch");
+        assert_eq!((get(&status, READY).status.as_str(), status.phase), ("False", Some(Phase::Failed)));
+
+        let propagating = Observed {
+            validation: Validation::Failed { reason: "NoFederatedCredential".into(), message: "AADSTS70021".into(), retrying: true },
+            replicator: Replicator::Stopped,
+            ..observed()
+        };
+        let status = compute(None, &propagating, &time(1));
+        assert_eq!((get(&status, STALLED).status.as_str(), get(&status, RECONCILING).status.as_str()), ("False", "True"));
+        assert!(get(&status, CONNECTIVITY_VALIDATED).message.contains("retrying"));
+        assert_eq!(status.phase, Some(Phase::Validating));
+
+        let missing = Observed { spec_error: Some(("SecretNotFound".into(), "Secret data/x not found".into())), ..observed() };
+        let status = compute(None, &missing, &time(1));
+        assert_eq!((get(&status, STALLED).reason.as_str(), get(&status, READY).reason.as_str()), ("SecretNotFound", "SecretNotFound"));
+
+        let crashed =
+            Observed { replicator: Replicator::Failed { reason: "ChangeStreamHistoryLost".into(), message: "history".into() }, ..observed() };
+        assert_eq!(get(&compute(None, &crashed, &time(1)), STALLED).reason, "ChangeStreamHistoryLost");
+    }
+
+    #[test]
+    fn transition_times_are_kept_and_an_unchanged_status_is_not_rewritten() {
+        let first = compute(None, &observed(), &time(1));
+        let second = compute(Some(&first), &observed(), &time(99));
+        assert_eq!(get(&second, READY).last_transition_time, time(1));
+        assert!(!differs(Some(&first), &second));
+        assert!(transitions(Some(&first), &second).is_empty());
+
+        let suspended = Observed { suspended: true, replicator: Replicator::Stopped, ..observed() };
+        let third = compute(Some(&second), &suspended, &time(120));
+        assert!(differs(Some(&second), &third));
+        assert_eq!(third.phase, Some(Phase::Suspended));
+        assert_eq!(get(&third, REPLICATING).last_transition_time, time(120));
+        let changed: Vec<_> = transitions(Some(&second), &third).into_iter().map(|c| c.type_).collect();
+        assert!(changed.contains(&REPLICATING.to_string()), "{changed:?}");
+    }
+}
