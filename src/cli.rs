@@ -188,7 +188,7 @@ pub struct ReplicateArgs {
     #[arg(long, default_value = "info")]
     pub log_level: String,
     /// Log format; default: text on a terminal, JSON otherwise.
-    #[arg(long, value_enum)]
+    #[arg(long, env = "MREP_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormatFlag>,
 }
 

@@ -145,6 +145,23 @@ reasons! {
     Timeout,
     /// Stopped by a shutdown.
     Cancelled,
+    // --- the operator -----------------------------------------------------------------------
+    /// A Secret the MongoReplication references does not exist.
+    SecretNotFound,
+    /// A referenced Secret lacks the key (or its value is empty).
+    SecretKeyMissing,
+    /// The object does not match the MongoReplication schema (written around it).
+    InvalidSpec,
+    /// The validation Job failed without a verdict (deadline, or the pod could not start).
+    ValidationFailed,
+    /// The replicator stopped for good without saying why.
+    ReplicatorFailed,
+    /// The Kubernetes API refused a call of the operator (retried).
+    KubernetesApiError,
+    /// The Kubernetes API did not answer a call of the operator in time (retried).
+    KubernetesApiTimeout,
+    /// The replicator's configuration could not be written.
+    ConfigEncodeFailed,
     // --- Azure Resource Manager and the cluster issuer --------------------------------------
     /// The ARM endpoint is not an https URL.
     InvalidArmEndpoint,

@@ -71,9 +71,9 @@ impl ReconcileError {
     /// Stable label of the `errors` metric.
     pub fn reason(&self) -> &'static str {
         match self {
-            ReconcileError::Api { .. } => "KubernetesApiError",
-            ReconcileError::Timeout { .. } => "KubernetesApiTimeout",
-            ReconcileError::Encode(_) => "ConfigEncodeFailed",
+            ReconcileError::Api { .. } => Reason::KubernetesApiError.as_str(),
+            ReconcileError::Timeout { .. } => Reason::KubernetesApiTimeout.as_str(),
+            ReconcileError::Encode(_) => Reason::ConfigEncodeFailed.as_str(),
         }
     }
 }
@@ -134,15 +134,17 @@ async fn reconcile_inner(replication: &MongoReplication, ctx: &Context) -> Resul
         match get_opt(&secrets_api, &secret_name).await? {
             None => {
                 spec_error.get_or_insert((
-                    "SecretNotFound".to_string(),
+                    Reason::SecretNotFound.to_string(),
                     format!("Secret {namespace}/{secret_name} does not exist; create it with the key {key}"),
                 ));
             }
             Some(secret) => {
                 let data: BTreeMap<String, Vec<u8>> = secret.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
                 if data.get(&key).is_none_or(|v| v.is_empty()) {
-                    spec_error
-                        .get_or_insert(("SecretKeyMissing".to_string(), format!("Secret {namespace}/{secret_name} has no (or an empty) key {key}")));
+                    spec_error.get_or_insert((
+                        Reason::SecretKeyMissing.to_string(),
+                        format!("Secret {namespace}/{secret_name} has no (or an empty) key {key}"),
+                    ));
                 }
                 secret_data.push((secret_name, data));
             }
@@ -245,12 +247,14 @@ async fn observe_validation(job: &Job, pods: &Api<Pod>) -> Result<Validation, Re
     });
     let verdict: Option<serde_json::Value> = message.as_deref().and_then(|m| serde_json::from_str(m).ok());
     let (reason, message) = match verdict {
-        Some(v) => {
-            (v["reason"].as_str().unwrap_or("ValidationFailed").to_string(), v["message"].as_str().unwrap_or("the validation failed").to_string())
-        }
-        None => {
-            ("ValidationFailed".into(), format!("the validation Job {name} failed without a verdict (deadline passed, or the pod could not start)"))
-        }
+        Some(v) => (
+            v["reason"].as_str().unwrap_or(Reason::ValidationFailed.as_str()).to_string(),
+            v["message"].as_str().unwrap_or("the validation failed").to_string(),
+        ),
+        None => (
+            Reason::ValidationFailed.to_string(),
+            format!("the validation Job {name} failed without a verdict (deadline passed, or the pod could not start)"),
+        ),
     };
     let retrying = Reason::ALL.iter().any(|r| r.as_str() == reason && RETRYABLE_VALIDATION.contains(r));
     Ok(Validation::Failed { reason, message, retrying })
@@ -273,7 +277,7 @@ async fn observe_replicator(deployments: &Api<Deployment>, pods: &Api<Pod>, name
                 status.state.as_ref().and_then(|s| s.terminated.as_ref()).or(status.last_state.as_ref().and_then(|s| s.terminated.as_ref()));
             if let Some(terminated) = terminated.filter(|t| PERMANENT_EXIT_CODES.contains(&t.exit_code)) {
                 let verdict: Option<serde_json::Value> = terminated.message.as_deref().and_then(|m| serde_json::from_str(m).ok());
-                let reason = verdict.as_ref().and_then(|v| v["reason"].as_str()).unwrap_or("ReplicatorFailed").to_string();
+                let reason = verdict.as_ref().and_then(|v| v["reason"].as_str()).unwrap_or(Reason::ReplicatorFailed.as_str()).to_string();
                 let message = verdict
                     .as_ref()
                     .and_then(|v| v["message"].as_str())
@@ -354,7 +358,7 @@ pub async fn report_invalid(ctx: &Context, metadata: &ObjectMeta, error: &str) -
     let message = format!("the object does not match the MongoReplication schema: {error}");
     let observed = Observed {
         generation: metadata.generation.unwrap_or_default(),
-        spec_error: Some(("InvalidSpec".into(), message.clone())),
+        spec_error: Some((Reason::InvalidSpec.to_string(), message.clone())),
         validation: Validation::Running,
         suspended: false,
         replicator: Replicator::Stopped,

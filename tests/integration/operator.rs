@@ -1,0 +1,310 @@
+//! The operator end to end on the lab's real node: `kubectl apply` of a MongoReplication becomes
+//! a validation Job, a replicator Deployment and data in the target, with conditions a user (or
+//! Argo CD, Flux) can trust; edits, rotated Secrets and `suspend` roll or stop the replicator with
+//! nothing lost; broken inputs get their own reason; deleting the object removes every child.
+//!
+//! The operator runs as a process with the lab's admin kubeconfig; its pods run on the node.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use mongo_replicator::crd::MongoReplication;
+use mongo_replicator_lab::image::REPLICATOR_IMAGE;
+use mongo_replicator_lab::node::{NODE_ADDRESS, NodeLab, Relay};
+use mongo_replicator_lab::workload::{self, WorkloadSpec};
+use mongo_replicator_lab::{ScramUser, SecantusOptions, SecantusServer};
+use mongodb::bson::{Document, doc};
+use serde_json::{Value, json};
+
+use crate::support::{TEST_MANAGER, eventually, install_crd};
+
+const REPLICATOR_BIN: &str = env!("CARGO_BIN_EXE_mongo-replicator");
+
+/// A `mongo-replicator operator` process watching one namespace, killed on drop.
+struct Operator {
+    child: tokio::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Operator {
+    async fn start(node: &NodeLab, namespace: &str) -> Result<Self> {
+        let log = node.dir().join(format!("operator-{namespace}.log"));
+        let out = std::fs::File::create(&log)?;
+        let port = mongo_replicator_lab::process::free_port()?;
+        let child = tokio::process::Command::new(REPLICATOR_BIN)
+            .arg("operator")
+            .env("KUBECONFIG", node.kube().kubeconfig())
+            .env("MREP_WATCH_NAMESPACES", namespace)
+            .env("MREP_REPLICATOR_IMAGE", REPLICATOR_IMAGE)
+            .env("MREP_REPLICATOR_IMAGE_PULL_POLICY", "Never")
+            .env("MREP_LEADER_ELECTION", "false")
+            .env("MREP_METRICS_ADDRESS", format!("127.0.0.1:{port}"))
+            .env("MREP_LOG_LEVEL", "info,mongo_replicator=debug")
+            .env("MREP_LOG_FORMAT", "json")
+            .env_remove("RUST_LOG")
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start mongo-replicator operator")?;
+        Ok(Self { child, log })
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn stop(mut self) -> Result<Option<i32>> {
+        if let Some(pid) = self.child.id() {
+            std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status()?;
+        }
+        Ok(tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??.code())
+    }
+}
+
+/// Two SecantusDB servers that pods reach on the node's address.
+struct Servers {
+    source: SecantusServer,
+    target: SecantusServer,
+    _relays: (Relay, Relay),
+}
+
+impl Servers {
+    async fn start(options: SecantusOptions) -> Result<Self> {
+        let source = SecantusServer::start(options.clone()).await?;
+        let target = SecantusServer::start(options).await?;
+        let relays = (Relay::start(source.port()).await?, Relay::start(target.port()).await?);
+        Ok(Self { source, target, _relays: relays })
+    }
+}
+
+/// A connection string as a pod sees it.
+fn in_pod(uri: &str) -> String {
+    uri.replace("127.0.0.1", &NODE_ADDRESS.to_string())
+}
+
+async fn put_secret(client: &kube::Client, ns: &str, name: &str, data: Value) -> Result<()> {
+    let secret: Secret = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data}))?;
+    Api::<Secret>::namespaced(client.clone(), ns).patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(&secret)).await?;
+    Ok(())
+}
+
+fn replication(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "mongo-replicator.io/v1alpha1", "kind": "MongoReplication", "metadata": {"name": name}, "spec": spec})
+}
+
+fn connection_string_spec() -> Value {
+    json!({
+        "source": {"auth": "connectionString", "connectionStringSecretRef": {"name": "source-conn", "key": "uri"}},
+        "target": {"auth": "connectionString", "connectionStringSecretRef": {"name": "target-conn", "key": "uri"}},
+        "replicator": {"workers": 2, "batchSize": 500},
+    })
+}
+
+/// `kubectl apply --server-side` of a MongoReplication, as a user or a GitOps tool would.
+async fn apply(api: &Api<MongoReplication>, object: &Value) -> Result<()> {
+    let name = object["metadata"]["name"].as_str().context("no name")?;
+    api.patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(object)).await?;
+    Ok(())
+}
+
+fn condition<'a>(r: &'a MongoReplication, type_: &str) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    r.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// Waits until a condition has `status` (and `reason`, when given) for the current generation.
+async fn wait_condition(api: &Api<MongoReplication>, name: &str, type_: &str, status: &str, reason: Option<&str>, operator: &Operator) -> Result<MongoReplication> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let r = api.get(name).await?;
+        let generation = r.metadata.generation;
+        if let Some(c) = condition(&r, type_)
+            && c.status == status
+            && reason.is_none_or(|reason| c.reason == reason)
+            && c.observed_generation == generation
+        {
+            return Ok(r);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{name}: {type_} is not {status}{} after 180 s; status: {:#?}\noperator log:\n{}",
+                reason.map(|r| format!(" ({r})")).unwrap_or_default(),
+                r.status,
+                operator.log_tail(20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn converge(src: &mongodb::Client, dst: &mongodb::Client) -> Result<()> {
+    eventually(Duration::from_secs(120), || workload::assert_same_all(src, dst)).await
+}
+
+/// The pod-template hash the replicator Deployment runs with.
+async fn deployment_hash(deployments: &Api<Deployment>, name: &str) -> Result<String> {
+    let deployment = deployments.get(&format!("{name}-replicator")).await?;
+    let annotations = deployment.spec.template.metadata.and_then(|m| m.annotations).unwrap_or_default();
+    annotations.get("mongo-replicator.io/config-hash").cloned().context("no config hash on the pod template")
+}
+
+#[tokio::test]
+async fn a_mongo_replication_becomes_validated_running_replication_with_honest_status() -> Result<()> {
+    let node = NodeLab::shared(Path::new(REPLICATOR_BIN)).await?;
+    let client = node.kube().client().await?;
+    install_crd(&client).await?;
+    let ns = node.namespace("operator").await?;
+    let servers = Servers::start(SecantusOptions::default()).await?;
+    let (src, dst) = (servers.source.admin_client().await?, servers.target.admin_client().await?);
+    let spec = WorkloadSpec { seed: 41, initial_docs_per_collection: 300, ..Default::default() };
+    workload::seed(&src, &spec).await?;
+    put_secret(&client, &ns, "source-conn", json!({"uri": in_pod(&servers.source.uri())})).await?;
+    put_secret(&client, &ns, "target-conn", json!({"uri": in_pod(&servers.target.uri())})).await?;
+
+    let operator = Operator::start(node, &ns).await?;
+    let api: Api<MongoReplication> = Api::namespaced(client.clone(), &ns);
+    let applied = Instant::now();
+    let object = replication("orders", connection_string_spec());
+    apply(&api, &object).await?;
+
+    // Ready only once validated and the replicator reported progress for this configuration.
+    let ready = wait_condition(&api, "orders", "Ready", "True", None, &operator).await?;
+    eprintln!("apply to Ready: {:.1?}", applied.elapsed());
+    let validated = condition(&ready, "ConnectivityValidated").context("no ConnectivityValidated")?;
+    ensure!(validated.status == "True", "{validated:?}");
+    ensure!(condition(&ready, "Stalled").is_some_and(|c| c.status == "False"));
+    let status = ready.status.as_ref().context("no status")?;
+    ensure!(status.observed_generation == ready.metadata.generation);
+    converge(&src, &dst).await.with_context(|| operator.log_tail(20))?;
+    let running = workload::Workload::start(src.clone(), WorkloadSpec { seed: 42, ..spec.clone() });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    running.stop().await?;
+    converge(&src, &dst).await?;
+    eventually(Duration::from_secs(60), || async {
+        let r = api.get("orders").await?;
+        let progress = r.status.and_then(|s| s.progress).context("no progress")?;
+        ensure!(progress.events_applied.unwrap_or(0) > 0 && progress.phase.as_deref() == Some("Stream"), "{progress:?}");
+        Ok(())
+    })
+    .await
+    .context("the replicator did not report streamed events in status.progress")?;
+
+    // Re-applying the same manifest changes nothing: no new generation, no new status write.
+    let before = api.get("orders").await?;
+    apply(&api, &object).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = api.get("orders").await?;
+    ensure!(before.metadata.generation == after.metadata.generation, "re-applying the manifest changed the generation");
+    ensure!(
+        condition(&before, "Ready").map(|c| &c.last_transition_time) == condition(&after, "Ready").map(|c| &c.last_transition_time),
+        "Ready moved without a change"
+    );
+
+    // A rotated Secret re-validates and rolls the replicator; nothing is lost.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let old_hash = deployment_hash(&deployments, "orders").await?;
+    put_secret(&client, &ns, "target-conn", json!({"uri": format!("{}&appName=rotated", in_pod(&servers.target.uri()))})).await?;
+    eventually(Duration::from_secs(60), || async {
+        ensure!(deployment_hash(&deployments, "orders").await? != old_hash, "the Deployment still runs the old configuration");
+        Ok(())
+    })
+    .await
+    .with_context(|| operator.log_tail(20))?;
+    src.database("shop").collection::<Document>("after_rotation").insert_one(doc! {"_id": 1}).await?;
+    wait_condition(&api, "orders", "Ready", "True", None, &operator).await?;
+    converge(&src, &dst).await?;
+
+    // Suspend scales the replicator to zero; resuming continues from the checkpoint.
+    let mut suspended = object.clone();
+    suspended["spec"]["suspend"] = json!(true);
+    apply(&api, &suspended).await?;
+    wait_condition(&api, "orders", "Replicating", "False", Some("Suspended"), &operator).await?;
+    eventually(Duration::from_secs(60), || async {
+        let d = deployments.get("orders-replicator").await?;
+        ensure!(d.spec.replicas == Some(0) && d.status.and_then(|s| s.replicas).unwrap_or(0) == 0, "still running");
+        Ok(())
+    })
+    .await?;
+    src.database("shop").collection::<Document>("while_suspended").insert_many((0..50).map(|i| doc! {"_id": i})).await?;
+    apply(&api, &object).await?;
+    wait_condition(&api, "orders", "Ready", "True", None, &operator).await?;
+    converge(&src, &dst).await?;
+
+    // Deleting the object removes every child (owner references, garbage collector).
+    api.delete("orders", &DeleteParams::default()).await?;
+    eventually(Duration::from_secs(90), || async {
+        let lp = ListParams::default().labels("mongo-replicator.io/replication=orders");
+        let left = Api::<Deployment>::namespaced(client.clone(), &ns).list(&lp).await?.items.len()
+            + Api::<Job>::namespaced(client.clone(), &ns).list(&lp).await?.items.len()
+            + Api::<ConfigMap>::namespaced(client.clone(), &ns).list(&lp).await?.items.len()
+            + Api::<ServiceAccount>::namespaced(client.clone(), &ns).list(&lp).await?.items.len();
+        ensure!(left == 0, "{left} children of orders are left");
+        Ok(())
+    })
+    .await?;
+    let log = operator.log();
+    ensure!(!log.contains("panicked"), "the operator panicked:\n{}", operator.log_tail(20));
+    ensure!(operator.stop().await? == Some(0), "the operator did not stop cleanly on SIGTERM");
+    Ok(())
+}
+
+#[tokio::test]
+async fn each_broken_input_gets_its_own_reason_and_never_a_crash_loop() -> Result<()> {
+    let node = NodeLab::shared(Path::new(REPLICATOR_BIN)).await?;
+    let client = node.kube().client().await?;
+    install_crd(&client).await?;
+    let ns = node.namespace("operator-broken").await?;
+    let user = ScramUser::new("replicator", "right-password", &[("admin", "root")]);
+    let servers = Servers::start(SecantusOptions { users: vec![user.clone()], ..Default::default() }).await?;
+    let wrong = ScramUser::new("replicator", "wr0ng-passw0rd", &[]);
+    put_secret(&client, &ns, "source-conn", json!({"uri": in_pod(&servers.source.uri_for(&user))})).await?;
+    put_secret(&client, &ns, "target-conn", json!({"uri": in_pod(&servers.target.uri_for(&user))})).await?;
+    put_secret(&client, &ns, "wrong-password", json!({"uri": in_pod(&servers.target.uri_for(&wrong))})).await?;
+    put_secret(&client, &ns, "unreachable", json!({"uri": format!("mongodb://{NODE_ADDRESS}:1/?directConnection=true&serverSelectionTimeoutMS=2000")})).await?;
+    let operator = Operator::start(node, &ns).await?;
+    let api: Api<MongoReplication> = Api::namespaced(client.clone(), &ns);
+
+    let with_target = |secret: &str, key: &str| {
+        let mut spec = connection_string_spec();
+        spec["target"]["connectionStringSecretRef"] = json!({"name": secret, "key": key});
+        spec
+    };
+    apply(&api, &replication("missing-secret", with_target("does-not-exist", "uri"))).await?;
+    apply(&api, &replication("missing-key", with_target("target-conn", "nope"))).await?;
+    apply(&api, &replication("wrong-password", with_target("wrong-password", "uri"))).await?;
+    apply(&api, &replication("unreachable", with_target("unreachable", "uri"))).await?;
+    wait_condition(&api, "missing-secret", "Stalled", "True", Some("SecretNotFound"), &operator).await?;
+    wait_condition(&api, "missing-key", "Stalled", "True", Some("SecretKeyMissing"), &operator).await?;
+    let refused = wait_condition(&api, "wrong-password", "Stalled", "True", Some("LoginFailed"), &operator).await?;
+    let message = &condition(&refused, "ConnectivityValidated").context("no ConnectivityValidated")?.message;
+    ensure!(!message.contains("wr0ng-passw0rd") && !message.contains("right-password"), "a password reached the status: {message}");
+    let unreachable = wait_condition(&api, "unreachable", "ConnectivityValidated", "False", Some("EndpointUnreachable"), &operator).await?;
+    let message = &condition(&unreachable, "ConnectivityValidated").context("no condition")?.message;
+    ensure!(message.contains(&format!("{NODE_ADDRESS}:1")) && !message.contains("Topology"), "not a sentence a user can act on: {message}");
+    for name in ["missing-secret", "missing-key", "wrong-password"] {
+        let r = api.get(name).await?;
+        ensure!(condition(&r, "Ready").is_some_and(|c| c.status == "False"), "{name} is Ready while broken");
+        ensure!(r.status.as_ref().and_then(|s| s.phase) == Some(mongo_replicator::crd::Phase::Failed), "{name}: {:?}", r.status);
+        // Never a crash loop: the replicator is not started until the validation passes.
+        let d = Api::<Deployment>::namespaced(client.clone(), &ns).get_opt(&format!("{name}-replicator")).await?;
+        ensure!(d.is_none_or(|d| d.spec.replicas == Some(0)), "{name}: a replicator runs although the validation failed");
+    }
+    // A fixed Secret heals the stalled replication without touching it.
+    put_secret(&client, &ns, "does-not-exist", json!({"uri": in_pod(&servers.target.uri_for(&user))})).await?;
+    wait_condition(&api, "missing-secret", "Ready", "True", None, &operator).await?;
+    let log = operator.log();
+    ensure!(!log.contains("wr0ng-passw0rd") && !log.contains("right-password"), "a password reached the operator's log");
+    ensure!(!log.contains("panicked"), "the operator panicked:\n{}", operator.log_tail(20));
+    Ok(())
+}
