@@ -84,6 +84,14 @@ pub struct OperatorArgs {
     /// Reconciles running at once.
     #[arg(long, env = "MREP_CONCURRENCY", default_value_t = 8)]
     pub concurrency: u16,
+    /// Microsoft Entra authority for replicator pods (sovereign clouds); default: the workload
+    /// identity webhook's AZURE_AUTHORITY_HOST, else the public cloud.
+    #[arg(long, env = "MREP_ENTRA_AUTHORITY_HOST")]
+    pub entra_authority_host: Option<String>,
+    /// Extra CA certificates (PEM file) replicator pods trust for the Entra authority (private
+    /// endpoints, private clouds); copied into each replication's ConfigMap.
+    #[arg(long, env = "MREP_ENTRA_CA_FILE", value_name = "FILE")]
+    pub entra_ca_file: Option<PathBuf>,
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, env = "MREP_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -453,11 +461,26 @@ fn operator(args: OperatorArgs) -> ExitCode {
         return ExitCode::from(3);
     }
     let identity = args.identity.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+    let ca_bundle = match &args.entra_ca_file {
+        None => None,
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => Some(pem),
+            Ok(_) => {
+                tracing::error!(path = %path.display(), "--entra-ca-file holds no PEM certificate");
+                return ExitCode::from(3);
+            }
+            Err(err) => {
+                tracing::error!(path = %path.display(), error = %err, "cannot read --entra-ca-file");
+                return ExitCode::from(3);
+            }
+        },
+    };
     let settings = crate::operator::Settings {
         namespaces: args.watch_namespaces.iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect(),
         children: crate::operator::children::ChildSettings {
             replicator_image: args.replicator_image.clone(),
             image_pull_policy: args.replicator_image_pull_policy.clone(),
+            entra: crate::operator::config::EntraDefaults { authority_host: args.entra_authority_host.clone(), ca_bundle },
         },
         metrics_address: args.metrics_address,
         leader_election: args.leader_election,

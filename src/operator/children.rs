@@ -17,7 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
-use super::config::{CONFIG_DIR, CONFIG_KEY, secret_dir};
+use super::config::{CONFIG_DIR, CONFIG_KEY, ENTRA_CA_KEY, EntraDefaults, secret_dir};
 use crate::auth::EndpointRole;
 use crate::crd::{AuthMethod, Endpoint, GROUP, MongoReplication};
 use crate::replicator::config::{DEFAULT_METRICS_PORT, DEFAULT_SHUTDOWN_TIMEOUT_SECONDS};
@@ -41,6 +41,8 @@ pub struct ChildSettings {
     /// Image of replicator and validation pods when the spec names none.
     pub replicator_image: String,
     pub image_pull_policy: String,
+    /// Microsoft Entra settings for every `auth: entra` endpoint.
+    pub entra: EntraDefaults,
 }
 
 /// Names of the children of the MongoReplication `name`. The API keeps names at most 50
@@ -143,7 +145,12 @@ pub fn build(inputs: &Inputs<'_>) -> Children {
     };
     let config_map = ConfigMap {
         metadata: meta(&names.replicator, "replicator"),
-        data: Some(BTreeMap::from([(CONFIG_KEY.to_string(), inputs.config_yaml.to_string())])),
+        data: Some(
+            [(CONFIG_KEY, Some(inputs.config_yaml)), (ENTRA_CA_KEY, inputs.settings.entra.ca_bundle.as_deref())]
+                .into_iter()
+                .filter_map(|(k, v)| Some((k.to_string(), v?.to_string())))
+                .collect(),
+        ),
         ..Default::default()
     };
     let role = Role {
@@ -399,7 +406,7 @@ spec:
 ";
 
     fn settings() -> ChildSettings {
-        ChildSettings { replicator_image: "mongo-replicator:lab".into(), image_pull_policy: "IfNotPresent".into() }
+        ChildSettings { replicator_image: "mongo-replicator:lab".into(), image_pull_policy: "IfNotPresent".into(), entra: EntraDefaults::default() }
     }
 
     fn children(r: &MongoReplication, run: bool) -> Children {

@@ -15,6 +15,17 @@ pub const SECRETS_DIR: &str = "/var/run/secrets/mongo-replicator";
 pub const CONFIG_DIR: &str = "/etc/mongo-replicator";
 /// The key of the configuration file in the ConfigMap.
 pub const CONFIG_KEY: &str = "replicator.yaml";
+/// The key, in the same ConfigMap, of extra CA certificates for the Microsoft Entra authority.
+pub const ENTRA_CA_KEY: &str = "entra-ca.crt";
+
+/// How the operator is set up for Microsoft Entra, for every `auth: entra` endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EntraDefaults {
+    /// The authority (sovereign clouds); unset: the webhook's `AZURE_AUTHORITY_HOST`, else the public cloud.
+    pub authority_host: Option<String>,
+    /// Extra CA certificates (PEM) to trust for the authority (private endpoints, private clouds).
+    pub ca_bundle: Option<String>,
+}
 
 /// Mount directory of an endpoint's connection-string Secret (`<dir>/<role>`), and of its CA
 /// Secret (`<dir>/<role>-ca`).
@@ -24,14 +35,14 @@ pub fn secret_dir(role: EndpointRole, ca: bool) -> PathBuf {
 
 /// The configuration the replicator of `replication` runs with. Its checkpoint name is
 /// `<namespace>/<name>`, unique in a target shared by several replications.
-pub fn replicator_config(replication: &MongoReplication) -> ReplicatorConfig {
+pub fn replicator_config(replication: &MongoReplication, entra: &EntraDefaults) -> ReplicatorConfig {
     let namespace = replication.metadata.namespace.as_deref().unwrap_or("default");
     let name = replication.metadata.name.as_deref().unwrap_or_default();
     let spec = &replication.spec;
     let mut config = ReplicatorConfig::new(
         &format!("{namespace}/{name}"),
-        endpoint(&spec.source, EndpointRole::Source),
-        endpoint(&spec.target, EndpointRole::Target),
+        endpoint(&spec.source, EndpointRole::Source, entra),
+        endpoint(&spec.target, EndpointRole::Target, entra),
     );
     config.status_report = Some(StatusReport { namespace: namespace.to_string(), name: name.to_string() });
     config.namespaces = spec.namespaces.as_ref().map(namespace_rules);
@@ -82,7 +93,7 @@ fn start_at(start: &crd::StreamStart) -> Option<StartAt> {
     }
 }
 
-fn endpoint(endpoint: &Endpoint, role: EndpointRole) -> EndpointConfig {
+fn endpoint(endpoint: &Endpoint, role: EndpointRole, entra: &EntraDefaults) -> EndpointConfig {
     let ca_file = endpoint.ca_secret_ref.as_ref().map(|r| secret_dir(role, true).join(&r.key));
     let login = match endpoint.auth {
         AuthMethod::ConnectionString => {
@@ -100,6 +111,8 @@ fn endpoint(endpoint: &Endpoint, role: EndpointRole) -> EndpointConfig {
                     client_id: Some(identity.client_id.clone()),
                     tenant_id: Some(identity.tenant_id.clone()),
                     scope: identity.scope.clone(),
+                    authority_host: entra.authority_host.clone(),
+                    ca_file: entra.ca_bundle.as_ref().map(|_| PathBuf::from(CONFIG_DIR).join(ENTRA_CA_KEY)),
                     ..Default::default()
                 })
                 .unwrap_or_default(),
@@ -132,7 +145,7 @@ mod tests {
     #[test]
     fn every_example_becomes_a_valid_replicator_config_without_secrets() {
         for replication in examples() {
-            let config = replicator_config(&replication);
+            let config = replicator_config(&replication, &EntraDefaults::default());
             config.validate().unwrap_or_else(|e| panic!("{:?}: {e}", replication.metadata.name));
             let yaml = serde_saphyr::to_string(&config).unwrap();
             let back: ReplicatorConfig = serde_saphyr::from_str(&yaml).unwrap();
@@ -146,7 +159,7 @@ mod tests {
     #[test]
     fn endpoints_name_mounted_secrets_and_entra_identities() {
         let replication = examples().into_iter().find(|r| r.spec.source.auth == AuthMethod::Entra).expect("an Entra example");
-        let config = replicator_config(&replication);
+        let config = replicator_config(&replication, &EntraDefaults::default());
         let Login::Entra { identity: entra, .. } = &config.source.login else { panic!("an entra source") };
         assert_eq!(entra.client_id.as_deref(), replication.spec.source.entra.as_ref().map(|e| e.client_id.as_str()));
         assert!(entra.token_file.is_none(), "the webhook's AZURE_FEDERATED_TOKEN_FILE is used");

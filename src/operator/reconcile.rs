@@ -152,7 +152,7 @@ async fn reconcile_inner(replication: &MongoReplication, ctx: &Context) -> Resul
     }
 
     // Check the spec (pure): what the schema cannot say.
-    let config = super::config::replicator_config(replication);
+    let config = super::config::replicator_config(replication, &ctx.children.entra);
     if let Err(err) = config.validate() {
         spec_error.get_or_insert((err.reason().to_string(), err.to_string()));
     }
@@ -162,7 +162,9 @@ async fn reconcile_inner(replication: &MongoReplication, ctx: &Context) -> Resul
     let config_yaml = serde_saphyr::to_string(&config).map_err(|e| ReconcileError::Encode(e.to_string()))?;
     let image = children::image(replication, &ctx.children);
     let secrets: Vec<(&str, &BTreeMap<String, Vec<u8>>)> = secret_data.iter().map(|(n, d)| (n.as_str(), d)).collect();
-    let hash = children::config_hash(&config_yaml, &secrets, &image);
+    // The Entra CA bundle rides in the ConfigMap beside the file: a new one rolls the pods too.
+    let hashed = format!("{config_yaml}{}", ctx.children.entra.ca_bundle.as_deref().unwrap_or_default());
+    let hash = children::config_hash(&hashed, &secrets, &image);
     let names = Names::of(&name, &hash);
 
     // Observe: the validation Job of this configuration, and the replicator.
