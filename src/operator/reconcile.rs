@@ -333,16 +333,12 @@ async fn patch_status(client: &Client, namespace: &str, name: &str, status: &Mon
     Ok(())
 }
 
-/// An Event for a condition's transition, with the condition's reason; a failed Event is
-/// logged, never fatal.
+/// An Event for a condition's transition, with the condition's reason: a Warning when the
+/// reason is one of the error vocabulary's, Normal otherwise. A failed Event is logged, never fatal.
 async fn publish(ctx: &Context, replication: &MongoReplication, condition: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition) {
-    let bad = (condition.type_ == status::STALLED && condition.status == "True")
-        || (condition.type_ != status::STALLED
-            && condition.type_ != status::RECONCILING
-            && condition.status == "False"
-            && condition.type_ != status::REPLICATING);
+    let error = Reason::ALL.iter().any(|r| r.as_str() == condition.reason);
     let event = Event {
-        type_: if bad { EventType::Warning } else { EventType::Normal },
+        type_: if error { EventType::Warning } else { EventType::Normal },
         reason: condition.reason.clone(),
         note: Some(format!("{} is {}: {}", condition.type_, condition.status, condition.message).chars().take(1024).collect()),
         action: condition.type_.clone(),

@@ -212,13 +212,18 @@ pub fn differs(old: Option<&MongoReplicationStatus>, new: &MongoReplicationStatu
     old.observed_generation != new.observed_generation || old.phase != new.phase || strip(&old.conditions) != strip(&new.conditions)
 }
 
-/// The conditions whose status or reason changed, for Events: `(type, status, reason, message)`.
+/// The conditions worth an Event: those whose status or reason changed. `Reconciling` is left
+/// out (it mirrors the others), as is a first `Stalled=False`: nothing happened to say.
 pub fn transitions(old: Option<&MongoReplicationStatus>, new: &MongoReplicationStatus) -> Vec<Condition> {
     new.conditions
         .iter()
+        .filter(|c| c.type_ != RECONCILING)
         .filter(|c| {
             let previous = old.and_then(|o| o.conditions.iter().find(|p| p.type_ == c.type_));
-            previous.is_none_or(|p| p.status != c.status || p.reason != c.reason)
+            match previous {
+                Some(p) => p.status != c.status || p.reason != c.reason,
+                None => !(c.type_ == STALLED && c.status == "False"),
+            }
         })
         .cloned()
         .collect()

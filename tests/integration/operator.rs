@@ -17,7 +17,7 @@ use mongo_replicator::crd::MongoReplication;
 use mongo_replicator_lab::image::REPLICATOR_IMAGE;
 use mongo_replicator_lab::node::{NODE_ADDRESS, NodeLab, Relay};
 use mongo_replicator_lab::workload::{self, WorkloadSpec};
-use mongo_replicator_lab::{ScramUser, SecantusOptions, SecantusServer};
+use mongo_replicator_lab::{KubeLab, ScramUser, SecantusOptions, SecantusServer};
 use mongodb::bson::{Document, doc};
 use serde_json::{Value, json};
 
@@ -33,12 +33,16 @@ struct Operator {
 
 impl Operator {
     async fn start(node: &NodeLab, namespace: &str) -> Result<Self> {
-        let log = node.dir().join(format!("operator-{namespace}.log"));
+        Self::start_on(node.kube(), node.dir(), namespace).await
+    }
+
+    async fn start_on(kube: &KubeLab, dir: &Path, namespace: &str) -> Result<Self> {
+        let log = dir.join(format!("operator-{namespace}.log"));
         let out = std::fs::File::create(&log)?;
         let port = mongo_replicator_lab::process::free_port()?;
         let child = tokio::process::Command::new(REPLICATOR_BIN)
             .arg("operator")
-            .env("KUBECONFIG", node.kube().kubeconfig())
+            .env("KUBECONFIG", kube.kubeconfig())
             .env("MREP_WATCH_NAMESPACES", namespace)
             .env("MREP_REPLICATOR_IMAGE", REPLICATOR_IMAGE)
             .env("MREP_REPLICATOR_IMAGE_PULL_POLICY", "Never")
@@ -306,5 +310,52 @@ async fn each_broken_input_gets_its_own_reason_and_never_a_crash_loop() -> Resul
     let log = operator.log();
     ensure!(!log.contains("wr0ng-passw0rd") && !log.contains("right-password"), "a password reached the operator's log");
     ensure!(!log.contains("panicked"), "the operator panicked:\n{}", operator.log_tail(20));
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_object_written_around_the_schema_is_stalled_and_never_stalls_the_others() -> Result<()> {
+    // An older, looser CRD lets through what today's types cannot read: its own control plane,
+    // as it changes the CRD.
+    let kube = KubeLab::start().await?;
+    let client = kube.client().await?;
+    install_crd(&client).await?;
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> = Api::all(client.clone());
+    let mut crd = serde_json::to_value(mongo_replicator::crd::crd())?;
+    let schema = &mut crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    schema["properties"]["spec"] = json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
+    schema.as_object_mut().context("schema")?.remove("x-kubernetes-validations");
+    crds.patch("mongoreplications.mongo-replicator.io", &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(&crd)).await?;
+    let ns = kube.namespace("operator-malformed").await?;
+    let api: Api<MongoReplication> = Api::namespaced(client.clone(), &ns);
+    let raw: Api<kube::core::DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns,
+        &kube::discovery::ApiResource::from_gvk_with_plural(&kube::core::GroupVersionKind::gvk("mongo-replicator.io", "v1alpha1", "MongoReplication"), "mongoreplications"),
+    );
+    eventually(Duration::from_secs(30), || async {
+        let malformed = json!({"apiVersion": "mongo-replicator.io/v1alpha1", "kind": "MongoReplication", "metadata": {"name": "malformed"}, "spec": {"source": {"auth": "ldap"}, "target": 42}});
+        raw.patch("malformed", &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(&malformed)).await?;
+        Ok(())
+    })
+    .await?;
+    let mut valid = connection_string_spec();
+    valid["target"]["connectionStringSecretRef"]["name"] = json!("not-there");
+    apply(&api, &replication("valid", valid)).await?;
+    let dir = crate::support::tempdir::Dir::new("operator-malformed")?;
+    let operator = Operator::start_on(&kube, &dir.0, &ns).await?;
+
+    eventually(Duration::from_secs(60), || async {
+        let object = raw.get("malformed").await?;
+        let stalled = object.data["status"]["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == "Stalled")).cloned();
+        let stalled = stalled.context("no Stalled condition yet")?;
+        ensure!(stalled["status"] == "True" && stalled["reason"] == "InvalidSpec", "{stalled}");
+        ensure!(stalled["message"].as_str().is_some_and(|m| m.contains("ldap")), "the message does not say what is wrong: {stalled}");
+        Ok(())
+    })
+    .await
+    .with_context(|| operator.log_tail(10))?;
+    wait_condition(&api, "valid", "Stalled", "True", Some("SecretNotFound"), &operator).await?;
+    ensure!(!operator.log().contains("panicked"));
     Ok(())
 }
