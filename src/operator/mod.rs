@@ -71,8 +71,9 @@ pub enum OperatorError {
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), OperatorError> {
     let client = Client::try_default().await.map_err(OperatorError::Client)?;
     let metrics = OperatorMetrics::new();
+    // A standby replica is ready too: rollouts and PodDisruptionBudgets count on it.
     let health = Arc::new(Health::new());
-    health.set_not_ready("waiting for the leader lease");
+    health.set_ready(true);
     let (listener, bound) = telemetry::bind(settings.metrics_address).await?;
     tracing::info!(address = %bound, "serving /metrics, /healthz and /readyz");
     tokio::spawn(telemetry::serve_listener(listener, Arc::new(metrics.clone()), health.clone(), shutdown.child_token()));
@@ -114,7 +115,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             stop.cancel();
         });
     }
-    health.set_ready(true);
 
     let recorder =
         Recorder::new(client.clone(), Reporter { controller: "mongo-replicator-operator".into(), instance: Some(settings.identity.clone()) });
