@@ -28,3 +28,6 @@ log "Kubernetes binaries ready ($((SECONDS - t)) s)"
 t=$SECONDS
 bash "$root/tests/lab/scripts/install-secantus.sh" >/dev/null
 log "SecantusDB server ready ($((SECONDS - t)) s)"
+t=$SECONDS
+bash "$root/tests/lab/scripts/build-helm.sh" >/dev/null
+log "helm ready ($((SECONDS - t)) s)"

@@ -2,6 +2,7 @@
 //!
 //! - [`KubeLab`]: etcd + kube-apiserver + kube-controller-manager built from Go modules.
 //! - [`SecantusServer`]: SecantusDB (`secantusd-rs`), a MongoDB-compatible server over WiredTiger.
+//! - [`helm()`]: the helm CLI, for the chart's tests.
 //!
 //! Binaries are built once per version into `~/.cache/mongo-replicator` (or `$MREP_CACHE`) by
 //! the scripts in `tests/lab/scripts`; the lab runs them on first use when they are missing.
@@ -70,6 +71,12 @@ pub(crate) fn cached_tool(script: &str, what: &str) -> Result<PathBuf> {
         bail!("{} printed no path for the {what}", path.display());
     }
     Ok(PathBuf::from(printed))
+}
+
+/// The helm CLI, built from the Go module proxy by `scripts/build-helm.sh` on first use
+/// (`HELM_VERSION` in `versions.env`).
+pub fn helm() -> Result<PathBuf> {
+    Ok(cached_tool("build-helm.sh", "helm CLI")?.join("helm"))
 }
 
 /// A directory of one lab part's data and logs, under `$TMPDIR/mongo-replicator-lab`. Removed
