@@ -622,3 +622,127 @@ rules:
     }
     Ok(())
 }
+
+/// The Argo CD health check exactly as the chart's README gives it: the `argocd-cm` YAML block.
+fn readme_health_check() -> Result<String> {
+    let readme = std::fs::read_to_string(format!("{CHART}/README.md"))?;
+    let key = "resource.customizations.health.mongo-replicator.io_MongoReplication";
+    let block = readme
+        .split("```yaml\n")
+        .skip(1)
+        .filter_map(|rest| rest.split_once("```").map(|(block, _)| block))
+        .find(|block| block.contains(key))
+        .context("the chart README has no argocd-cm block with the health check")?;
+    let docs = yaml_documents(block)?;
+    docs.first().and_then(|d| d["data"][key].as_str()).map(str::to_string).context("the block does not hold the health check under data")
+}
+
+fn condition(kind: &str, status: &str, reason: &str, message: &str, generation: i64) -> Value {
+    serde_json::json!({"type": kind, "status": status, "reason": reason, "message": message, "observedGeneration": generation,
+        "lastTransitionTime": "2026-01-01T00:00:00Z"})
+}
+
+fn replication(generation: i64, suspend: bool, status: Option<Value>) -> Value {
+    let mut object = serde_json::json!({
+        "apiVersion": "mongo-replicator.io/v1alpha1",
+        "kind": "MongoReplication",
+        "metadata": {"name": "orders-dr", "namespace": "data", "generation": generation},
+        "spec": {"suspend": suspend},
+    });
+    if let Some(status) = status {
+        object["status"] = status;
+    }
+    object
+}
+
+#[tokio::test]
+async fn the_argocd_health_check_follows_the_conditions() -> Result<()> {
+    let script_text = readme_health_check()?;
+    let dir = tempdir::Dir::new("argocd-health")?;
+    let script = dir.0.join("health.lua");
+    std::fs::write(&script, &script_text)?;
+    let ready = condition("Ready", "True", "Replicating", "lag 0 s", 2);
+    let not_reconciling = condition("Reconciling", "False", "Reconciled", "", 2);
+    let not_stalled = condition("Stalled", "False", "Reconciled", "", 2);
+    let status = |generation: i64, conditions: Vec<Value>| {
+        Some(serde_json::json!({"observedGeneration": generation, "phase": "Streaming", "conditions": conditions}))
+    };
+    let stalled = condition("Stalled", "True", "LoginFailed", "the target refused the login: AuthenticationFailed (18)", 2);
+    let cases: Vec<(&str, Value, &str, &str)> = vec![
+        ("a new object", replication(1, false, None), "Progressing", "Waiting for the operator"),
+        (
+            "a status without observedGeneration",
+            replication(1, false, Some(serde_json::json!({"conditions": []}))),
+            "Progressing",
+            "Waiting for the operator",
+        ),
+        (
+            "an edit the operator has not seen",
+            replication(3, false, status(2, vec![ready.clone(), not_reconciling.clone(), not_stalled.clone()])),
+            "Progressing",
+            "generation 3",
+        ),
+        (
+            "ready for the current generation",
+            replication(2, false, status(2, vec![ready.clone(), not_reconciling.clone(), not_stalled.clone()])),
+            "Healthy",
+            "Replicating: lag 0 s",
+        ),
+        (
+            "Ready from an older generation",
+            replication(2, false, status(2, vec![condition("Ready", "True", "Replicating", "", 1), not_reconciling.clone(), not_stalled.clone()])),
+            "Progressing",
+            "Waiting for the Ready condition",
+        ),
+        (
+            "a rollout in progress",
+            replication(
+                2,
+                false,
+                status(
+                    2,
+                    vec![ready.clone(), condition("Reconciling", "True", "ValidationRunning", "validating the endpoints", 2), not_stalled.clone()],
+                ),
+            ),
+            "Progressing",
+            "ValidationRunning: validating the endpoints",
+        ),
+        (
+            "not ready yet",
+            replication(
+                2,
+                false,
+                status(
+                    2,
+                    vec![condition("Ready", "False", "WaitingForProgress", "the replicator has not reported progress", 2), not_stalled.clone()],
+                ),
+            ),
+            "Progressing",
+            "WaitingForProgress: the replicator has not reported progress",
+        ),
+        (
+            "stalled",
+            replication(2, false, status(2, vec![stalled.clone(), condition("Ready", "False", "LoginFailed", "", 2)])),
+            "Degraded",
+            "LoginFailed: the target refused the login",
+        ),
+        ("stalled wins over a stale Ready=True", replication(2, false, status(2, vec![stalled, ready.clone()])), "Degraded", "LoginFailed"),
+        (
+            "suspended",
+            replication(2, true, status(2, vec![condition("Ready", "False", "Suspended", "spec.suspend is true", 2), not_stalled])),
+            "Suspended",
+            "Suspended",
+        ),
+    ];
+    let objects = Value::Array(cases.iter().map(|(_, object, _, _)| object.clone()).collect());
+    let out = run(&mongo_replicator_lab::lua_health()?, &[&script.display().to_string()], &[], Some(&objects.to_string())).await?;
+    ensure!(out.status.success(), "the health check failed to run: {}", text(&out));
+    let results: Vec<Value> = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(results.len(), cases.len());
+    for ((what, _, status, message), result) in cases.iter().zip(&results) {
+        assert_eq!(result["status"], *status, "{what}: {result}");
+        let said = result["message"].as_str().unwrap_or_default();
+        assert!(said.contains(message), "{what}: the message {said:?} does not say {message:?}");
+    }
+    Ok(())
+}
