@@ -124,6 +124,7 @@ async fn the_schema_refuses_bad_values_with_helms_message() -> Result<()> {
         ("replicaCount: two\n", "at '/replicaCount': got string, want integer"),
         ("replicaCount: \"2\"\n", "at '/replicaCount': got string, want integer"),
         ("replicas: 2\n", "additional properties 'replicas' not allowed"),
+        ("image: {repository: r, pullPolicy: Always, tags: latest}\n", "at '/image': additional properties 'tags' not allowed"),
         ("image: {repository: r, pullPolicy: Sometimes}\n", "at '/image/pullPolicy'"),
         ("watchNamespaces: [Data]\n", "at '/watchNamespaces/0'"),
         ("watchNamespaces: a,b\n", "at '/watchNamespaces': got string, want array"),
