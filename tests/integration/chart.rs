@@ -58,10 +58,14 @@ impl Helm {
         let file = file.display().to_string();
         let mut all: Vec<&str> = args.to_vec();
         all.extend(["--values", &file]);
+        self.run_without_values(&all).await
+    }
+
+    async fn run_without_values(&self, args: &[&str]) -> Result<Output> {
         let dirs = [("HELM_CONFIG_HOME", "config"), ("HELM_CACHE_HOME", "cache"), ("HELM_DATA_HOME", "data")];
         let paths: Vec<(&str, PathBuf)> = dirs.iter().map(|(key, dir)| (*key, self.home.0.join(dir))).collect();
         let envs: Vec<(&str, &Path)> = paths.iter().map(|(key, path)| (*key, path.as_path())).collect();
-        run(&self.bin, &all, &envs, None).await
+        run(&self.bin, args, &envs, None).await
     }
 
     /// `helm template` of the chart as release `release` in `namespace`: the rendered text.
@@ -745,5 +749,69 @@ async fn the_argocd_health_check_follows_the_conditions() -> Result<()> {
         let said = result["message"].as_str().unwrap_or_default();
         assert!(said.contains(message), "{what}: the message {said:?} does not say {message:?}");
     }
+    Ok(())
+}
+
+/// `helm install`, `helm upgrade` across the two RBAC modes and `helm uninstall` on the lab's
+/// apiserver: what helm itself does with the chart (the CRD from `crds/` kept on uninstall, no
+/// immutable field changed by an upgrade, nothing left behind).
+#[tokio::test]
+async fn helm_installs_upgrades_and_uninstalls_the_chart() -> Result<()> {
+    let lab = KubeLab::shared().await?;
+    let kubectl = Kubectl::of(lab);
+    let helm = Helm::new()?;
+    let release_ns = lab.namespace("chart-install").await?;
+    let watched = lab.namespace("chart-install-watched").await?;
+    let release = format!("i{}", release_ns.rsplit('-').next().unwrap_or_default());
+    let kubeconfig = lab.kubeconfig().display().to_string();
+    let helm_on_lab = |verb: &'static str, values: String| {
+        let (release, release_ns, kubeconfig, helm) = (release.clone(), release_ns.clone(), kubeconfig.clone(), &helm);
+        async move {
+            let mut args = vec![verb, &release];
+            if verb != "uninstall" {
+                args.push(CHART);
+            }
+            args.extend(["--namespace", &release_ns, "--kubeconfig", &kubeconfig]);
+            let out = if verb == "uninstall" { helm.run_without_values(&args).await? } else { helm.run(&args, &values).await? };
+            ensure!(out.status.success(), "helm {verb} failed: {}", text(&out));
+            Ok(text(&out))
+        }
+    };
+    let fullname = format!("{release}-mongo-replicator");
+    let exists = |kind: &'static str, namespace: Option<String>| {
+        let (kubectl, fullname) = (&kubectl, fullname.clone());
+        async move {
+            let mut args = vec!["get", kind, fullname.as_str(), "--ignore-not-found", "-o", "name"];
+            if let Some(namespace) = &namespace {
+                args.extend(["-n", namespace.as_str()]);
+            }
+            Ok::<bool, anyhow::Error>(!kubectl.ok(&args, None).await?.trim().is_empty())
+        }
+    };
+
+    let said = helm_on_lab("install", listed(&[&watched])).await?;
+    assert!(said.contains(&format!("It manages MongoReplications in: {watched}.")), "NOTES do not name the watched namespace: {said}");
+    kubectl.ok(&["wait", "--for=condition=Established", "--timeout=60s", "crd/mongoreplications.mongo-replicator.io"], None).await?;
+    assert!(exists("deployment", Some(release_ns.clone())).await?);
+    assert!(exists("role", Some(watched.clone())).await?);
+    assert!(!exists("clusterrole", None).await?, "listed namespaces installed a ClusterRole");
+
+    // (An empty values file would make helm reuse the previous values.)
+    helm_on_lab("upgrade", "watchNamespaces: []\n".to_string()).await?;
+    assert!(exists("clusterrole", None).await?, "the upgrade to all namespaces did not install the ClusterRole");
+    assert!(!exists("role", Some(watched.clone())).await?, "the upgrade left the Role in the formerly watched namespace");
+    let env =
+        kubectl.ok(&["get", "deployment", &fullname, "-n", &release_ns, "-o", "jsonpath={.spec.template.spec.containers[0].env}"], None).await?;
+    let env: Vec<Value> = serde_json::from_str(&env)?;
+    assert!(env.iter().any(|v| v["name"] == "MREP_WATCH_NAMESPACES" && v.get("value").is_none_or(|v| v == "")), "{env:?}");
+
+    helm_on_lab("uninstall", "{}".to_string()).await?;
+    for (kind, namespace) in
+        [("deployment", Some(release_ns.clone())), ("clusterrole", None), ("clusterrolebinding", None), ("serviceaccount", Some(release_ns.clone()))]
+    {
+        assert!(!exists(kind, namespace).await?, "helm uninstall left the {kind}");
+    }
+    // Helm never deletes CRDs (and with them every MongoReplication).
+    kubectl.ok(&["get", "crd", "mongoreplications.mongo-replicator.io"], None).await?;
     Ok(())
 }
