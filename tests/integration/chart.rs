@@ -2,7 +2,8 @@
 //! accepted by a real kube-apiserver (`kubectl apply --dry-run=server`), the values schema refuses
 //! bad values with helm's message, the Deployment drives the operator's interface, and the RBAC is
 //! exactly what the operator touches — checked both as rendered rules and, on the lab, as what
-//! the operator's ServiceAccount may and may not do.
+//! the operator's ServiceAccount may and may not do; helm installs, upgrades and uninstalls it,
+//! and the Argo CD health check in its README follows the MongoReplication conditions.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
