@@ -28,3 +28,8 @@ log "Kubernetes binaries ready ($((SECONDS - t)) s)"
 t=$SECONDS
 bash "$root/tests/lab/scripts/install-secantus.sh" >/dev/null
 log "SecantusDB server ready ($((SECONDS - t)) s)"
+t=$SECONDS
+bash "$root/tests/lab/scripts/build-helm.sh" >/dev/null
+log "helm ready ($((SECONDS - t)) s)"
+bash "$root/tests/lab/scripts/build-lua-health.sh" >/dev/null
+log "lua-health ready (Argo CD health checks)"

@@ -2,6 +2,7 @@
 //! everything links once.
 
 mod arm_client;
+mod chart;
 mod crd_api;
 mod crd_drift;
 mod entra;

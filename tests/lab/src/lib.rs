@@ -2,6 +2,7 @@
 //!
 //! - [`KubeLab`]: etcd + kube-apiserver + kube-controller-manager built from Go modules.
 //! - [`SecantusServer`]: SecantusDB (`secantusd-rs`), a MongoDB-compatible server over WiredTiger.
+//! - [`helm()`], [`lua_health()`]: the helm CLI and an Argo CD health-check runner, for the chart's tests.
 //!
 //! Binaries are built once per version into `~/.cache/mongo-replicator` (or `$MREP_CACHE`) by
 //! the scripts in `tests/lab/scripts`; the lab runs them on first use when they are missing.
@@ -70,6 +71,18 @@ pub(crate) fn cached_tool(script: &str, what: &str) -> Result<PathBuf> {
         bail!("{} printed no path for the {what}", path.display());
     }
     Ok(PathBuf::from(printed))
+}
+
+/// The helm CLI, built from the Go module proxy by `scripts/build-helm.sh` on first use
+/// (`HELM_VERSION` in `versions.env`).
+pub fn helm() -> Result<PathBuf> {
+    Ok(cached_tool("build-helm.sh", "helm CLI")?.join("helm"))
+}
+
+/// lua-health: runs an Argo CD health check (Lua) with the interpreter Argo CD embeds, built
+/// from `tests/lab/go/lua-health` by `scripts/build-lua-health.sh` on first use.
+pub fn lua_health() -> Result<PathBuf> {
+    Ok(cached_tool("build-lua-health.sh", "Argo CD Lua runner")?.join("lua-health"))
 }
 
 /// A directory of one lab part's data and logs, under `$TMPDIR/mongo-replicator-lab`. Removed
