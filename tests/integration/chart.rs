@@ -329,7 +329,7 @@ async fn the_deployment_drives_the_operators_interface() -> Result<()> {
     assert_eq!(plain("MREP_REPLICATOR_IMAGE_PULL_POLICY").as_deref(), Some("IfNotPresent"));
     assert_eq!(plain("MREP_LEADER_ELECTION").as_deref(), Some("true"));
     assert_eq!(plain("MREP_LEASE_NAME").as_deref(), Some("mongo-replicator-operator"));
-    for unset in ["MREP_ENTRA_AUTHORITY_HOST", "MREP_EXTRA_CA_CONFIGMAP", "MREP_ARM_ENDPOINT", "RUST_LOG"] {
+    for unset in ["MREP_ENTRA_AUTHORITY_HOST", "MREP_ENTRA_CA_FILE", "MREP_ARM_ENDPOINT", "RUST_LOG"] {
         assert!(plain(unset).is_none(), "{unset} is set by default");
     }
     let labels = &spec["template"]["metadata"]["labels"];
@@ -380,7 +380,8 @@ metrics: {{port: 9090}}
     assert_eq!(plain("MREP_REPLICATOR_IMAGE_PULL_POLICY").as_deref(), Some("IfNotPresent"));
     assert_eq!(plain("MREP_ENTRA_AUTHORITY_HOST").as_deref(), Some("https://login.microsoftonline.us/"));
     assert_eq!(plain("MREP_ARM_ENDPOINT").as_deref(), Some("https://management.usgovcloudapi.net"));
-    assert_eq!(plain("MREP_EXTRA_CA_CONFIGMAP").as_deref(), Some("corp-ca"));
+    assert_eq!(plain("MREP_ENTRA_CA_FILE").as_deref(), Some("/etc/mongo-replicator-operator/entra-ca/ca.crt"));
+    assert_eq!(deployment["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"], "corp-ca");
     assert_eq!(plain("MREP_LEASE_NAME").as_deref(), Some("other-lease"));
     assert_eq!(plain("MREP_LOG_LEVEL").as_deref(), Some("debug"));
     assert_eq!(plain("RUST_LOG").as_deref(), Some("info,mongo_replicator=trace"));
