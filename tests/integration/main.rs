@@ -5,6 +5,7 @@ mod arm_client;
 mod crd_api;
 mod crd_drift;
 mod entra;
+mod node;
 mod replication;
 mod secantus;
 mod support;

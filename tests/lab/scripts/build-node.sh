@@ -109,10 +109,139 @@ cni_build() {
   done
 }
 
+# The webhook logs through monis.app/mlog, a host the module proxy here does not serve (403
+# "module-host allowlist"). This stand-in has the part of its API the webhook calls, on logr's
+# JSON logger; only log output differs, pod mutation is the webhook's own code.
+mlog_shim() {
+  mkdir -p "$1"
+  printf 'module monis.app/mlog\n\ngo 1.26\n\nrequire github.com/go-logr/logr v1.4.3\n' > "$1/go.mod"
+  cat > "$1/mlog.go" <<'GO'
+// Package mlog is the lab's stand-in for monis.app/mlog: the calls the workload identity
+// webhook makes, logging JSON lines to stderr through logr's funcr.
+package mlog
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"sync/atomic"
+
+	"github.com/go-logr/logr"
+	"github.com/go-logr/logr/funcr"
+)
+
+type LogLevel string
+
+const (
+	LevelWarning LogLevel = "warning"
+	LevelInfo    LogLevel = "info"
+	LevelDebug   LogLevel = "debug"
+	LevelTrace   LogLevel = "trace"
+	LevelAll     LogLevel = "all"
+)
+
+type LogFormat string
+
+const (
+	FormatJSON LogFormat = "json"
+	FormatCLI  LogFormat = "cli"
+)
+
+type LogSpec struct {
+	Level  LogLevel
+	Format LogFormat
+}
+
+var verbosity atomic.Int32
+
+func levelV(l LogLevel) (int, error) {
+	switch l {
+	case "", LevelWarning, LevelInfo:
+		return 0, nil
+	case LevelDebug:
+		return 4, nil
+	case LevelTrace:
+		return 6, nil
+	case LevelAll:
+		return 108, nil
+	}
+	return 0, fmt.Errorf("invalid log level %q", l)
+}
+
+func ValidateAndSetLogLevelAndFormatGlobally(_ context.Context, spec LogSpec) error {
+	v, err := levelV(spec.Level)
+	if err != nil {
+		return err
+	}
+	verbosity.Store(int32(v))
+	return nil
+}
+
+func Enabled(l LogLevel) bool {
+	v, err := levelV(l)
+	return err == nil && v <= int(verbosity.Load())
+}
+
+func Logr() logr.Logger {
+	return funcr.NewJSON(func(obj string) { fmt.Fprintln(os.Stderr, obj) }, funcr.Options{
+		Verbosity: int(verbosity.Load()),
+	})
+}
+
+func Setup() func() { return func() {} }
+
+func Fatal(err error) {
+	Logr().Error(err, "fatal")
+	os.Exit(1)
+}
+
+type Logger interface {
+	Error(msg string, err error, keysAndValues ...any)
+	Warning(msg string, keysAndValues ...any)
+	Info(msg string, keysAndValues ...any)
+	Debug(msg string, keysAndValues ...any)
+	Trace(msg string, keysAndValues ...any)
+	WithValues(keysAndValues ...any) Logger
+	WithName(name string) Logger
+}
+
+type logger struct {
+	names  []string
+	values []any
+}
+
+func New() Logger { return logger{} }
+
+func (l logger) sink() logr.Logger {
+	out := Logr().WithValues(l.values...)
+	for _, n := range l.names {
+		out = out.WithName(n)
+	}
+	return out
+}
+
+func (l logger) Error(msg string, err error, kv ...any) { l.sink().Error(err, msg, kv...) }
+func (l logger) Warning(msg string, kv ...any)          { l.sink().Info(msg, append(kv, "warning", true)...) }
+func (l logger) Info(msg string, kv ...any)             { l.sink().Info(msg, kv...) }
+func (l logger) Debug(msg string, kv ...any)            { l.sink().V(4).Info(msg, kv...) }
+func (l logger) Trace(msg string, kv ...any)            { l.sink().V(6).Info(msg, kv...) }
+func (l logger) WithValues(kv ...any) Logger {
+	return logger{names: l.names, values: append(append([]any{}, l.values...), kv...)}
+}
+func (l logger) WithName(n string) Logger {
+	return logger{names: append(append([]string{}, l.names...), n), values: l.values}
+}
+GO
+}
+
 webhook_build() {
   # The checksum database has no entry for this module, and the proxy serves explicit versions only.
-  export GONOSUMDB=github.com/Azure/azure-workload-identity
-  module_dir "$WI_OUT/src" github.com/Azure/azure-workload-identity "$WORKLOAD_IDENTITY_VERSION"
+  export GONOSUMDB=github.com/Azure/azure-workload-identity,monis.app/mlog
+  mlog_shim "$WI_OUT/src/mlog"
+  mkdir -p "$WI_OUT/src"
+  cd "$WI_OUT/src"
+  printf 'module mongo-replicator.io/lab/build\n\ngo 1.26\n\nreplace monis.app/mlog => ./mlog\n' > go.mod
+  go get "github.com/Azure/azure-workload-identity@$WORKLOAD_IDENTITY_VERSION" >&2
   local pkg=github.com/Azure/azure-workload-identity
   go build -trimpath -ldflags "-s -w -X $pkg/pkg/version.BuildVersion=$WORKLOAD_IDENTITY_VERSION" \
     -o "$WI_OUT/bin/azure-wi-webhook.tmp" "$pkg/cmd/webhook"
