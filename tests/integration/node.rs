@@ -16,7 +16,7 @@ use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
 use mongo_replicator_lab::azure::AzureLab;
 use mongo_replicator_lab::entra::{EntraOptions, TOKEN_EXCHANGE_AUDIENCE};
 use mongo_replicator_lab::image::{self, REPLICATOR_IMAGE};
-use mongo_replicator_lab::node::{HostState, NODE_ADDRESS, NodeLab, Relay, processes};
+use mongo_replicator_lab::node::{HOST_NET_PID_ENV, HostState, NODE_ADDRESS, NodeLab, Relay, processes};
 use mongo_replicator_lab::workload::{self, WorkloadSpec};
 use mongo_replicator_lab::{ScramUser, SecantusOptions, SecantusServer};
 use serde_json::{Value, json};
@@ -400,8 +400,12 @@ fn lab_processes_of(pid: u32) -> Vec<String> {
 #[test]
 fn the_host_is_as_before_after_the_node_stops_even_when_it_was_killed() -> Result<()> {
     mongo_replicator_lab::node::ensure_lab_network_namespace()?;
+    let host: u32 = std::env::var(HOST_NET_PID_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("{HOST_NET_PID_ENV} names no process of the host's network namespace: run through scripts/test.sh"))?;
     let own = format!("mrep-lab-{}-", std::process::id());
-    let before = HostState::capture(&[&own])?;
+    let before = HostState::capture(host, &[&own])?;
     let dir = crate::support::tempdir::Dir::new("node-host")?;
 
     // A run killed outright, with a pod running: its whole PID namespace dies with it.
@@ -439,7 +443,7 @@ fn the_host_is_as_before_after_the_node_stops_even_when_it_was_killed() -> Resul
         .collect();
     ensure!(leftovers.is_empty(), "run directories left behind: {leftovers:?}");
 
-    let after = HostState::capture(&[&own])?;
+    let after = HostState::capture(host, &[&own])?;
     assert_eq!(before.sysctls, after.sysctls, "host sysctls changed");
     assert_eq!(before.iptables, after.iptables, "host iptables rules changed");
     assert_eq!(before.ip6tables, after.ip6tables, "host ip6tables rules changed");

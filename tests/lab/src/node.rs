@@ -17,7 +17,6 @@
 //!   every hierarchy), removed when the node stops; roots of dead runs are removed at start.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
@@ -148,7 +147,8 @@ impl NodeLab {
         let webhook = start_webhook(&kube, &d, &bins).await?;
 
         // The node.
-        let cgroup_root = format!("{CGROUP_PREFIX}{}-{}", std::process::id(), d.file_name().and_then(|n| n.to_str()).unwrap_or("node"));
+        // `<pid>-node-<n>`, like the run directory: stale roots are found by their pid.
+        let cgroup_root = format!("{CGROUP_PREFIX}{}", d.file_name().and_then(|n| n.to_str()).context("run directory without a name")?);
         create_cgroup_root(&cgroup_root)?;
         let kubelet_cert = ca.issue_client("kubelet", &format!("system:node:{NODE_NAME}"), Some("system:nodes"))?;
         let kubelet_serving = ca.issue_server_with_ips("kubelet-serving", &[NODE_NAME], &[IpAddr::V4(NODE_ADDRESS)])?;
@@ -384,18 +384,30 @@ impl Drop for NodeLab {
 }
 
 /// Refuses to start outside a network namespace of the lab's own: the node adds a bridge,
-/// iptables chains and addresses that must never land on the host.
+/// iptables chains and addresses that must never land on the host. A lab namespace has no
+/// interface but loopback and the lab's own (the bridge, pods' veths): so no route out either.
+/// (The host's namespace cannot be named here: /proc/1/ns is not readable on these machines.)
 pub fn ensure_lab_network_namespace() -> Result<()> {
-    let own = std::fs::metadata("/proc/self/ns/net").context("cannot read /proc/self/ns/net")?.ino();
-    let init = std::fs::metadata("/proc/1/ns/net").context("cannot read /proc/1/ns/net")?.ino();
-    if own == init {
+    let foreign: Vec<String> = interfaces()?.into_iter().filter(|name| !(name == "lo" || name == BRIDGE || name.starts_with("veth"))).collect();
+    if !foreign.is_empty() {
         bail!(
-            "the lab's node runs only inside a network namespace of its own; run the tests with `bash scripts/test.sh` \
-             (or `bash scripts/in-lab-netns.sh COMMAND`), or the node with `mrep-lab up`"
+            "the lab's node runs only inside a network namespace of its own, and this one has {foreign:?}; run the tests with \
+             `bash scripts/test.sh` (or `bash scripts/in-lab-netns.sh COMMAND`), or the node with `mrep-lab up`"
         );
     }
     Ok(())
 }
+
+/// The interfaces of this process's network namespace (`/sys/class/net` shows the namespace of
+/// whoever mounted sysfs; `/proc/self/net/dev` is the reader's).
+fn interfaces() -> Result<Vec<String>> {
+    let dev = std::fs::read_to_string("/proc/self/net/dev").context("cannot read /proc/self/net/dev")?;
+    Ok(dev.lines().skip(2).filter_map(|l| Some(l.split_once(':')?.0.trim().to_string())).collect())
+}
+
+/// The environment variable naming a process in the host's network namespace (set by
+/// `scripts/in-lab-netns.sh`), through which tests read the host's network state.
+pub const HOST_NET_PID_ENV: &str = "MREP_HOST_NET_PID";
 
 /// Whether this process is in the host's network namespace.
 pub fn in_host_network_namespace() -> bool {
@@ -413,7 +425,7 @@ fn run(program: &str, args: &[&str]) -> Result<String> {
 /// Removes what an earlier node left in this (lab) network namespace: the bridge and the
 /// kubelet's and kube-proxy's chains.
 fn reset_network() -> Result<()> {
-    if Path::new("/sys/class/net").join(BRIDGE).exists() {
+    if interfaces()?.iter().any(|i| i == BRIDGE) {
         run("ip", &["link", "del", BRIDGE])?;
     }
     for table in ["iptables", "ip6tables"] {
@@ -905,11 +917,13 @@ pub struct HostState {
 }
 
 impl HostState {
-    /// Reads the host's state from PID 1's namespaces (this process may be in a lab namespace).
-    /// Cgroup directories whose name is in `ignore` (a node of this process still running) are left out.
-    pub fn capture(ignore: &[&str]) -> Result<HostState> {
+    /// Reads the host's state; its network namespace through `host_net_pid`, a process in it
+    /// (this process is in a lab namespace). Cgroup directories whose name contains one of
+    /// `ignore` (a node of this process still running) are left out.
+    pub fn capture(host_net_pid: u32, ignore: &[&str]) -> Result<HostState> {
+        let netns = format!("--net=/proc/{host_net_pid}/ns/net");
         let host_net = |program: &str, args: &[&str]| -> Result<String> {
-            let mut all = vec!["--net=/proc/1/ns/net", "--", program];
+            let mut all = vec![netns.as_str(), "--", program];
             all.extend_from_slice(args);
             run("nsenter", &all)
         };
@@ -932,7 +946,8 @@ impl HostState {
             .map(|l| l.split(" qlen").next().unwrap_or(l).to_string() + "\n")
             .collect();
         let addresses = host_net("ip", &["-o", "addr", "show"])?.lines().map(|l| l.split(" valid_lft").next().unwrap_or(l).to_string() + "\n").collect();
-        let mounts = std::fs::read_to_string("/proc/1/mountinfo")?
+        // The lab's network namespace shares the host's mount namespace.
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo")?
             .lines()
             .map(|l| l.split_whitespace().skip(3).take(2).collect::<Vec<_>>().join(" "))
             .collect();

@@ -23,7 +23,7 @@ const USAGE: &str = "usage: mrep-lab demo [--example FILE] [--keep] | mrep-lab u
          --keep then starts the lab's node too and waits for Ctrl-C before stopping the lab
   up     start the lab's control plane with a real node, and a SecantusDB server; print how to
          reach them, wait for Ctrl-C. --pod runs a pod first; --ready-file F is created once all
-         is ready; --exit-when-ready stops the lab right then
+         is ready; --exit-when-ready stops the lab once its node runs (and the pod), before SecantusDB
   clean  remove what killed lab runs left (cgroups, run directories)";
 
 fn main() -> Result<()> {
@@ -286,8 +286,6 @@ async fn up(args: &[String]) -> Result<()> {
     }
     let node = NodeLab::start(&replicator).await?;
     let lab = node.kube();
-    let mongo = SecantusServer::start(SecantusOptions::default()).await?;
-    let _relay = Relay::start(mongo.port()).await?;
     let t = node.timings();
     println!("lab ready: {} at {}; node Ready {:.1?} after its processes started (images {:.1?}, whole lab {:.1?})", lab.versions(), lab.url(), t.ready, t.images, t.total);
     let kubectl = Kubectl { bin: lab.bin_dir().join("kubectl"), kubeconfig: lab.kubeconfig().to_path_buf() };
@@ -305,13 +303,18 @@ async fn up(args: &[String]) -> Result<()> {
     let pid = std::process::id();
     println!("The lab runs in its own network namespace; from another shell:");
     println!("  nsenter --net=/proc/{pid}/ns/net -- env KUBECONFIG={} {} get nodes", lab.kubeconfig().display(), lab.bin_dir().join("kubectl").display());
-    println!("  SecantusDB: {} (pods: {})", mongo.uri(), mongo.uri().replace("127.0.0.1", &NODE_ADDRESS.to_string()));
     println!("  image for pods: {} (imagePullPolicy: Never)", mongo_replicator_lab::image::REPLICATOR_IMAGE);
+    if exit_when_ready {
+        if let Some(file) = &ready_file {
+            std::fs::write(file, format!("{pid}\n"))?;
+        }
+        return Ok(());
+    }
+    let mongo = SecantusServer::start(SecantusOptions::default()).await?;
+    let _relay = Relay::start(mongo.port()).await?;
+    println!("  SecantusDB: {} (from pods: {})", mongo.uri(), mongo.uri().replace("127.0.0.1", &NODE_ADDRESS.to_string()));
     if let Some(file) = &ready_file {
         std::fs::write(file, format!("{pid}\n"))?;
-    }
-    if exit_when_ready {
-        return Ok(());
     }
     println!("Ctrl-C stops everything.");
     tokio::signal::ctrl_c().await?;
