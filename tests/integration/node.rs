@@ -358,13 +358,15 @@ fn mrep_lab() -> Result<std::path::PathBuf> {
     Ok(bin)
 }
 
-/// `mrep-lab up --pod` in a network namespace of its own; returns once its node runs a pod.
-fn start_lab_process(ready: &Path) -> Result<std::process::Child> {
+/// `mrep-lab up --pod` in a network namespace of its own; `ready` appears once its node runs a
+/// pod; with `exit`, it then stops by itself.
+fn start_lab_process(ready: &Path, exit: bool) -> Result<std::process::Child> {
     let child = std::process::Command::new("unshare")
         .args(["--net", "--", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""])
         .arg(mrep_lab()?)
-        .args(["up", "--pod", "--exit-when-ready", "--ready-file"])
+        .args(["up", "--pod", "--ready-file"])
         .arg(ready)
+        .args(exit.then_some("--exit-when-ready"))
         .env("MONGO_REPLICATOR_BIN", REPLICATOR_BIN)
         .stdin(std::process::Stdio::null())
         .spawn()?;
@@ -410,7 +412,7 @@ fn the_host_is_as_before_after_the_node_stops_even_when_it_was_killed() -> Resul
 
     // A run killed outright, with a pod running: its whole PID namespace dies with it.
     let ready = dir.0.join("killed.ready");
-    let mut killed = start_lab_process(&ready)?;
+    let mut killed = start_lab_process(&ready, false)?;
     let killed_pid = killed.id();
     let result = wait_file(&ready, &mut killed, Duration::from_secs(240));
     killed.kill()?; // SIGKILL
@@ -426,10 +428,14 @@ fn the_host_is_as_before_after_the_node_stops_even_when_it_was_killed() -> Resul
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    let stale = format!("mrep-lab-{killed_pid}-");
+    let stale_left = std::fs::read_dir("/sys/fs/cgroup/memory")?.flatten().any(|e| e.file_name().to_string_lossy().starts_with(&stale));
+    eprintln!("the killed run left its cgroups for the next run to remove: {stale_left}");
+
     // The next run cleans what the killed one left (its cgroups, its directories), runs a pod
     // and stops cleanly.
     let ready = dir.0.join("clean.ready");
-    let mut clean = start_lab_process(&ready)?;
+    let mut clean = start_lab_process(&ready, true)?;
     let clean_pid = clean.id();
     wait_file(&ready, &mut clean, Duration::from_secs(240))?;
     let status = clean.wait()?;

@@ -22,8 +22,8 @@ const USAGE: &str = "usage: mrep-lab demo [--example FILE] [--keep] | mrep-lab u
   demo   start the lab, install the CRD, apply an example (default examples/orders-dr.yaml), show it;
          --keep then starts the lab's node too and waits for Ctrl-C before stopping the lab
   up     start the lab's control plane with a real node, and a SecantusDB server; print how to
-         reach them, wait for Ctrl-C. --pod runs a pod first; --ready-file F is created once all
-         is ready; --exit-when-ready stops the lab once its node runs (and the pod), before SecantusDB
+         reach them, wait for Ctrl-C. --pod runs a pod first; --ready-file F is created once the
+         node (and the pod) runs; --exit-when-ready then stops the lab, before SecantusDB
   clean  remove what killed lab runs left (cgroups, run directories)";
 
 fn main() -> Result<()> {
@@ -304,18 +304,15 @@ async fn up(args: &[String]) -> Result<()> {
     println!("The lab runs in its own network namespace; from another shell:");
     println!("  nsenter --net=/proc/{pid}/ns/net -- env KUBECONFIG={} {} get nodes", lab.kubeconfig().display(), lab.bin_dir().join("kubectl").display());
     println!("  image for pods: {} (imagePullPolicy: Never)", mongo_replicator_lab::image::REPLICATOR_IMAGE);
+    if let Some(file) = &ready_file {
+        std::fs::write(file, format!("{pid}\n"))?;
+    }
     if exit_when_ready {
-        if let Some(file) = &ready_file {
-            std::fs::write(file, format!("{pid}\n"))?;
-        }
         return Ok(());
     }
     let mongo = SecantusServer::start(SecantusOptions::default()).await?;
     let _relay = Relay::start(mongo.port()).await?;
     println!("  SecantusDB: {} (from pods: {})", mongo.uri(), mongo.uri().replace("127.0.0.1", &NODE_ADDRESS.to_string()));
-    if let Some(file) = &ready_file {
-        std::fs::write(file, format!("{pid}\n"))?;
-    }
     println!("Ctrl-C stops everything.");
     tokio::signal::ctrl_c().await?;
     Ok(())
