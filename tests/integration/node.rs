@@ -712,3 +712,61 @@ fn the_host_is_as_before_after_the_node_stops_even_when_it_was_killed() -> Resul
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_pod_reaches_the_apiserver_through_the_kubernetes_service_with_the_ca_verified()
+-> Result<()> {
+    let node = node().await?;
+    let client = node.kube().client().await?;
+    let tools = mrep_lab()?;
+    node.import(&image::lab_tools_image(&tools)?, image::LAB_TOOLS_IMAGE)?;
+    let ns = node.namespace("node-in-cluster").await?;
+    let pod = json!({
+        "metadata": {"name": "in-cluster"},
+        "spec": {
+            "restartPolicy": "Never",
+            "securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "probe",
+                "image": image::LAB_TOOLS_IMAGE,
+                "imagePullPolicy": "Never",
+                "args": ["in-cluster"],
+                "securityContext": hardened(),
+            }],
+        },
+    });
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    pods.create(&PostParams::default(), &typed(pod)?).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let pod = loop {
+        let pod = pods.get("in-cluster").await?;
+        if termination(&pod).is_ok() {
+            break pod;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the pod did not finish: {:?}",
+            pod.status
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (code, message) = termination(&pod)?;
+    let logs = pods
+        .logs("in-cluster", &LogParams::default())
+        .await
+        .unwrap_or_default();
+    ensure!(code == 0, "exit {code}: {message}\n{logs}");
+    let answer: Value = serde_json::from_str(&message)?;
+    // The Service's cluster IP, not the node's address: kube-proxy's rules carried the call.
+    ensure!(
+        answer["server"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("https://10.96.0.1")),
+        "{answer}"
+    );
+    ensure!(
+        answer["user"] == format!("system:serviceaccount:{ns}:default"),
+        "{answer}"
+    );
+    Ok(())
+}

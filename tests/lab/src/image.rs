@@ -18,6 +18,8 @@ pub const REPLICATOR_PATH: &str = "/usr/local/bin/mongo-replicator";
 pub const NONROOT: &str = "65532:65532";
 /// The image a Helm value would name for the lab (never `latest`: the kubelet must not pull).
 pub const REPLICATOR_IMAGE: &str = "docker.io/library/mongo-replicator:lab";
+/// The lab's tools image (`mrep-lab`).
+pub const LAB_TOOLS_IMAGE: &str = "docker.io/library/mrep-lab:lab";
 /// The pod sandbox image containerd is pinned to.
 pub const PAUSE_IMAGE: &str = "registry.k8s.io/pause:lab";
 
@@ -300,6 +302,19 @@ pub fn replicator_image(binary: &Path) -> Result<ImageSpec> {
     for (path, file) in shared_libraries(binary)? {
         image.file(&path, &file, 0o755);
     }
+    Ok(image)
+}
+
+/// The lab's own tools as an image (`mrep-lab in-cluster` for pods): same layout as the
+/// replicator's image around the `mrep-lab` binary.
+pub fn lab_tools_image(binary: &Path) -> Result<ImageSpec> {
+    let mut image = replicator_image(binary)?;
+    let path = "/usr/local/bin/mrep-lab";
+    image
+        .entries
+        .remove(REPLICATOR_PATH.trim_start_matches('/'));
+    image.file(path, binary, 0o755);
+    image.entrypoint = vec![path.to_string()];
     Ok(image)
 }
 

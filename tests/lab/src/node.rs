@@ -94,6 +94,8 @@ impl NodeLab {
                 extern "C" fn stop_shared() {
                     if let Some(Ok(lab)) = SHARED.get() {
                         lab.stop_node();
+                        // Its run directories (containerd's content store is most of it).
+                        let _ = std::fs::remove_dir_all(lab.dir.path());
                     }
                 }
                 // SAFETY: registering a plain function with no captured state.

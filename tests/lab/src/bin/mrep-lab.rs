@@ -24,7 +24,8 @@ const USAGE: &str = "usage: mrep-lab demo [--example FILE] [--keep] | mrep-lab u
   up     start the lab's control plane with a real node, and a SecantusDB server; print how to
          reach them, wait for Ctrl-C. --pod runs a pod first; --ready-file F is created once the
          node (and the pod) runs; --exit-when-ready then stops the lab, before SecantusDB
-  clean  remove what killed lab runs left (cgroups, run directories)";
+  clean  remove what killed lab runs left (cgroups, run directories)
+  in-cluster  (in a pod) reach the apiserver with the in-cluster config, CA verified; print who we are";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -53,6 +54,7 @@ async fn run(args: Vec<String>) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("demo") => demo(&args[1..]).await,
         Some("up") => up(&args[1..]).await,
+        Some("in-cluster") => in_cluster().await,
         Some("clean") => {
             node::clean_stale_cgroups();
             let _ = mongo_replicator_lab::RunDir::new("clean")?;
@@ -260,6 +262,26 @@ async fn wait_for(coll: &mongodb::Collection<mongodb::bson::Document>, count: u6
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// In a pod of the lab's `mrep-lab` image: the in-cluster config (the `kubernetes` Service's
+/// address from the environment, the service-account token, the cluster CA) reaches the
+/// apiserver; the answer (who the apiserver says we are, its version) goes to stdout and to the
+/// termination message.
+async fn in_cluster() -> Result<()> {
+    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+    let config = kube::Config::incluster().context("no in-cluster config")?;
+    let server = config.cluster_url.to_string();
+    let client = kube::Client::try_from(config)?;
+    let version = client.apiserver_version().await.with_context(|| format!("cannot reach the apiserver at {server}"))?;
+    let review = kube::Api::<SelfSubjectReview>::all(client).create(&Default::default(), &SelfSubjectReview::default()).await?;
+    let user = review.status.and_then(|s| s.user_info).and_then(|u| u.username).unwrap_or_default();
+    let answer = serde_json::json!({"server": server, "version": version.git_version, "user": user}).to_string();
+    println!("{answer}");
+    if Path::new("/dev/termination-log").exists() {
+        std::fs::write("/dev/termination-log", &answer)?;
+    }
+    Ok(())
 }
 
 fn replicator_binary() -> PathBuf {
