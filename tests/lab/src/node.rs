@@ -72,7 +72,7 @@ pub struct NodeLab {
 pub struct NodeTimings {
     /// From the node's processes starting to the node Ready and untainted.
     pub ready: Duration,
-    /// Image build and import into containerd.
+    /// Building the images and importing them into containerd (after Ready).
     pub images: Duration,
     /// The whole start, control plane included.
     pub total: Duration,
@@ -243,13 +243,14 @@ impl NodeLab {
             },
             dir,
         };
-        let images_started = Instant::now();
         lab.wait_containerd(Duration::from_secs(60)).await?;
+        lab.wait_node_ready(Duration::from_secs(120)).await?;
+        lab.timings.ready = node_started.elapsed();
+        // No pod can be scheduled before this returns, so the images may come after Ready.
+        let images_started = Instant::now();
         lab.import(&image::pause_image(&lab.bins.join("pause"))?, PAUSE_IMAGE)?;
         lab.import(&image::replicator_image(replicator)?, REPLICATOR_IMAGE)?;
         lab.timings.images = images_started.elapsed();
-        lab.wait_node_ready(Duration::from_secs(120)).await?;
-        lab.timings.ready = node_started.elapsed();
         lab.timings.total = started.elapsed();
         tracing::info!(timings = ?lab.timings, "lab node ready");
         Ok(lab)
