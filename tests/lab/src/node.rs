@@ -722,7 +722,9 @@ async fn start_webhook(kube: &KubeLab, d: &Path, bins: &Path) -> Result<LabProce
     let serving = ca.issue_server("webhook", &[])?;
     std::fs::copy(&serving.cert, d.join("webhook-certs/tls.crt"))?;
     std::fs::copy(&serving.key, d.join("webhook-certs/tls.key"))?;
-    let client = ca.issue_client("webhook-client", "azure-wi-webhook", Some("system:masters"))?;
+    // Upstream's ClusterRole for the webhook, minus what cert rotation needs (it is off).
+    let client = ca.issue_client("webhook-client", "azure-wi-webhook", None)?;
+    grant_webhook_rbac(kube).await?;
     let kubeconfig = d.join("webhook.kubeconfig");
     std::fs::write(
         &kubeconfig,
@@ -806,6 +808,33 @@ async fn start_webhook(kube: &KubeLab, d: &Path, bins: &Path) -> Result<LabProce
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+async fn grant_webhook_rbac(kube: &KubeLab) -> Result<()> {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    let client = kube.client().await?;
+    let apply = PatchParams::apply("mongo-replicator-lab").force();
+    let role = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": "azure-wi-webhook"},
+        "rules": [
+            {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"], "verbs": ["get", "list", "watch"]},
+        ],
+    });
+    Api::<ClusterRole>::all(client.clone())
+        .patch("azure-wi-webhook", &apply, &Patch::Apply(&role))
+        .await?;
+    let binding = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": "azure-wi-webhook"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "azure-wi-webhook"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "azure-wi-webhook"}],
+    });
+    Api::<ClusterRoleBinding>::all(client)
+        .patch("azure-wi-webhook", &apply, &Patch::Apply(&binding))
+        .await?;
+    Ok(())
 }
 
 struct NodeFiles<'a> {
