@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// Where the Dockerfile's runtime stage puts the binary, and its entrypoint.
 pub const REPLICATOR_PATH: &str = "/usr/local/bin/mongo-replicator";
@@ -404,11 +404,6 @@ pub fn lab_runtime_stage(image: &ImageSpec) -> RuntimeStage {
         user: image.user.clone(),
         entrypoint: image.entrypoint.clone(),
     }
-}
-
-/// An image config as JSON, for tests.
-pub fn config_json(image: &ImageSpec) -> Value {
-    json!({"User": image.user, "Entrypoint": image.entrypoint, "Env": image.env})
 }
 
 #[cfg(test)]

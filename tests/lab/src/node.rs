@@ -57,8 +57,9 @@ const CGROUP_PREFIX: &str = "mrep-lab-";
 pub struct NodeLab {
     // Declared in stop order.
     node: Mutex<Option<LabProcess>>,
-    webhook: LabProcess,
-    scheduler: LabProcess,
+    // Held so that they stop with the lab.
+    _webhook: LabProcess,
+    _scheduler: LabProcess,
     kube: KubeLab,
     cgroup_root: String,
     bins: PathBuf,
@@ -140,7 +141,6 @@ impl NodeLab {
         })
         .await?;
         let ca = kube.ca();
-        let pki = d.join("pki");
         let url = kube.url().to_string();
         let kubeconfig_for = |stem: &str, cert: &CertFiles| -> Result<PathBuf> {
             let path = d.join(format!("{stem}.kubeconfig"));
@@ -150,7 +150,6 @@ impl NodeLab {
             )?;
             Ok(path)
         };
-        let _ = &pki;
 
         // kube-scheduler, as system:kube-scheduler (bound by the default RBAC policy).
         let scheduler_cert = ca.issue_client("scheduler", "system:kube-scheduler", None)?;
@@ -230,8 +229,8 @@ impl NodeLab {
         )?;
         let mut lab = NodeLab {
             node: Mutex::new(Some(node)),
-            webhook,
-            scheduler,
+            _webhook: webhook,
+            _scheduler: scheduler,
             kube,
             cgroup_root,
             bins,
@@ -487,11 +486,6 @@ impl NodeLab {
     /// `unshare`'s process id (the node's processes are its descendants).
     pub fn pid(&self) -> Option<u32> {
         self.node.lock().ok()?.as_ref().map(LabProcess::pid)
-    }
-
-    /// The webhook process (still running?).
-    pub fn webhook_running(&mut self) -> bool {
-        self.webhook.is_running() && self.scheduler.is_running()
     }
 }
 
@@ -1199,7 +1193,7 @@ impl HostState {
             .collect();
         let mut cgroups = Vec::new();
         for hierarchy in cgroup_hierarchies() {
-            collect_dirs(&hierarchy, &hierarchy, 3, &mut cgroups);
+            collect_dirs(&hierarchy, 3, &mut cgroups);
         }
         cgroups.retain(|c| !ignore.iter().any(|i| c.contains(i)));
         cgroups.sort();
@@ -1215,7 +1209,7 @@ impl HostState {
     }
 }
 
-fn collect_dirs(base: &Path, dir: &Path, depth: usize, out: &mut Vec<String>) {
+fn collect_dirs(dir: &Path, depth: usize, out: &mut Vec<String>) {
     if depth == 0 {
         return;
     }
@@ -1231,8 +1225,7 @@ fn collect_dirs(base: &Path, dir: &Path, depth: usize, out: &mut Vec<String>) {
                     .display()
                     .to_string(),
             );
-            let _ = base;
-            collect_dirs(base, &path, depth - 1, out);
+            collect_dirs(&path, depth - 1, out);
         }
     }
 }
