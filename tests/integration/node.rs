@@ -356,7 +356,20 @@ async fn a_replicator_deployment_resumes_from_its_checkpoint_in_a_new_pod() -> R
     );
 
     let load = workload::Workload::start(src.clone(), spec.clone());
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Once the first pod has checkpointed changes it streamed, it goes away.
+    let checkpoints = dst
+        .database("mongo_replicator")
+        .collection::<mongodb::bson::Document>("checkpoints");
+    let key = format!("{ns}/orders");
+    eventually(Duration::from_secs(60), || async {
+        let saved = checkpoints
+            .find_one(mongodb::bson::doc! {"_id": &key, "eventsApplied": {"$gt": 0}})
+            .await?;
+        ensure!(saved.is_some(), "no checkpoint with streamed events yet");
+        Ok(())
+    })
+    .await?;
     // The pod goes away mid-stream, without a chance to drain (as when its node is lost).
     pods.delete(
         &first,
