@@ -783,3 +783,81 @@ async fn a_pod_reaches_the_apiserver_through_the_kubernetes_service_with_the_ca_
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_secantusdb_pod_behind_a_service_passes_validation_from_another_pod() -> Result<()> {
+    use k8s_openapi::api::core::v1::Service;
+    let node = node().await?;
+    let client = node.kube().client().await?;
+    node.import(&image::secantus_image()?, image::SECANTUS_IMAGE)?;
+    let ns = node.namespace("node-service").await?;
+    let labels = json!({"app.kubernetes.io/name": "secantusdb"});
+    let server = json!({
+        "metadata": {"name": "secantusdb", "labels": labels},
+        "spec": {
+            "securityContext": {"runAsNonRoot": true, "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "secantusd",
+                "image": image::SECANTUS_IMAGE,
+                "imagePullPolicy": "Never",
+                "args": ["--host", "0.0.0.0", "--port", "27017", "--storage-path", "/data", "--cache-size", "128M", "--log-level", "WARNING"],
+                "securityContext": hardened(),
+                "ports": [{"containerPort": 27017, "name": "mongodb"}],
+                "readinessProbe": {"tcpSocket": {"port": 27017}, "periodSeconds": 1},
+                "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+            }],
+            "volumes": [{"name": "data", "emptyDir": {}}],
+        },
+    });
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    pods.create(&PostParams::default(), &typed(server)?).await?;
+    let service = json!({
+        "metadata": {"name": "mongodb"},
+        "spec": {"selector": labels, "ports": [{"port": 27017, "targetPort": "mongodb"}]},
+    });
+    let service: Service = Api::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &typed(service)?)
+        .await?;
+    let cluster_ip = service
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .context("no cluster IP")?;
+    eventually(Duration::from_secs(60), || async {
+        let pod = pods.get("secantusdb").await?;
+        let ready = pod
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        ensure!(ready, "the SecantusDB pod is not Ready");
+        Ok(())
+    })
+    .await?;
+
+    // Another pod reaches it through the Service's cluster IP (kube-proxy's rules).
+    let uri = format!("mongodb://{cluster_ip}:27017/?directConnection=true");
+    create_secret(&client, &ns, "service", json!({"uri": uri})).await?;
+    let endpoint = "\n  auth: connectionString\n  uriFile: /var/run/secrets/mongo-replicator/uri";
+    let config =
+        format!("name: {ns}/service\nsource:{endpoint}\ntarget:{endpoint}\nmetricsAddress: null\n");
+    create_config(
+        &client,
+        &ns,
+        "validate-config",
+        json!({"config.yaml": config}),
+    )
+    .await?;
+    let pod = run_job(
+        &client,
+        &ns,
+        validate_job("validate-service", "service"),
+        Duration::from_secs(120),
+    )
+    .await?;
+    let (code, message) = termination(&pod)?;
+    ensure!(code == 0, "exit {code}: {message}");
+    let verdict: Value = serde_json::from_str(&message)?;
+    ensure!(verdict["passed"] == true, "{verdict:#}");
+    Ok(())
+}

@@ -18,6 +18,8 @@ pub const REPLICATOR_PATH: &str = "/usr/local/bin/mongo-replicator";
 pub const NONROOT: &str = "65532:65532";
 /// The image a Helm value would name for the lab (never `latest`: the kubelet must not pull).
 pub const REPLICATOR_IMAGE: &str = "docker.io/library/mongo-replicator:lab";
+/// The lab's SecantusDB server image.
+pub const SECANTUS_IMAGE: &str = "docker.io/library/secantusd:lab";
 /// The lab's tools image (`mrep-lab`).
 pub const LAB_TOOLS_IMAGE: &str = "docker.io/library/mrep-lab:lab";
 /// The pod sandbox image containerd is pinned to.
@@ -315,6 +317,30 @@ pub fn lab_tools_image(binary: &Path) -> Result<ImageSpec> {
         .remove(REPLICATOR_PATH.trim_start_matches('/'));
     image.file(path, binary, 0o755);
     image.entrypoint = vec![path.to_string()];
+    Ok(image)
+}
+
+/// A SecantusDB image from the cached server binary, for tests that run a MongoDB-compatible
+/// server as a pod: `secantusd-rs` as entrypoint, an empty config file (no config discovery),
+/// non-root. Give it `--host 0.0.0.0 --storage-path` on a writable volume.
+pub fn secantus_image() -> Result<ImageSpec> {
+    let binary = crate::cached_tool("install-secantus.sh", "SecantusDB server")?;
+    let path = "/usr/local/bin/secantusd-rs";
+    let mut image = ImageSpec {
+        entrypoint: vec![
+            path.to_string(),
+            "--config".into(),
+            "/etc/secantusd.toml".into(),
+        ],
+        user: NONROOT.to_string(),
+        ..Default::default()
+    };
+    base_layout(&mut image)?;
+    image.file(path, &binary, 0o755);
+    image.bytes("/etc/secantusd.toml", b"", 0o644);
+    for (lib, file) in shared_libraries(&binary)? {
+        image.file(&lib, &file, 0o755);
+    }
     Ok(image)
 }
 

@@ -588,6 +588,16 @@ fn create_bridge() -> Result<()> {
         &["addr", "add", &format!("{NODE_ADDRESS}/24"), "dev", BRIDGE],
     )?;
     run("ip", &["link", "set", BRIDGE, "up"])?;
+    // A pod calling a Service whose endpoint is another pod: kube-proxy DNATs the packet on the
+    // bridge's address and it must be routed back out the bridge. Forwarding is switched on in
+    // the lab's own network namespace only (its only other interface is loopback: no route
+    // out); bridged replies pass iptables (bridge-nf-call-iptables, per namespace) to be un-NATed.
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+        .context("cannot enable IP forwarding in the lab's network namespace")?;
+    let bridge_nf = Path::new("/proc/sys/net/bridge/bridge-nf-call-iptables");
+    if bridge_nf.exists() {
+        std::fs::write(bridge_nf, "1")?;
+    }
     Ok(())
 }
 
