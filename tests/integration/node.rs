@@ -641,8 +641,9 @@ fn the_host_is_as_before_after_the_node_stops_even_when_it_was_killed() -> Resul
         .ok()
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("{HOST_NET_PID_ENV} names no process of the host's network namespace: run through scripts/test.sh"))?;
-    let own = format!("mrep-lab-{}-", std::process::id());
-    let before = HostState::capture(host, &[&own])?;
+    // Other lab nodes may come and go meanwhile (this process's shared node, other test runs):
+    // their cgroup roots are left out of the comparison; the two runs' own are checked by name.
+    let before = HostState::capture(host, &["mrep-lab-"])?;
     let dir = crate::support::tempdir::Dir::new("node-host")?;
 
     // A run killed outright, with a pod running: its whole PID namespace dies with it.
@@ -703,7 +704,20 @@ fn the_host_is_as_before_after_the_node_stops_even_when_it_was_killed() -> Resul
         "run directories left behind: {leftovers:?}"
     );
 
-    let after = HostState::capture(host, &[&own])?;
+    let after = HostState::capture(host, &["mrep-lab-"])?;
+    let runs = [
+        format!("mrep-lab-{killed_pid}-"),
+        format!("mrep-lab-{clean_pid}-"),
+    ];
+    let all_cgroups = HostState::capture(host, &[])?.cgroups;
+    let left: Vec<&String> = all_cgroups
+        .iter()
+        .filter(|c| runs.iter().any(|r| c.contains(r.as_str())))
+        .collect();
+    ensure!(
+        left.is_empty(),
+        "cgroups of the two runs left behind: {left:?}"
+    );
     assert_eq!(before.sysctls, after.sysctls, "host sysctls changed");
     assert_eq!(
         before.iptables, after.iptables,
