@@ -20,7 +20,7 @@ use tokio::process::Command;
 
 const USAGE: &str = "usage: mrep-lab demo [--example FILE] [--keep] | mrep-lab up [--pod] [--ready-file F] [--exit-when-ready] | mrep-lab clean
   demo   start the lab, install the CRD, apply an example (default examples/orders-dr.yaml), show it;
-         --keep then starts the lab's node too and waits for Ctrl-C before stopping the lab
+         --keep runs it on the control plane of a real node and waits for Ctrl-C before stopping it
   up     start the lab's control plane with a real node, and a SecantusDB server; print how to
          reach them, wait for Ctrl-C. --pod runs a pod first; --ready-file F is created once the
          node (and the pod) runs; --exit-when-ready then stops the lab, before SecantusDB
@@ -89,9 +89,23 @@ async fn demo(args: &[String]) -> Result<()> {
         bail!("{} not found: build it with `cargo build` or set MONGO_REPLICATOR_BIN", operator.display());
     }
 
-    step("starting etcd, kube-apiserver and kube-controller-manager");
     let started = std::time::Instant::now();
-    let lab = KubeLab::start().await?;
+    // With --keep the demo runs on the control plane of the lab's real node, which then stays.
+    let node = if keep {
+        step("starting etcd, kube-apiserver, kube-controller-manager and a real node (kubelet, containerd, runc, kube-proxy, kube-scheduler, workload identity webhook)");
+        Some(NodeLab::start(&operator).await?)
+    } else {
+        step("starting etcd, kube-apiserver and kube-controller-manager");
+        None
+    };
+    let own;
+    let lab: &KubeLab = match &node {
+        Some(node) => node.kube(),
+        None => {
+            own = KubeLab::start().await?;
+            &own
+        }
+    };
     println!("   {} at {} in {:.1?}", lab.versions(), lab.url(), started.elapsed());
     let kubectl = Kubectl { bin: lab.bin_dir().join("kubectl"), kubeconfig: lab.kubeconfig().to_path_buf() };
 
@@ -127,12 +141,13 @@ spec:
     }
 
     replicate_demo(&operator).await?;
-    entra_demo(&lab, &operator).await?;
+    entra_demo(lab, &operator).await?;
 
-    if keep {
-        step("starting the lab's node (kubelet, containerd, runc, kube-proxy, kube-scheduler, workload identity webhook)");
-        drop(lab);
-        return up(&[]).await;
+    if let Some(node) = &node {
+        step("the lab keeps running, with its node");
+        show_node(node, false).await?;
+        println!("Ctrl-C stops everything.");
+        tokio::signal::ctrl_c().await?;
     }
     step("stopping the lab");
     Ok(())
@@ -307,6 +322,24 @@ async fn up(args: &[String]) -> Result<()> {
         bail!("{} not found: build it with `cargo build` or set MONGO_REPLICATOR_BIN", replicator.display());
     }
     let node = NodeLab::start(&replicator).await?;
+    show_node(&node, pod).await?;
+    let pid = std::process::id();
+    if let Some(file) = &ready_file {
+        std::fs::write(file, format!("{pid}\n"))?;
+    }
+    if exit_when_ready {
+        return Ok(());
+    }
+    let mongo = SecantusServer::start(SecantusOptions::default()).await?;
+    let _relay = Relay::start(mongo.port()).await?;
+    println!("  SecantusDB: {} (from pods: {})", mongo.uri(), mongo.uri().replace("127.0.0.1", &NODE_ADDRESS.to_string()));
+    println!("Ctrl-C stops everything.");
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
+
+/// Prints the node's figures and how to reach it; with `pod`, runs a pod first.
+async fn show_node(node: &NodeLab, pod: bool) -> Result<()> {
     let lab = node.kube();
     let t = node.timings();
     println!("lab ready: {} at {}; node Ready {:.1?} after its processes started (images {:.1?}, whole lab {:.1?})", lab.versions(), lab.url(), t.ready, t.images, t.total);
@@ -326,17 +359,6 @@ async fn up(args: &[String]) -> Result<()> {
     println!("The lab runs in its own network namespace; from another shell:");
     println!("  nsenter --net=/proc/{pid}/ns/net -- env KUBECONFIG={} {} get nodes", lab.kubeconfig().display(), lab.bin_dir().join("kubectl").display());
     println!("  image for pods: {} (imagePullPolicy: Never)", mongo_replicator_lab::image::REPLICATOR_IMAGE);
-    if let Some(file) = &ready_file {
-        std::fs::write(file, format!("{pid}\n"))?;
-    }
-    if exit_when_ready {
-        return Ok(());
-    }
-    let mongo = SecantusServer::start(SecantusOptions::default()).await?;
-    let _relay = Relay::start(mongo.port()).await?;
-    println!("  SecantusDB: {} (from pods: {})", mongo.uri(), mongo.uri().replace("127.0.0.1", &NODE_ADDRESS.to_string()));
-    println!("Ctrl-C stops everything.");
-    tokio::signal::ctrl_c().await?;
     Ok(())
 }
 
