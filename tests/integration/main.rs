@@ -7,6 +7,8 @@ mod crd_api;
 mod crd_drift;
 mod entra;
 mod reasons;
+mod node;
+mod operator;
 mod replication;
 mod secantus;
 mod support;

@@ -5,6 +5,7 @@
 //! HTTP API, as an administrator (or the operator) would, with a management token from the
 //! Entra double; the Entra double then trusts what ARM holds.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -42,6 +43,7 @@ pub struct AzureLab {
     ca: LabCa,
     http: HttpsClient,
     tenant_id: String,
+    extra_ips: Vec<IpAddr>,
     dir: RunDir,
 }
 
@@ -54,15 +56,21 @@ fn guid() -> String {
 impl AzureLab {
     /// Starts the doubles; the Entra double trusts `kube`'s CA to read its issuer's keys.
     pub async fn start(kube: &KubeLab, options: EntraOptions) -> Result<Self> {
+        Self::start_with_ips(kube, options, &[]).await
+    }
+
+    /// Like [`AzureLab::start`], with certificates (doubles and gateways) that also name
+    /// `extra_ips`: the node's bridge address, where pods reach the doubles through a relay.
+    pub async fn start_with_ips(kube: &KubeLab, options: EntraOptions, extra_ips: &[IpAddr]) -> Result<Self> {
         let dir = RunDir::new("azure")?;
         let ca = LabCa::create(dir.path())?;
         let options = EntraOptions { issuer_ca_pem: kube.ca().ca_pem(), ..options };
-        let entra = EntraDouble::start(&ca.issue_server("entra", &[])?, options).await?;
+        let entra = EntraDouble::start(&ca.issue_server_with_ips("entra", &[], extra_ips)?, options).await?;
         let tenant_id = guid();
         entra.add_tenant(&tenant_id);
         let management = entra.verifier(MANAGEMENT_AUDIENCE);
         let bearer: BearerCheck = Arc::new(move |token| management(token).map(|_| ()));
-        let arm = Arc::new(ArmDouble::start(&ca.issue_server("arm", &[])?, bearer, ArmOptions::default()).await?);
+        let arm = Arc::new(ArmDouble::start(&ca.issue_server_with_ips("arm", &[], extra_ips)?, bearer, ArmOptions::default()).await?);
         let for_entra = arm.clone();
         let directory: Directory = Arc::new(move |client_id| {
             let identity = for_entra.identity_by_client_id(client_id)?;
@@ -79,7 +87,7 @@ impl AzureLab {
         });
         entra.set_directory(directory);
         let http = HttpsClient::trusting(&ca.ca_pem())?;
-        Ok(Self { entra, arm, ca, http, tenant_id, dir })
+        Ok(Self { entra, arm, ca, http, tenant_id, extra_ips: extra_ips.to_vec(), dir })
     }
 
     pub fn tenant_id(&self) -> &str {
@@ -169,7 +177,7 @@ impl AzureLab {
             let exp = claims["exp"].as_u64().unwrap_or_default();
             Ok(TokenGrant { principal: oid, expires_at: UNIX_EPOCH + Duration::from_secs(exp) })
         });
-        let cert = self.ca.issue_server(&format!("gateway-{}", rand::random::<u32>()), &[])?;
+        let cert = self.ca.issue_server_with_ips(&format!("gateway-{}", rand::random::<u32>()), &[], &self.extra_ips)?;
         OidcGateway::start(backend.port(), &cert, verifier).await
     }
 

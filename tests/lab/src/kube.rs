@@ -1,6 +1,7 @@
 //! A real Kubernetes control plane: etcd, kube-apiserver (RBAC on, TokenRequest and
 //! service-account issuer discovery with an https issuer) and kube-controller-manager.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,18 @@ use tokio::sync::OnceCell;
 use crate::pki::{self, LabCa};
 use crate::process::{LabProcess, free_port, wait_for_port};
 use crate::{RunDir, Versions, cached_tool};
+
+/// How a control plane is started. The default serves on 127.0.0.1 only, with no node.
+#[derive(Clone, Debug, Default)]
+pub struct KubeOptions {
+    /// Serve (and advertise, in the `kubernetes` Service's endpoints) on this address instead
+    /// of 127.0.0.1, so pods reach the apiserver through the Service; set by the node lab to
+    /// its bridge's address, inside the lab's own network namespace.
+    pub node_address: Option<IpAddr>,
+}
+
+/// The `kubernetes` Service's cluster IP (the first address of `--service-cluster-ip-range`).
+pub const KUBERNETES_SERVICE_IP: [u8; 4] = [10, 96, 0, 1];
 
 /// A running control plane. Processes stop when it is dropped or when the test process exits.
 pub struct KubeLab {
@@ -42,6 +55,11 @@ impl KubeLab {
 
     /// Starts a new control plane in its own directory on free ports.
     pub async fn start() -> Result<KubeLab> {
+        Self::start_with(KubeOptions::default()).await
+    }
+
+    /// Starts a new control plane with `options`.
+    pub async fn start_with(options: KubeOptions) -> Result<KubeLab> {
         let started = Instant::now();
         let bin_dir = cached_tool("build-kube.sh", "Kubernetes binaries")?;
         let dir = RunDir::new("kube")?;
@@ -73,21 +91,42 @@ impl KubeLab {
         wait_for_port(&mut etcd, etcd_port, Duration::from_secs(30)).await?;
 
         // kube-apiserver
-        let serving = ca.issue_server("apiserver", &["kubernetes", "kubernetes.default", "kubernetes.default.svc"])?;
+        let address = options.node_address.unwrap_or(IpAddr::from([127, 0, 0, 1]));
+        let mut ips = vec![IpAddr::from(KUBERNETES_SERVICE_IP)];
+        ips.extend(options.node_address);
+        let serving = ca.issue_server_with_ips(
+            "apiserver",
+            &["kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"],
+            &ips,
+        )?;
         let admin = ca.issue_client("admin", "lab-admin", Some("system:masters"))?;
         let (sa_key, sa_pub) = pki::rsa_key_pair(&pki_dir, "service-account")?;
         let port = free_port()?;
-        let url = format!("https://127.0.0.1:{port}");
+        let url = format!("https://{address}:{port}");
+        let address_arg = address.to_string();
+        let mut node_args = Vec::new();
+        if options.node_address.is_some() {
+            // The kubelet's serving certificate is from the lab CA; the apiserver calls it (logs,
+            // exec, port-forward) on the node's InternalIP with a client certificate of its own.
+            let kubelet_client = ca.issue_client("apiserver-kubelet-client", "kube-apiserver-kubelet-client", Some("system:masters"))?;
+            node_args = args(&[
+                ("--kubelet-preferred-address-types", "InternalIP"),
+                ("--kubelet-client-certificate", &kubelet_client.cert.display().to_string()),
+                ("--kubelet-client-key", &kubelet_client.key.display().to_string()),
+                ("--kubelet-certificate-authority", &ca.ca_file().display().to_string()),
+                ("--enable-admission-plugins", "NodeRestriction"),
+            ]);
+        }
+        // With a node, the `kubernetes` Service's endpoints name the advertised address (as on a
+        // cluster) and kubelets are authorized as nodes.
+        let (reconciler, authorization) = if options.node_address.is_some() { ("lease", "Node,RBAC") } else { ("none", "RBAC") };
         // The issuer is the apiserver itself, so its discovery document and JWKS are reachable
         // at `{issuer}/.well-known/openid-configuration` as on AKS.
         let issuer = url.clone();
-        let apiserver = LabProcess::spawn(
-            "kube-apiserver",
-            &bin_dir.join("kube-apiserver"),
-            &args(&[
+        let mut apiserver_args = args(&[
                 ("--etcd-servers", &etcd_url),
-                ("--bind-address", "127.0.0.1"),
-                ("--advertise-address", "127.0.0.1"),
+                ("--bind-address", &address_arg),
+                ("--advertise-address", &address_arg),
                 ("--secure-port", &port.to_string()),
                 ("--cert-dir", &pki_dir.display().to_string()),
                 ("--tls-cert-file", &serving.cert.display().to_string()),
@@ -96,14 +135,14 @@ impl KubeLab {
                 ("--service-account-issuer", &issuer),
                 ("--service-account-key-file", &sa_pub.display().to_string()),
                 ("--service-account-signing-key-file", &sa_key.display().to_string()),
-                ("--authorization-mode", "RBAC"),
+                ("--authorization-mode", authorization),
                 ("--service-cluster-ip-range", "10.96.0.0/16"),
-                ("--endpoint-reconciler-type", "none"),
+                ("--endpoint-reconciler-type", reconciler),
                 ("--profiling", "false"),
                 ("--v", "1"),
-            ]),
-            &dir.path().join("kube-apiserver.log"),
-        )?;
+            ]);
+        apiserver_args.extend(node_args);
+        let apiserver = LabProcess::spawn("kube-apiserver", &bin_dir.join("kube-apiserver"), &apiserver_args, &dir.path().join("kube-apiserver.log"))?;
 
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, kubeconfig_yaml(&url, ca.ca_file(), &admin.cert, &admin.key))?;
@@ -289,11 +328,11 @@ impl KubeLab {
     }
 }
 
-fn args(pairs: &[(&str, &str)]) -> Vec<String> {
+pub(crate) fn args(pairs: &[(&str, &str)]) -> Vec<String> {
     pairs.iter().map(|(k, v)| format!("{k}={v}")).collect()
 }
 
-fn kubeconfig_yaml(url: &str, ca: &Path, cert: &Path, key: &Path) -> String {
+pub(crate) fn kubeconfig_yaml(url: &str, ca: &Path, cert: &Path, key: &Path) -> String {
     format!(
         "apiVersion: v1
 kind: Config

@@ -15,7 +15,9 @@ pub mod gateway;
 pub mod https;
 pub mod jwt;
 pub mod kube;
+pub mod image;
 pub mod mongo;
+pub mod node;
 pub mod pki;
 pub mod process;
 pub mod workload;
@@ -29,6 +31,7 @@ use anyhow::{Context, Result, bail};
 
 pub use crate::kube::KubeLab;
 pub use crate::mongo::{ScramUser, SecantusOptions, SecantusServer};
+pub use crate::node::NodeLab;
 
 /// Versions of the lab's parts, from `tests/lab/versions.env` (the scripts read the same file).
 pub struct Versions {

@@ -54,12 +54,19 @@ impl LabCa {
     /// Issues a serving certificate for 127.0.0.1 and localhost (plus `extra_dns`), written to
     /// `<file_stem>.crt` and `<file_stem>.key`.
     pub fn issue_server(&self, file_stem: &str, extra_dns: &[&str]) -> Result<CertFiles> {
+        self.issue_server_with_ips(file_stem, extra_dns, &[])
+    }
+
+    /// Like [`LabCa::issue_server`], also naming `extra_ips` (e.g. the node's bridge address,
+    /// where pods reach the lab).
+    pub fn issue_server_with_ips(&self, file_stem: &str, extra_dns: &[&str], extra_ips: &[IpAddr]) -> Result<CertFiles> {
         let mut params = CertificateParams::default();
         params.distinguished_name = name(file_stem, None);
         params.subject_alt_names = vec![
             SanType::IpAddress(IpAddr::from([127, 0, 0, 1])),
             SanType::DnsName("localhost".try_into()?),
         ];
+        params.subject_alt_names.extend(extra_ips.iter().map(|ip| SanType::IpAddress(*ip)));
         for dns in extra_dns {
             params.subject_alt_names.push(SanType::DnsName((*dns).try_into()?));
         }

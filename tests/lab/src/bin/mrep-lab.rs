@@ -4,28 +4,62 @@
 //!   applies an example and shows it the way a user would see it; then replicates between two
 //!   SecantusDB servers with `mongo-replicator replicate`, and logs in to a DocumentDB double with
 //!   Microsoft Entra workload identity (`validate`, then `replicate`).
-//! - `mrep-lab up` starts the control plane and a SecantusDB server and waits for Ctrl-C,
-//!   printing a KUBECONFIG and a connection string to use meanwhile.
+//! - `mrep-lab up` starts the control plane with a real node (kubelet, containerd, runc, CNI
+//!   bridge, kube-proxy, kube-scheduler, the workload identity webhook) and a SecantusDB server,
+//!   prints how to reach them and waits for Ctrl-C. The node needs a network namespace of its
+//!   own: when started in the host's, `mrep-lab` re-runs itself in a new one (`unshare --net`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use anyhow::{Context, Result, bail};
+use mongo_replicator_lab::node::{self, NODE_ADDRESS, NodeLab, Relay};
 use mongo_replicator_lab::{KubeLab, SecantusOptions, SecantusServer};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-const USAGE: &str = "usage: mrep-lab demo [--example FILE] [--keep] | mrep-lab up
+const USAGE: &str = "usage: mrep-lab demo [--example FILE] [--keep] | mrep-lab up [--pod] [--ready-file F] [--exit-when-ready] | mrep-lab clean
   demo   start the lab, install the CRD, apply an example (default examples/orders-dr.yaml), show it;
-         --keep waits for Ctrl-C before stopping the lab
-  up     start the lab's control plane and a SecantusDB server, print how to reach them, wait for Ctrl-C";
+         --keep runs it on the control plane of a real node and waits for Ctrl-C before stopping it
+  up     start the lab's control plane with a real node, and a SecantusDB server; print how to
+         reach them, wait for Ctrl-C. --pod runs a pod first; --ready-file F is created once the
+         node (and the pod) runs; --exit-when-ready then stops the lab, before SecantusDB
+  clean  remove what killed lab runs left (cgroups, run directories)
+  in-cluster  (in a pod) reach the apiserver with the in-cluster config, CA verified; print who we are";
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let wants_node = match args.first().map(String::as_str) {
+        Some("up") => true,
+        Some("demo") => args.iter().any(|a| a == "--keep"),
+        _ => false,
+    };
+    if wants_node && node::in_host_network_namespace() {
+        // Bridge, iptables chains and pod addresses must never land on the host: run again in a
+        // network namespace of our own, loopback up. Ctrl-C reaches both; the child decides.
+        // SAFETY: ignoring SIGINT in this waiting parent only.
+        unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+        let status = std::process::Command::new("unshare")
+            .args(["--net", "--", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""])
+            .arg(std::env::current_exe()?)
+            .args(&args)
+            .status()
+            .context("cannot run unshare --net")?;
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(run(args))
+}
+
+async fn run(args: Vec<String>) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("demo") => demo(&args[1..]).await,
-        Some("up") => up().await,
+        Some("up") => up(&args[1..]).await,
+        Some("in-cluster") => in_cluster().await,
+        Some("clean") => {
+            node::clean_stale_cgroups();
+            let _ = mongo_replicator_lab::RunDir::new("clean")?;
+            Ok(())
+        }
         _ => {
             eprintln!("{USAGE}");
             std::process::exit(2);
@@ -55,9 +89,23 @@ async fn demo(args: &[String]) -> Result<()> {
         bail!("{} not found: build it with `cargo build` or set MONGO_REPLICATOR_BIN", operator.display());
     }
 
-    step("starting etcd, kube-apiserver and kube-controller-manager");
     let started = std::time::Instant::now();
-    let lab = KubeLab::start().await?;
+    // With --keep the demo runs on the control plane of the lab's real node, which then stays.
+    let node = if keep {
+        step("starting etcd, kube-apiserver, kube-controller-manager and a real node (kubelet, containerd, runc, kube-proxy, kube-scheduler, workload identity webhook)");
+        Some(NodeLab::start(&operator).await?)
+    } else {
+        step("starting etcd, kube-apiserver and kube-controller-manager");
+        None
+    };
+    let own;
+    let lab: &KubeLab = match &node {
+        Some(node) => node.kube(),
+        None => {
+            own = KubeLab::start().await?;
+            &own
+        }
+    };
     println!("   {} at {} in {:.1?}", lab.versions(), lab.url(), started.elapsed());
     let kubectl = Kubectl { bin: lab.bin_dir().join("kubectl"), kubeconfig: lab.kubeconfig().to_path_buf() };
 
@@ -93,10 +141,12 @@ spec:
     }
 
     replicate_demo(&operator).await?;
-    entra_demo(&lab, &operator).await?;
+    entra_demo(lab, &operator).await?;
 
-    if keep {
-        println!("\nThe lab keeps running; in another shell:\n  export KUBECONFIG={}\n  export PATH={}:$PATH\nCtrl-C stops it.", lab.kubeconfig().display(), lab.bin_dir().display());
+    if let Some(node) = &node {
+        step("the lab keeps running, with its node");
+        show_node(node, false).await?;
+        println!("Ctrl-C stops everything.");
         tokio::signal::ctrl_c().await?;
     }
     step("stopping the lab");
@@ -229,15 +279,86 @@ async fn wait_for(coll: &mongodb::Collection<mongodb::bson::Document>, count: u6
     }
 }
 
-async fn up() -> Result<()> {
-    let lab = KubeLab::start().await?;
+/// In a pod of the lab's `mrep-lab` image: the in-cluster config (the `kubernetes` Service's
+/// address from the environment, the service-account token, the cluster CA) reaches the
+/// apiserver; the answer (who the apiserver says we are, its version) goes to stdout and to the
+/// termination message.
+async fn in_cluster() -> Result<()> {
+    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+    let config = kube::Config::incluster().context("no in-cluster config")?;
+    let server = config.cluster_url.to_string();
+    let client = kube::Client::try_from(config)?;
+    let version = client.apiserver_version().await.with_context(|| format!("cannot reach the apiserver at {server}"))?;
+    let review = kube::Api::<SelfSubjectReview>::all(client).create(&Default::default(), &SelfSubjectReview::default()).await?;
+    let user = review.status.and_then(|s| s.user_info).and_then(|u| u.username).unwrap_or_default();
+    let answer = serde_json::json!({"server": server, "version": version.git_version, "user": user}).to_string();
+    println!("{answer}");
+    if Path::new("/dev/termination-log").exists() {
+        std::fs::write("/dev/termination-log", &answer)?;
+    }
+    Ok(())
+}
+
+fn replicator_binary() -> PathBuf {
+    std::env::var_os("MONGO_REPLICATOR_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        let beside = std::env::current_exe().ok().and_then(|e| Some(e.parent()?.join("mongo-replicator")));
+        beside.filter(|p| p.exists()).unwrap_or_else(|| repo_root().join("target/debug/mongo-replicator"))
+    })
+}
+
+async fn up(args: &[String]) -> Result<()> {
+    let (mut pod, mut ready_file, mut exit_when_ready) = (false, None, false);
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--pod" => pod = true,
+            "--ready-file" => ready_file = Some(PathBuf::from(it.next().context("--ready-file needs a path")?)),
+            "--exit-when-ready" => exit_when_ready = true,
+            other => bail!("unknown argument {other}\n{USAGE}"),
+        }
+    }
+    let replicator = replicator_binary();
+    if !replicator.exists() {
+        bail!("{} not found: build it with `cargo build` or set MONGO_REPLICATOR_BIN", replicator.display());
+    }
+    let node = NodeLab::start(&replicator).await?;
+    show_node(&node, pod).await?;
+    let pid = std::process::id();
+    if let Some(file) = &ready_file {
+        std::fs::write(file, format!("{pid}\n"))?;
+    }
+    if exit_when_ready {
+        return Ok(());
+    }
     let mongo = SecantusServer::start(SecantusOptions::default()).await?;
-    println!("lab ready: {} at {}", lab.versions(), lab.url());
-    println!("  export KUBECONFIG={}", lab.kubeconfig().display());
-    println!("  export PATH={}:$PATH", lab.bin_dir().display());
-    println!("  SecantusDB: {}", mongo.uri());
+    let _relay = Relay::start(mongo.port()).await?;
+    println!("  SecantusDB: {} (from pods: {})", mongo.uri(), mongo.uri().replace("127.0.0.1", &NODE_ADDRESS.to_string()));
     println!("Ctrl-C stops everything.");
     tokio::signal::ctrl_c().await?;
+    Ok(())
+}
+
+/// Prints the node's figures and how to reach it; with `pod`, runs a pod first.
+async fn show_node(node: &NodeLab, pod: bool) -> Result<()> {
+    let lab = node.kube();
+    let t = node.timings();
+    println!("lab ready: {} at {}; node Ready {:.1?} after its processes started (images {:.1?}, whole lab {:.1?})", lab.versions(), lab.url(), t.ready, t.images, t.total);
+    let kubectl = Kubectl { bin: lab.bin_dir().join("kubectl"), kubeconfig: lab.kubeconfig().to_path_buf() };
+    kubectl.run(&["get", "nodes", "-o", "wide"]).await?;
+    if pod {
+        let started = std::time::Instant::now();
+        kubectl
+            .run(&["run", "lab-pause", "--image", mongo_replicator_lab::image::PAUSE_IMAGE, "--image-pull-policy", "Never", "--restart", "Never"])
+            .await?;
+        kubectl.run(&["wait", "--for=condition=Ready", "pod/lab-pause", "--timeout=120s"]).await?;
+        println!("a pod Ready {:.1?} after kubectl run", started.elapsed());
+    }
+    let memory: Vec<String> = node.memory_kb().iter().map(|(name, kb)| format!("{name} {} MB", kb / 1024)).collect();
+    println!("node memory (RSS): {}", memory.join(", "));
+    let pid = std::process::id();
+    println!("The lab runs in its own network namespace; from another shell:");
+    println!("  nsenter --net=/proc/{pid}/ns/net -- env KUBECONFIG={} {} get nodes", lab.kubeconfig().display(), lab.bin_dir().join("kubectl").display());
+    println!("  image for pods: {} (imagePullPolicy: Never)", mongo_replicator_lab::image::REPLICATOR_IMAGE);
     Ok(())
 }
 
