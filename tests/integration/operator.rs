@@ -128,7 +128,14 @@ fn condition<'a>(r: &'a MongoReplication, type_: &str) -> Option<&'a k8s_openapi
 }
 
 /// Waits until a condition has `status` (and `reason`, when given) for the current generation.
-async fn wait_condition(api: &Api<MongoReplication>, name: &str, type_: &str, status: &str, reason: Option<&str>, operator: &Operator) -> Result<MongoReplication> {
+async fn wait_condition(
+    api: &Api<MongoReplication>,
+    name: &str,
+    type_: &str,
+    status: &str,
+    reason: Option<&str>,
+    operator: &Operator,
+) -> Result<MongoReplication> {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let r = api.get(name).await?;
@@ -275,7 +282,13 @@ async fn each_broken_input_gets_its_own_reason_and_never_a_crash_loop() -> Resul
     put_secret(&client, &ns, "source-conn", json!({"uri": in_pod(&servers.source.uri_for(&user))})).await?;
     put_secret(&client, &ns, "target-conn", json!({"uri": in_pod(&servers.target.uri_for(&user))})).await?;
     put_secret(&client, &ns, "wrong-password", json!({"uri": in_pod(&servers.target.uri_for(&wrong))})).await?;
-    put_secret(&client, &ns, "unreachable", json!({"uri": format!("mongodb://{NODE_ADDRESS}:1/?directConnection=true&serverSelectionTimeoutMS=2000")})).await?;
+    put_secret(
+        &client,
+        &ns,
+        "unreachable",
+        json!({"uri": format!("mongodb://{NODE_ADDRESS}:1/?directConnection=true&serverSelectionTimeoutMS=2000")}),
+    )
+    .await?;
     let operator = Operator::start(node, &ns).await?;
     let api: Api<MongoReplication> = Api::namespaced(client.clone(), &ns);
 
@@ -331,7 +344,10 @@ async fn an_object_written_around_the_schema_is_stalled_and_never_stalls_the_oth
     let raw: Api<kube::core::DynamicObject> = Api::namespaced_with(
         client.clone(),
         &ns,
-        &kube::discovery::ApiResource::from_gvk_with_plural(&kube::core::GroupVersionKind::gvk("mongo-replicator.io", "v1alpha1", "MongoReplication"), "mongoreplications"),
+        &kube::discovery::ApiResource::from_gvk_with_plural(
+            &kube::core::GroupVersionKind::gvk("mongo-replicator.io", "v1alpha1", "MongoReplication"),
+            "mongoreplications",
+        ),
     );
     eventually(Duration::from_secs(30), || async {
         let malformed = json!({"apiVersion": "mongo-replicator.io/v1alpha1", "kind": "MongoReplication", "metadata": {"name": "malformed"}, "spec": {"source": {"auth": "ldap"}, "target": 42}});

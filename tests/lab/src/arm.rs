@@ -154,10 +154,9 @@ impl ArmDouble {
         let name = last_segment(&resource_id);
         let mut state = self.shared.lock();
         let users = state.clusters.remove(&key_of(&resource_id)).map(|c| c.users).unwrap_or_default();
-        state.clusters.insert(
-            key_of(&resource_id),
-            Cluster { resource_id, name, allowed_modes: allowed_modes.iter().map(|m| m.to_string()).collect(), users },
-        );
+        state
+            .clusters
+            .insert(key_of(&resource_id), Cluster { resource_id, name, allowed_modes: allowed_modes.iter().map(|m| m.to_string()).collect(), users });
     }
 
     pub fn identity_by_client_id(&self, client_id: &str) -> Option<ManagedIdentity> {
@@ -450,11 +449,9 @@ impl Shared {
             (Route::User { id, name }, "DELETE") => self.delete_user(&id, &name, &subscription, &base),
             (Route::AsyncOperation { id }, "GET") => self.get_async_operation(&id, request),
             (Route::OperationResult { id }, "GET") => self.get_operation_result(&id, request),
-            (_, method) => arm_error(
-                405,
-                "MethodNotAllowed",
-                format!("The requested resource '{}' does not support http method '{method}'.", request.path),
-            ),
+            (_, method) => {
+                arm_error(405, "MethodNotAllowed", format!("The requested resource '{}' does not support http method '{method}'.", request.path))
+            }
         }
     }
 
@@ -725,7 +722,10 @@ impl Shared {
                 return arm_error(
                     409,
                     "Conflict",
-                    format!("The user '{}' of mongo cluster '{}' is being deleted; retry once the delete operation has finished.", user.name, cluster.name),
+                    format!(
+                        "The user '{}' of mongo cluster '{}' is being deleted; retry once the delete operation has finished.",
+                        user.name, cluster.name
+                    ),
                 );
             }
             Some(user) => {
@@ -879,9 +879,8 @@ fn check_user_name(name: &str) -> Result<(), String> {
 }
 
 fn parse_json(body: &[u8]) -> Result<Value, HttpResponse> {
-    serde_json::from_slice(body).map_err(|err| {
-        arm_error(400, "InvalidRequestContent", format!("The request content was invalid and could not be deserialized: '{err}'."))
-    })
+    serde_json::from_slice(body)
+        .map_err(|err| arm_error(400, "InvalidRequestContent", format!("The request content was invalid and could not be deserialized: '{err}'.")))
 }
 
 /// `{"properties":{"issuer","subject","audiences":[one]}}` → (issuer, subject, audiences).
@@ -905,13 +904,12 @@ fn parse_credential_body(body: &[u8]) -> Result<(String, String, Vec<String>), H
         _ => return Err(bad(format!("The issuer '{issuer}' is not a valid https URL."))),
     }
     let Some(audiences) = properties.get("audiences").and_then(Value::as_array) else {
-        return Err(bad("The federated identity credential property 'audiences' is required and must be an array holding exactly one audience.".into()));
+        return Err(bad(
+            "The federated identity credential property 'audiences' is required and must be an array holding exactly one audience.".into()
+        ));
     };
     if audiences.len() != 1 {
-        return Err(bad(format!(
-            "The federated identity credential must have exactly one audience, but {} were given.",
-            audiences.len()
-        )));
+        return Err(bad(format!("The federated identity credential must have exactly one audience, but {} were given.", audiences.len())));
     }
     let Some(audience) = audiences[0].as_str().filter(|a| !a.is_empty()) else {
         return Err(bad("The audience of a federated identity credential must be a non-empty string.".into()));
@@ -923,10 +921,14 @@ fn parse_credential_body(body: &[u8]) -> Result<(String, String, Vec<String>), H
 fn check_claim(field: &str, value: &str) -> Result<(), String> {
     let length = value.chars().count();
     if length > MAX_CLAIM_LEN {
-        return Err(format!("The federated identity credential property '{field}' is {length} characters long; at most {MAX_CLAIM_LEN} are allowed."));
+        return Err(format!(
+            "The federated identity credential property '{field}' is {length} characters long; at most {MAX_CLAIM_LEN} are allowed."
+        ));
     }
     if value.contains('*') {
-        return Err(format!("The federated identity credential property '{field}' ('{value}') contains a wildcard ('*'); wildcards are not supported."));
+        return Err(format!(
+            "The federated identity credential property '{field}' ('{value}') contains a wildcard ('*'); wildcards are not supported."
+        ));
     }
     Ok(())
 }
@@ -942,9 +944,7 @@ fn parse_user_body(body: &[u8]) -> Result<(String, Value), HttpResponse> {
     match provider.and_then(|p| p.get("type")).and_then(Value::as_str) {
         Some("MicrosoftEntraID") => {}
         Some(other) => {
-            return Err(bad(format!(
-                "The identity provider type '{other}' is not supported for mongo cluster users: only 'MicrosoftEntraID' is."
-            )));
+            return Err(bad(format!("The identity provider type '{other}' is not supported for mongo cluster users: only 'MicrosoftEntraID' is.")));
         }
         None => return Err(bad("properties.identityProvider.type is required and must be 'MicrosoftEntraID'.".into())),
     }
@@ -965,7 +965,8 @@ fn parse_user_body(body: &[u8]) -> Result<(String, Value), HttpResponse> {
     }
     let roles = properties.get("roles").cloned().unwrap_or(Value::Null);
     let valid = roles.as_array().is_some_and(|roles| {
-        !roles.is_empty() && roles.iter().all(|r| r.get("db").and_then(Value::as_str) == Some("admin") && r.get("role").and_then(Value::as_str) == Some("root"))
+        !roles.is_empty()
+            && roles.iter().all(|r| r.get("db").and_then(Value::as_str) == Some("admin") && r.get("role").and_then(Value::as_str) == Some("root"))
     });
     if !valid {
         return Err(bad(format!(
@@ -1011,7 +1012,9 @@ fn resource_not_found(kind: &str, id: &str) -> HttpResponse {
     arm_error(
         404,
         "ResourceNotFound",
-        format!("The Resource '{kind}/{name}' under resource group '{rg}' was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix"),
+        format!(
+            "The Resource '{kind}/{name}' under resource group '{rg}' was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix"
+        ),
     )
 }
 
@@ -1202,7 +1205,8 @@ mod tests {
 
         // At most 20 per identity (2 exist).
         for i in 0..18 {
-            let (status, body, _) = lab.call("PUT", &fic("uami", &format!("fill-{i}")), Some(&fic_body(ISSUER, &sa(&format!("f{i}")), &[AUDIENCE]))).await;
+            let (status, body, _) =
+                lab.call("PUT", &fic("uami", &format!("fill-{i}")), Some(&fic_body(ISSUER, &sa(&format!("f{i}")), &[AUDIENCE]))).await;
             assert_eq!(status, 201, "{body}");
         }
         let (status, body, _) = lab.call("PUT", &fic("uami", "one-too-many"), Some(&fic_body(ISSUER, &sa("many"), &[AUDIENCE]))).await;

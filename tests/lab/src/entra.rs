@@ -259,7 +259,12 @@ fn refuse(status: u16, error: &str, code: u32, text: &str) -> HttpResponse {
 
 async fn token_endpoint(state: &State, tenant: &str, req: &HttpRequest) -> HttpResponse {
     if tenant.is_empty() || !tenant.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-') {
-        return refuse(400, "invalid_request", 900023, &format!("Specified tenant identifier '{tenant}' is neither a valid DNS name, nor a valid external domain."));
+        return refuse(
+            400,
+            "invalid_request",
+            900023,
+            &format!("Specified tenant identifier '{tenant}' is neither a valid DNS name, nor a valid external domain."),
+        );
     }
     if !state.tenants.read().unwrap().contains(tenant) {
         return refuse(
@@ -281,7 +286,14 @@ async fn token_endpoint(state: &State, tenant: &str, req: &HttpRequest) -> HttpR
     let scope = field("scope");
     let resource = scope.strip_suffix("/.default").unwrap_or_default();
     if scope.contains(' ') || !options.resources.iter().any(|r| r == resource) {
-        return refuse(400, "invalid_scope", 70011, &format!("The provided request must include a 'scope' input parameter. The provided value for the input parameter 'scope' is not valid: {scope}."));
+        return refuse(
+            400,
+            "invalid_scope",
+            70011,
+            &format!(
+                "The provided request must include a 'scope' input parameter. The provided value for the input parameter 'scope' is not valid: {scope}."
+            ),
+        );
     }
     let client_id = field("client_id");
     let directory = state.directory.read().unwrap().clone();
@@ -291,7 +303,9 @@ async fn token_endpoint(state: &State, tenant: &str, req: &HttpRequest) -> HttpR
             400,
             "unauthorized_client",
             700016,
-            &format!("Application with identifier '{client_id}' was not found in the directory '{tenant}'. This can happen if the application has not been installed by the administrator of the tenant."),
+            &format!(
+                "Application with identifier '{client_id}' was not found in the directory '{tenant}'. This can happen if the application has not been installed by the administrator of the tenant."
+            ),
         );
     };
     let assertion = match jwt::decode(field("client_assertion")) {
@@ -309,7 +323,9 @@ async fn token_endpoint(state: &State, tenant: &str, req: &HttpRequest) -> HttpR
             400,
             "invalid_request",
             700211,
-            &format!("No matching federated identity record found for presented assertion issuer '{issuer}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion."),
+            &format!(
+                "No matching federated identity record found for presented assertion issuer '{issuer}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion."
+            ),
         );
     }
     let keys = match issuer_keys(state, &issuer, &options.issuer_ca_pem).await {
@@ -331,7 +347,9 @@ async fn token_endpoint(state: &State, tenant: &str, req: &HttpRequest) -> HttpR
             400,
             "invalid_request",
             700213,
-            &format!("No matching federated identity record found for presented assertion subject '{subject}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion."),
+            &format!(
+                "No matching federated identity record found for presented assertion subject '{subject}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion."
+            ),
         );
     }
     let presented = jwt::audiences(&claims);
@@ -340,7 +358,10 @@ async fn token_endpoint(state: &State, tenant: &str, req: &HttpRequest) -> HttpR
             400,
             "invalid_request",
             700212,
-            &format!("No matching federated identity record found for presented assertion audience '{}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion.", presented.join(",")),
+            &format!(
+                "No matching federated identity record found for presented assertion audience '{}'. Please check your federated identity credential Subject, Audience and Issuer against the presented assertion.",
+                presented.join(",")
+            ),
         );
     };
     if credential.created_at.elapsed() < options.propagation_delay {

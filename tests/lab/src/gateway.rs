@@ -120,13 +120,7 @@ impl Drop for OidcGateway {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    backend_port: u16,
-    verifier: TokenVerifier,
-    counters: Arc<Counters>,
-) {
+async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, backend_port: u16, verifier: TokenVerifier, counters: Arc<Counters>) {
     let mut connections = JoinSet::new();
     let mut next_id = 0u64;
     loop {
@@ -165,12 +159,7 @@ async fn serve(session: Arc<Session>, tcp: TcpStream, acceptor: TlsAcceptor, bac
     }
 }
 
-async fn serve_connection(
-    session: Arc<Session>,
-    tcp: TcpStream,
-    acceptor: TlsAcceptor,
-    backend_port: u16,
-) -> Result<()> {
+async fn serve_connection(session: Arc<Session>, tcp: TcpStream, acceptor: TlsAcceptor, backend_port: u16) -> Result<()> {
     tcp.set_nodelay(true)?;
     let tls = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
         .await
@@ -228,14 +217,10 @@ async fn client_loop<R: AsyncRead + Unpin>(
                 let raw = RawDocument::from_bytes(op.body)?;
                 match session.route(first_key(raw)?, raw, raw.get_str("$db").ok())? {
                     Route::Forward => Outcome::Backend(None, None),
-                    Route::Rewrite(body, grant) => {
-                        Outcome::Backend(Some(op.encode_with_body(head, &to_bytes(&body)?)), grant)
-                    }
+                    Route::Rewrite(body, grant) => Outcome::Backend(Some(op.encode_with_body(head, &to_bytes(&body)?)), grant),
                     // A fire-and-forget request (moreToCome) must not get an answer.
                     Route::Answer(_) if op.flags & MORE_TO_COME != 0 => Outcome::Client(None),
-                    Route::Answer(reply) => {
-                        Outcome::Client(Some(encode_op_msg_reply(session.next_request_id(), head.request_id, &reply)?))
-                    }
+                    Route::Answer(reply) => Outcome::Client(Some(encode_op_msg_reply(session.next_request_id(), head.request_id, &reply)?)),
                 }
             }
             OP_QUERY => {
@@ -260,9 +245,7 @@ async fn client_loop<R: AsyncRead + Unpin>(
                         };
                         Outcome::Backend(Some(op.encode_with_query(head, &to_bytes(&query)?)), grant)
                     }
-                    Route::Answer(reply) => {
-                        Outcome::Client(Some(encode_op_reply(session.next_request_id(), head.request_id, &reply)?))
-                    }
+                    Route::Answer(reply) => Outcome::Client(Some(encode_op_reply(session.next_request_id(), head.request_id, &reply)?)),
                 }
             }
             OP_COMPRESSED => bail!("OP_COMPRESSED although the gateway never negotiates compression"),
@@ -286,11 +269,7 @@ async fn client_loop<R: AsyncRead + Unpin>(
     Ok(())
 }
 
-async fn backend_loop(
-    session: Arc<Session>,
-    mut backend: OwnedReadHalf,
-    to_client: mpsc::Sender<Vec<u8>>,
-) -> Result<()> {
+async fn backend_loop(session: Arc<Session>, mut backend: OwnedReadHalf, to_client: mpsc::Sender<Vec<u8>>) -> Result<()> {
     while let Some(msg) = read_message(&mut backend).await? {
         let msg = session.on_backend_reply(msg);
         if to_client.send(msg).await.is_err() {
@@ -301,8 +280,7 @@ async fn backend_loop(
 }
 
 /// Commands a client may run before it logs in (and after its token expired).
-const OPEN_COMMANDS: &[&str] =
-    &["hello", "isMaster", "ismaster", "ping", "buildInfo", "buildinfo", "saslStart", "saslContinue", "endSessions"];
+const OPEN_COMMANDS: &[&str] = &["hello", "isMaster", "ismaster", "ping", "buildInfo", "buildinfo", "saslStart", "saslContinue", "endSessions"];
 
 /// What happens to one client request.
 enum Route {
@@ -358,20 +336,12 @@ impl Session {
                     None => {
                         Counters::bump(&self.counters.unauthorized_sent);
                         debug!(connection = self.id, "refusing {name} before login");
-                        Ok(Route::Answer(error_reply(
-                            13,
-                            "Unauthorized",
-                            &format!("command {name} requires authentication"),
-                        )))
+                        Ok(Route::Answer(error_reply(13, "Unauthorized", &format!("command {name} requires authentication"))))
                     }
                     Some(grant) if SystemTime::now() >= grant.expires_at => {
                         Counters::bump(&self.counters.reauth_required_sent);
                         debug!(connection = self.id, principal = %grant.principal, "token expired: 391 for {name}");
-                        Ok(Route::Answer(error_reply(
-                            391,
-                            "ReauthenticationRequired",
-                            "Access token expired; reauthentication required",
-                        )))
+                        Ok(Route::Answer(error_reply(391, "ReauthenticationRequired", "Access token expired; reauthentication required")))
                     }
                     Some(_) => Ok(Route::Forward),
                 }
@@ -675,24 +645,12 @@ struct OpQuery<'a> {
 impl<'a> OpQuery<'a> {
     fn parse(msg: &'a [u8]) -> Result<OpQuery<'a>> {
         let name_start = HEADER_LEN + 4;
-        let nul = msg
-            .get(name_start..)
-            .and_then(|b| b.iter().position(|c| *c == 0))
-            .context("OP_QUERY without a collection name")?;
+        let nul = msg.get(name_start..).and_then(|b| b.iter().position(|c| *c == 0)).context("OP_QUERY without a collection name")?;
         let collection = std::str::from_utf8(&msg[name_start..name_start + nul])?;
         let query_start = name_start + nul + 1 + 8;
-        let query_len =
-            i32_at(msg, query_start).and_then(|l| usize::try_from(l).ok()).context("OP_QUERY without a query")?;
-        let query_end = query_start
-            .checked_add(query_len)
-            .filter(|e| *e <= msg.len())
-            .context("OP_QUERY query overruns the message")?;
-        Ok(OpQuery {
-            prefix: &msg[HEADER_LEN..query_start],
-            collection,
-            query: &msg[query_start..query_end],
-            rest: &msg[query_end..],
-        })
+        let query_len = i32_at(msg, query_start).and_then(|l| usize::try_from(l).ok()).context("OP_QUERY without a query")?;
+        let query_end = query_start.checked_add(query_len).filter(|e| *e <= msg.len()).context("OP_QUERY query overruns the message")?;
+        Ok(OpQuery { prefix: &msg[HEADER_LEN..query_start], collection, query: &msg[query_start..query_end], rest: &msg[query_end..] })
     }
 
     fn encode_with_query(&self, head: Header, query: &[u8]) -> Vec<u8> {
@@ -722,8 +680,7 @@ fn with_speculative_acceptance(msg: &[u8]) -> Result<Option<Vec<u8>>> {
         }
         OP_REPLY => {
             const DOCS_AT: usize = HEADER_LEN + 20;
-            let len =
-                i32_at(msg, DOCS_AT).and_then(|l| usize::try_from(l).ok()).context("OP_REPLY without a document")?;
+            let len = i32_at(msg, DOCS_AT).and_then(|l| usize::try_from(l).ok()).context("OP_REPLY without a document")?;
             let end = DOCS_AT.checked_add(len).filter(|e| *e <= msg.len()).context("OP_REPLY document overruns")?;
             let mut body = Document::from_reader(&msg[DOCS_AT..end])?;
             if !is_ok(&body) {
@@ -801,17 +758,12 @@ mod tests {
         }
 
         fn uri(&self) -> String {
-            format!(
-                "mongodb://127.0.0.1:{}/?directConnection=true&tls=true&tlsCAFile={}",
-                self.gateway.port(),
-                self.ca.ca_file().display()
-            )
+            format!("mongodb://127.0.0.1:{}/?directConnection=true&tls=true&tlsCAFile={}", self.gateway.port(), self.ca.ca_file().display())
         }
 
         async fn oidc_options(&self, callback: Callback) -> Result<ClientOptions> {
             let mut options = ClientOptions::parse(format!("{}&authMechanism=MONGODB-OIDC", self.uri())).await?;
-            options.credential =
-                Some(Credential::builder().mechanism(AuthMechanism::MongoDbOidc).oidc_callback(callback).build());
+            options.credential = Some(Credential::builder().mechanism(AuthMechanism::MongoDbOidc).oidc_callback(callback).build());
             options.server_selection_timeout = Some(Duration::from_secs(10));
             Ok(options)
         }
@@ -828,8 +780,7 @@ mod tests {
     async fn gateway_logs_in_and_forwards_crud_and_change_streams() -> Result<()> {
         let lab = Lab::start().await?;
         let calls = Arc::new(AtomicU32::new(0));
-        let options =
-            lab.oidc_options(callback(calls.clone(), || lab_token("alice", Duration::from_secs(3600)))).await?;
+        let options = lab.oidc_options(callback(calls.clone(), || lab_token("alice", Duration::from_secs(3600)))).await?;
         let client = Client::with_options(options)?;
         let coll = client.database("lab").collection::<Document>("login");
         let mut stream = coll.watch().await?;
@@ -857,13 +808,7 @@ mod tests {
         let client = Client::with_options(options)?;
         // The handshake and ping are open; data is not.
         client.database("admin").run_command(doc! {"ping": 1}).await?;
-        let err = client
-            .database("lab")
-            .collection::<Document>("c")
-            .find_one(doc! {})
-            .await
-            .err()
-            .context("find succeeded")?;
+        let err = client.database("lab").collection::<Document>("c").find_one(doc! {}).await.err().context("find succeeded")?;
         assert_eq!(command_code(&err), Some(13), "{err}");
         assert!(lab.gateway.stats().unauthorized_sent >= 1);
         Ok(())
@@ -875,13 +820,7 @@ mod tests {
         let calls = Arc::new(AtomicU32::new(0));
         let options = lab.oidc_options(callback(calls.clone(), || "forged-token".to_string())).await?;
         let client = Client::with_options(options)?;
-        let err = client
-            .database("lab")
-            .collection::<Document>("c")
-            .find_one(doc! {})
-            .await
-            .err()
-            .context("find succeeded")?;
+        let err = client.database("lab").collection::<Document>("c").find_one(doc! {}).await.err().context("find succeeded")?;
         println!("bad token: {err}");
         assert!(matches!(err.kind.as_ref(), ErrorKind::Authentication { .. }), "{err:?}");
         let stats = lab.gateway.stats();
@@ -961,12 +900,7 @@ mod tests {
     }
 
     /// Sends an OP_QUERY command and returns the OP_REPLY's document.
-    async fn op_query<S: AsyncRead + AsyncWrite + Unpin>(
-        stream: &mut S,
-        id: i32,
-        db: &str,
-        command: Document,
-    ) -> Result<Document> {
+    async fn op_query<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, id: i32, db: &str, command: Document) -> Result<Document> {
         let mut msg = Vec::new();
         Header::write(&mut msg, id, 0, OP_QUERY);
         msg.extend_from_slice(&0i32.to_le_bytes());
@@ -989,10 +923,8 @@ mod tests {
         assert_eq!(refused.get_i32("code").ok(), Some(13), "{refused}");
         let token = lab_token("carol", Duration::from_secs(3600));
         let payload = Binary { subtype: BinarySubtype::Generic, bytes: to_bytes(&doc! {"jwt": &token})? };
-        let speculative =
-            doc! {"saslStart": 1, "mechanism": "MONGODB-OIDC", "payload": payload.clone(), "db": "$external"};
-        let hello =
-            op_query(&mut conn, 2, "admin", doc! {"isMaster": 1, "speculativeAuthenticate": speculative}).await?;
+        let speculative = doc! {"saslStart": 1, "mechanism": "MONGODB-OIDC", "payload": payload.clone(), "db": "$external"};
+        let hello = op_query(&mut conn, 2, "admin", doc! {"isMaster": 1, "speculativeAuthenticate": speculative}).await?;
         println!("OP_QUERY isMaster through the gateway: {hello}");
         assert!(hello.get_document("speculativeAuthenticate").is_ok_and(|s| s.get_bool("done") == Ok(true)), "{hello}");
         assert_eq!(lab.gateway.stats().speculative_accepted, 1);

@@ -121,11 +121,7 @@ async fn serve_one(req: Request<hyper::body::Incoming>, handler: Handler) -> Res
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let query = parts.uri.query().map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default();
-    let headers = parts
-        .headers
-        .iter()
-        .filter_map(|(k, v)| Some((k.as_str().to_ascii_lowercase(), v.to_str().ok()?.to_string())))
-        .collect();
+    let headers = parts.headers.iter().filter_map(|(k, v)| Some((k.as_str().to_ascii_lowercase(), v.to_str().ok()?.to_string()))).collect();
     let request = HttpRequest { method: parts.method.to_string(), path: parts.uri.path().to_string(), query, headers, body };
     let answer = handler(request).await;
     let mut response = Response::new(Full::new(answer.body));
@@ -163,8 +159,10 @@ impl HttpsClient {
             roots.add(cert?)?;
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config =
-            rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?.with_root_certificates(roots).with_no_client_auth();
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         Ok(Self { connector: tokio_rustls::TlsConnector::from(Arc::new(config)) })
     }
 
@@ -188,11 +186,7 @@ impl HttpsClient {
         }
         let response = sender.send_request(request.body(Full::new(body))?).await?;
         let status = response.status().as_u16();
-        let headers = response
-            .headers()
-            .iter()
-            .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
-            .collect();
+        let headers = response.headers().iter().filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string()))).collect();
         let body = response.into_body().collect().await?.to_bytes();
         Ok(HttpResponse { status, headers, body })
     }

@@ -53,26 +53,14 @@ impl ImageSpec {
     /// A copy of a file of this machine (symlinks followed).
     pub fn file(&mut self, path: &str, source: &Path, mode: u32) -> &mut Self {
         self.parents(path);
-        self.entries.insert(
-            clean(path),
-            Entry::File {
-                source: source.to_path_buf(),
-                mode,
-            },
-        );
+        self.entries.insert(clean(path), Entry::File { source: source.to_path_buf(), mode });
         self
     }
 
     /// A file with the given content.
     pub fn bytes(&mut self, path: &str, data: &[u8], mode: u32) -> &mut Self {
         self.parents(path);
-        self.entries.insert(
-            clean(path),
-            Entry::Bytes {
-                data: data.to_vec(),
-                mode,
-            },
-        );
+        self.entries.insert(clean(path), Entry::Bytes { data: data.to_vec(), mode });
         self
     }
 
@@ -81,15 +69,8 @@ impl ImageSpec {
         let cleaned = clean(path);
         let parts: Vec<&str> = cleaned.split('/').filter(|p| !p.is_empty()).collect();
         for part in &parts[..parts.len().saturating_sub(1)] {
-            prefix = if prefix.is_empty() {
-                (*part).to_string()
-            } else {
-                format!("{prefix}/{part}")
-            };
-            self.entries.entry(prefix.clone()).or_insert(Entry::Dir {
-                mode: 0o755,
-                uid: 0,
-            });
+            prefix = if prefix.is_empty() { (*part).to_string() } else { format!("{prefix}/{part}") };
+            self.entries.entry(prefix.clone()).or_insert(Entry::Dir { mode: 0o755, uid: 0 });
         }
     }
 
@@ -137,10 +118,7 @@ impl ImageSpec {
             }],
         }))?;
 
-        let mut archive = Tar::new(
-            std::fs::File::create(out)
-                .with_context(|| format!("cannot create {}", out.display()))?,
-        );
+        let mut archive = Tar::new(std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?);
         archive.dir("blobs", 0o755, 0)?;
         archive.dir("blobs/sha256", 0o755, 0)?;
         archive.file("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#, 0o644)?;
@@ -158,8 +136,7 @@ impl ImageSpec {
             match entry {
                 Entry::Dir { mode, uid } => tar.dir(path, *mode, *uid)?,
                 Entry::File { source, mode } => {
-                    let data = std::fs::read(source)
-                        .with_context(|| format!("cannot read {}", source.display()))?;
+                    let data = std::fs::read(source).with_context(|| format!("cannot read {}", source.display()))?;
                     tar.file(path, &data, *mode)?
                 }
                 Entry::Bytes { data, mode } => tar.file(path, data, *mode)?,
@@ -174,11 +151,7 @@ fn clean(path: &str) -> String {
 }
 
 fn sha256(data: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, data)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    ring::digest::digest(&ring::digest::SHA256, data).as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A ustar writer: regular files and directories, names up to 255 bytes (prefix + name).
@@ -251,20 +224,13 @@ fn octal(field: &mut [u8], value: u64) {
 
 /// The shared libraries `binary` loads, as `ldd` resolves them: (path the loader asks for, file).
 pub fn shared_libraries(binary: &Path) -> Result<Vec<(String, PathBuf)>> {
-    let out = Command::new("ldd")
-        .arg(binary)
-        .output()
-        .context("cannot run ldd")?;
+    let out = Command::new("ldd").arg(binary).output().context("cannot run ldd")?;
     let text = String::from_utf8_lossy(&out.stdout);
     if text.contains("not a dynamic executable") || text.contains("statically linked") {
         return Ok(Vec::new());
     }
     if !out.status.success() {
-        bail!(
-            "ldd {} failed: {}",
-            binary.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("ldd {} failed: {}", binary.display(), String::from_utf8_lossy(&out.stderr));
     }
     let mut libs = Vec::new();
     for line in text.lines() {
@@ -275,14 +241,10 @@ pub fn shared_libraries(binary: &Path) -> Result<Vec<(String, PathBuf)>> {
             None => line.split_whitespace().next().unwrap_or_default(),
         };
         if path.starts_with('/') {
-            let real =
-                std::fs::canonicalize(path).with_context(|| format!("cannot resolve {path}"))?;
+            let real = std::fs::canonicalize(path).with_context(|| format!("cannot resolve {path}"))?;
             libs.push((path.to_string(), real));
         } else if line.contains("not found") {
-            bail!(
-                "{} needs a library this machine lacks: {line}",
-                binary.display()
-            );
+            bail!("{} needs a library this machine lacks: {line}", binary.display());
         }
     }
     Ok(libs)
@@ -312,9 +274,7 @@ pub fn replicator_image(binary: &Path) -> Result<ImageSpec> {
 pub fn lab_tools_image(binary: &Path) -> Result<ImageSpec> {
     let mut image = replicator_image(binary)?;
     let path = "/usr/local/bin/mrep-lab";
-    image
-        .entries
-        .remove(REPLICATOR_PATH.trim_start_matches('/'));
+    image.entries.remove(REPLICATOR_PATH.trim_start_matches('/'));
     image.file(path, binary, 0o755);
     image.entrypoint = vec![path.to_string()];
     Ok(image)
@@ -327,11 +287,7 @@ pub fn secantus_image() -> Result<ImageSpec> {
     let binary = crate::cached_tool("install-secantus.sh", "SecantusDB server")?;
     let path = "/usr/local/bin/secantusd-rs";
     let mut image = ImageSpec {
-        entrypoint: vec![
-            path.to_string(),
-            "--config".into(),
-            "/etc/secantusd.toml".into(),
-        ],
+        entrypoint: vec![path.to_string(), "--config".into(), "/etc/secantusd.toml".into()],
         user: NONROOT.to_string(),
         ..Default::default()
     };
@@ -346,11 +302,7 @@ pub fn secantus_image() -> Result<ImageSpec> {
 
 /// The pod sandbox image around the lab's `pause` binary (static).
 pub fn pause_image(binary: &Path) -> Result<ImageSpec> {
-    let mut image = ImageSpec {
-        entrypoint: vec!["/pause".into()],
-        user: "65535:65535".into(),
-        ..Default::default()
-    };
+    let mut image = ImageSpec { entrypoint: vec!["/pause".into()], user: "65535:65535".into(), ..Default::default() };
     image.file("/pause", binary, 0o755);
     Ok(image)
 }
@@ -370,10 +322,7 @@ fn base_layout(image: &mut ImageSpec) -> Result<()> {
         .dir("/var/run", 0o755, 0);
     let certs = Path::new("/etc/ssl/certs/ca-certificates.crt");
     if !certs.exists() {
-        bail!(
-            "{} is missing (apt-get install ca-certificates)",
-            certs.display()
-        );
+        bail!("{} is missing (apt-get install ca-certificates)", certs.display());
     }
     image.file("/etc/ssl/certs/ca-certificates.crt", certs, 0o644);
     Ok(())
@@ -389,27 +338,15 @@ pub struct RuntimeStage {
 
 /// Reads the last stage of a Dockerfile: where the binary is copied, `USER`, `ENTRYPOINT` (exec form).
 pub fn dockerfile_runtime_stage(dockerfile: &str) -> Result<RuntimeStage> {
-    let last = dockerfile
-        .rsplit_once("\nFROM ")
-        .map(|(_, s)| s)
-        .context("no FROM")?;
-    let mut stage = RuntimeStage {
-        binary_path: String::new(),
-        user: String::new(),
-        entrypoint: Vec::new(),
-    };
+    let last = dockerfile.rsplit_once("\nFROM ").map(|(_, s)| s).context("no FROM")?;
+    let mut stage = RuntimeStage { binary_path: String::new(), user: String::new(), entrypoint: Vec::new() };
     for line in last.lines().map(str::trim) {
         if let Some(rest) = line.strip_prefix("COPY ") {
-            stage.binary_path = rest
-                .split_whitespace()
-                .last()
-                .unwrap_or_default()
-                .to_string();
+            stage.binary_path = rest.split_whitespace().last().unwrap_or_default().to_string();
         } else if let Some(rest) = line.strip_prefix("USER ") {
             stage.user = rest.trim().to_string();
         } else if let Some(rest) = line.strip_prefix("ENTRYPOINT ") {
-            stage.entrypoint = serde_json::from_str::<Vec<String>>(rest.trim())
-                .context("ENTRYPOINT is not in exec form")?;
+            stage.entrypoint = serde_json::from_str::<Vec<String>>(rest.trim()).context("ENTRYPOINT is not in exec form")?;
         }
     }
     Ok(stage)
@@ -417,19 +354,8 @@ pub fn dockerfile_runtime_stage(dockerfile: &str) -> Result<RuntimeStage> {
 
 /// The runtime stage the lab's image has.
 pub fn lab_runtime_stage(image: &ImageSpec) -> RuntimeStage {
-    let binary_path = if image
-        .paths()
-        .contains(&REPLICATOR_PATH.trim_start_matches('/'))
-    {
-        REPLICATOR_PATH.to_string()
-    } else {
-        String::new()
-    };
-    RuntimeStage {
-        binary_path,
-        user: image.user.clone(),
-        entrypoint: image.entrypoint.clone(),
-    }
+    let binary_path = if image.paths().contains(&REPLICATOR_PATH.trim_start_matches('/')) { REPLICATOR_PATH.to_string() } else { String::new() };
+    RuntimeStage { binary_path, user: image.user.clone(), entrypoint: image.entrypoint.clone() }
 }
 
 #[cfg(test)]
@@ -462,11 +388,7 @@ mod tests {
         let stage = dockerfile_runtime_stage(text).unwrap();
         assert_eq!(
             stage,
-            RuntimeStage {
-                binary_path: "/usr/local/bin/x".into(),
-                user: "65532:65532".into(),
-                entrypoint: vec!["/usr/local/bin/x".into()]
-            }
+            RuntimeStage { binary_path: "/usr/local/bin/x".into(), user: "65532:65532".into(), entrypoint: vec!["/usr/local/bin/x".into()] }
         );
     }
 }

@@ -124,25 +124,26 @@ impl KubeLab {
         // at `{issuer}/.well-known/openid-configuration` as on AKS.
         let issuer = url.clone();
         let mut apiserver_args = args(&[
-                ("--etcd-servers", &etcd_url),
-                ("--bind-address", &address_arg),
-                ("--advertise-address", &address_arg),
-                ("--secure-port", &port.to_string()),
-                ("--cert-dir", &pki_dir.display().to_string()),
-                ("--tls-cert-file", &serving.cert.display().to_string()),
-                ("--tls-private-key-file", &serving.key.display().to_string()),
-                ("--client-ca-file", &ca.ca_file().display().to_string()),
-                ("--service-account-issuer", &issuer),
-                ("--service-account-key-file", &sa_pub.display().to_string()),
-                ("--service-account-signing-key-file", &sa_key.display().to_string()),
-                ("--authorization-mode", authorization),
-                ("--service-cluster-ip-range", "10.96.0.0/16"),
-                ("--endpoint-reconciler-type", reconciler),
-                ("--profiling", "false"),
-                ("--v", "1"),
-            ]);
+            ("--etcd-servers", &etcd_url),
+            ("--bind-address", &address_arg),
+            ("--advertise-address", &address_arg),
+            ("--secure-port", &port.to_string()),
+            ("--cert-dir", &pki_dir.display().to_string()),
+            ("--tls-cert-file", &serving.cert.display().to_string()),
+            ("--tls-private-key-file", &serving.key.display().to_string()),
+            ("--client-ca-file", &ca.ca_file().display().to_string()),
+            ("--service-account-issuer", &issuer),
+            ("--service-account-key-file", &sa_pub.display().to_string()),
+            ("--service-account-signing-key-file", &sa_key.display().to_string()),
+            ("--authorization-mode", authorization),
+            ("--service-cluster-ip-range", "10.96.0.0/16"),
+            ("--endpoint-reconciler-type", reconciler),
+            ("--profiling", "false"),
+            ("--v", "1"),
+        ]);
         apiserver_args.extend(node_args);
-        let apiserver = LabProcess::spawn("kube-apiserver", &bin_dir.join("kube-apiserver"), &apiserver_args, &dir.path().join("kube-apiserver.log"))?;
+        let apiserver =
+            LabProcess::spawn("kube-apiserver", &bin_dir.join("kube-apiserver"), &apiserver_args, &dir.path().join("kube-apiserver.log"))?;
 
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, kubeconfig_yaml(&url, ca.ca_file(), &admin.cert, &admin.key))?;
@@ -196,10 +197,7 @@ impl KubeLab {
                 Err(err) => last = format!("{err:#}"),
             }
             if Instant::now() > deadline {
-                bail!(
-                    "kube-apiserver was not ready within {timeout:?} (last answer: {last}); its log ends with:\n{}",
-                    self.apiserver.log_tail(40)
-                );
+                bail!("kube-apiserver was not ready within {timeout:?} (last answer: {last}); its log ends with:\n{}", self.apiserver.log_tail(40));
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -260,10 +258,7 @@ impl KubeLab {
     /// Creates a namespace with a unique name starting with `prefix`.
     pub async fn namespace(&self, prefix: &str) -> Result<String> {
         let api: Api<Namespace> = Api::all(self.client().await?);
-        let ns = Namespace {
-            metadata: ObjectMeta { generate_name: Some(format!("{prefix}-")), ..Default::default() },
-            ..Default::default()
-        };
+        let ns = Namespace { metadata: ObjectMeta { generate_name: Some(format!("{prefix}-")), ..Default::default() }, ..Default::default() };
         let created = api.create(&PostParams::default(), &ns).await?;
         created.metadata.name.context("the apiserver returned a namespace without a name")
     }
@@ -278,7 +273,11 @@ impl KubeLab {
             api.create(&PostParams::default(), &sa).await?;
         }
         let request = TokenRequest {
-            spec: Some(TokenRequestSpec { audiences: Some(vec![audience.into()]), expiration_seconds: Some(expiration_seconds), ..Default::default() }),
+            spec: Some(TokenRequestSpec {
+                audiences: Some(vec![audience.into()]),
+                expiration_seconds: Some(expiration_seconds),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let answer = api.create_token_request(service_account, &PostParams::default(), &request).await?;
@@ -317,8 +316,7 @@ impl KubeLab {
 
     /// The Kubernetes and etcd versions the lab runs.
     pub fn versions(&self) -> String {
-        let etcd = std::fs::read_to_string(self.bin_dir.parent().unwrap_or(&self.bin_dir).join("etcd-version"))
-            .unwrap_or_default();
+        let etcd = std::fs::read_to_string(self.bin_dir.parent().unwrap_or(&self.bin_dir).join("etcd-version")).unwrap_or_default();
         format!("kubernetes {} / etcd {}", Versions::get().kube, etcd.trim())
     }
 

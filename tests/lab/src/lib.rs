@@ -13,9 +13,9 @@ pub mod azure;
 pub mod entra;
 pub mod gateway;
 pub mod https;
+pub mod image;
 pub mod jwt;
 pub mod kube;
-pub mod image;
 pub mod mongo;
 pub mod node;
 pub mod pki;
@@ -60,11 +60,8 @@ impl Versions {
 /// it prints.
 pub(crate) fn cached_tool(script: &str, what: &str) -> Result<PathBuf> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(script);
-    let out = Command::new("bash")
-        .arg(&path)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .with_context(|| format!("cannot run {}", path.display()))?;
+    let out =
+        Command::new("bash").arg(&path).stderr(std::process::Stdio::inherit()).output().with_context(|| format!("cannot run {}", path.display()))?;
     if !out.status.success() {
         bail!("{} failed ({}): cannot provide the {what}", path.display(), out.status);
     }

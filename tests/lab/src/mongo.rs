@@ -24,11 +24,7 @@ pub struct ScramUser {
 
 impl ScramUser {
     pub fn new(name: &str, password: &str, roles: &[(&str, &str)]) -> Self {
-        Self {
-            name: name.into(),
-            password: password.into(),
-            roles: roles.iter().map(|(db, role)| (db.to_string(), role.to_string())).collect(),
-        }
+        Self { name: name.into(), password: password.into(), roles: roles.iter().map(|(db, role)| (db.to_string(), role.to_string())).collect() }
     }
 }
 
@@ -80,17 +76,7 @@ impl SecantusServer {
         } else {
             (None, None)
         };
-        let mut server = Self {
-            process: None,
-            port: free_port()?,
-            bin,
-            options,
-            ca,
-            tls_files,
-            auth: false,
-            starts: 0,
-            dir,
-        };
+        let mut server = Self { process: None, port: free_port()?, bin, options, ca, tls_files, auth: false, starts: 0, dir };
         server.launch().await?;
         if !server.options.users.is_empty() {
             server.create_users().await?;

@@ -46,11 +46,7 @@ pub const NODE_NAME: &str = "lab-node";
 /// The workload identity webhook's port (controller-runtime's fixed default).
 pub const WEBHOOK_PORT: u16 = 9443;
 /// The three host sysctls the kubelet rewrites at start; the node sees lab files in their place.
-const SHADOWED_SYSCTLS: [&str; 3] = [
-    "vm/overcommit_memory",
-    "kernel/panic",
-    "kernel/panic_on_oops",
-];
+const SHADOWED_SYSCTLS: [&str; 3] = ["vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops"];
 const CGROUP_PREFIX: &str = "mrep-lab-";
 
 /// A running node with its own control plane.
@@ -88,9 +84,7 @@ impl NodeLab {
         let replicator = replicator.to_path_buf();
         SHARED
             .get_or_init(|| async move {
-                let lab = NodeLab::start(&replicator)
-                    .await
-                    .map_err(|err| format!("{err:#}"))?;
+                let lab = NodeLab::start(&replicator).await.map_err(|err| format!("{err:#}"))?;
                 // Statics are never dropped: stop the node (and remove its cgroups) at exit.
                 extern "C" fn stop_shared() {
                     if let Some(Ok(lab)) = SHARED.get() {
@@ -136,26 +130,18 @@ impl NodeLab {
         reset_network()?;
         create_bridge()?;
 
-        let kube = KubeLab::start_with(KubeOptions {
-            node_address: Some(IpAddr::V4(NODE_ADDRESS)),
-        })
-        .await?;
+        let kube = KubeLab::start_with(KubeOptions { node_address: Some(IpAddr::V4(NODE_ADDRESS)) }).await?;
         let ca = kube.ca();
         let url = kube.url().to_string();
         let kubeconfig_for = |stem: &str, cert: &CertFiles| -> Result<PathBuf> {
             let path = d.join(format!("{stem}.kubeconfig"));
-            std::fs::write(
-                &path,
-                kubeconfig_yaml(&url, ca.ca_file(), &cert.cert, &cert.key),
-            )?;
+            std::fs::write(&path, kubeconfig_yaml(&url, ca.ca_file(), &cert.cert, &cert.key))?;
             Ok(path)
         };
 
         // kube-scheduler, as system:kube-scheduler (bound by the default RBAC policy).
         let scheduler_cert = ca.issue_client("scheduler", "system:kube-scheduler", None)?;
-        let scheduler_kubeconfig = kubeconfig_for("scheduler", &scheduler_cert)?
-            .display()
-            .to_string();
+        let scheduler_kubeconfig = kubeconfig_for("scheduler", &scheduler_cert)?.display().to_string();
         let scheduler = LabProcess::spawn(
             "kube-scheduler",
             &bins.join("kube-scheduler"),
@@ -176,29 +162,15 @@ impl NodeLab {
 
         // The node.
         // `<pid>-node-<n>`, like the run directory: stale roots are found by their pid.
-        let cgroup_root = format!(
-            "{CGROUP_PREFIX}{}",
-            d.file_name()
-                .and_then(|n| n.to_str())
-                .context("run directory without a name")?
-        );
+        let cgroup_root = format!("{CGROUP_PREFIX}{}", d.file_name().and_then(|n| n.to_str()).context("run directory without a name")?);
         create_cgroup_root(&cgroup_root)?;
-        let kubelet_cert = ca.issue_client(
-            "kubelet",
-            &format!("system:node:{NODE_NAME}"),
-            Some("system:nodes"),
-        )?;
-        let kubelet_serving =
-            ca.issue_server_with_ips("kubelet-serving", &[NODE_NAME], &[IpAddr::V4(NODE_ADDRESS)])?;
+        let kubelet_cert = ca.issue_client("kubelet", &format!("system:node:{NODE_NAME}"), Some("system:nodes"))?;
+        let kubelet_serving = ca.issue_server_with_ips("kubelet-serving", &[NODE_NAME], &[IpAddr::V4(NODE_ADDRESS)])?;
         let kubelet_kubeconfig = kubeconfig_for("kubelet", &kubelet_cert)?;
         let proxy_cert = ca.issue_client("kube-proxy", "system:kube-proxy", None)?;
         let proxy_kubeconfig = kubeconfig_for("kube-proxy", &proxy_cert)?;
         let socket = d.join("containerd/containerd.sock");
-        ensure!(
-            socket.as_os_str().len() < 100,
-            "containerd's socket path is too long for a Unix socket: {}",
-            socket.display()
-        );
+        ensure!(socket.as_os_str().len() < 100, "containerd's socket path is too long for a Unix socket: {}", socket.display());
         write_node_config(&NodeFiles {
             dir: &d,
             bins: &bins,
@@ -235,11 +207,7 @@ impl NodeLab {
             cgroup_root,
             bins,
             socket,
-            timings: NodeTimings {
-                ready: Duration::ZERO,
-                images: Duration::ZERO,
-                total: Duration::ZERO,
-            },
+            timings: NodeTimings { ready: Duration::ZERO, images: Duration::ZERO, total: Duration::ZERO },
             dir,
         };
         lab.wait_containerd(Duration::from_secs(60)).await?;
@@ -256,14 +224,9 @@ impl NodeLab {
     }
 
     fn check_node_running(&self) -> Result<()> {
-        let mut node = self
-            .node
-            .lock()
-            .map_err(|_| anyhow::anyhow!("node lock poisoned"))?;
+        let mut node = self.node.lock().map_err(|_| anyhow::anyhow!("node lock poisoned"))?;
         match node.as_mut() {
-            Some(process) => process
-                .check_running()
-                .map_err(|err| anyhow::anyhow!("{err:#}\n{}", self.logs_tail(30))),
+            Some(process) => process.check_running().map_err(|err| anyhow::anyhow!("{err:#}\n{}", self.logs_tail(30))),
             None => bail!("the node was stopped"),
         }
     }
@@ -272,12 +235,7 @@ impl NodeLab {
     pub fn logs_tail(&self, lines: usize) -> String {
         ["containerd", "kubelet", "kube-proxy"]
             .iter()
-            .map(|name| {
-                format!(
-                    "--- {name}:\n{}",
-                    crate::process::log_tail(&self.dir.path().join(format!("{name}.log")), lines)
-                )
-            })
+            .map(|name| format!("--- {name}:\n{}", crate::process::log_tail(&self.dir.path().join(format!("{name}.log")), lines)))
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -290,10 +248,7 @@ impl NodeLab {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!(
-                    "containerd did not answer within {timeout:?}\n{}",
-                    self.logs_tail(30)
-                );
+                bail!("containerd did not answer within {timeout:?}\n{}", self.logs_tail(30));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -309,36 +264,19 @@ impl NodeLab {
             .output()
             .context("cannot run ctr")?;
         if !out.status.success() {
-            bail!(
-                "ctr {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            bail!("ctr {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Builds `image` as an OCI archive and imports it into the node's containerd as `name`.
     pub fn import(&self, image: &image::ImageSpec, name: &str) -> Result<()> {
-        let file = self
-            .dir
-            .path()
-            .join("images")
-            .join(format!("{}.tar", name.replace(['/', ':'], "_")));
+        let file = self.dir.path().join("images").join(format!("{}.tar", name.replace(['/', ':'], "_")));
         image.write_oci_archive(name, &file)?;
-        self.ctr(&[
-            "images",
-            "import",
-            "--platform",
-            "linux/amd64",
-            &file.display().to_string(),
-        ])?;
+        self.ctr(&["images", "import", "--platform", "linux/amd64", &file.display().to_string()])?;
         let _ = std::fs::remove_file(&file);
         let listed = self.ctr(&["images", "ls", "-q"])?;
-        ensure!(
-            listed.lines().any(|l| l.trim() == name),
-            "containerd did not keep {name} after import (it has: {listed})"
-        );
+        ensure!(listed.lines().any(|l| l.trim() == name), "containerd did not keep {name} after import (it has: {listed})");
         Ok(())
     }
 
@@ -355,25 +293,16 @@ impl NodeLab {
                     .and_then(|s| s.conditions.as_ref())
                     .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
                     .map(|c| (c.status.clone(), c.message.clone().unwrap_or_default()));
-                let taints: Vec<String> = node
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.taints.as_ref())
-                    .map(|t| t.iter().map(|t| t.key.clone()).collect())
-                    .unwrap_or_default();
+                let taints: Vec<String> =
+                    node.spec.as_ref().and_then(|s| s.taints.as_ref()).map(|t| t.iter().map(|t| t.key.clone()).collect()).unwrap_or_default();
                 match ready {
                     Some((status, _)) if status == "True" && taints.is_empty() => return Ok(()),
-                    Some((status, message)) => {
-                        last = format!("Ready={status} ({message}), taints {taints:?}")
-                    }
+                    Some((status, message)) => last = format!("Ready={status} ({message}), taints {taints:?}"),
                     None => last = "no Ready condition".into(),
                 }
             }
             if Instant::now() > deadline {
-                bail!(
-                    "node {NODE_NAME} not Ready within {timeout:?}: {last}\n{}",
-                    self.logs_tail(30)
-                );
+                bail!("node {NODE_NAME} not Ready within {timeout:?}: {last}\n{}", self.logs_tail(30));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -394,9 +323,7 @@ impl NodeLab {
         while Instant::now() < deadline && !remove_cgroup_root(&self.cgroup_root) {
             std::thread::sleep(Duration::from_millis(100));
         }
-        let _ = Command::new(self.bins.join("kube-proxy"))
-            .arg("--cleanup")
-            .output();
+        let _ = Command::new(self.bins.join("kube-proxy")).arg("--cleanup").output();
         let _ = reset_network();
     }
 
@@ -428,21 +355,10 @@ impl NodeLab {
             if !cmdline.contains(&dir) {
                 continue;
             }
-            let name = cmdline
-                .split('\0')
-                .next()
-                .unwrap_or_default()
-                .rsplit('/')
-                .next()
-                .unwrap_or_default()
-                .to_string();
+            let name = cmdline.split('\0').next().unwrap_or_default().rsplit('/').next().unwrap_or_default().to_string();
             let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
                 .ok()
-                .and_then(|s| {
-                    s.lines()
-                        .find(|l| l.starts_with("VmRSS:"))
-                        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-                })
+                .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
                 .unwrap_or(0);
             out.push((name, rss));
         }
@@ -453,26 +369,12 @@ impl NodeLab {
     pub async fn namespace(&self, prefix: &str) -> Result<String> {
         let client = self.kube.client().await?;
         let api: Api<Namespace> = Api::all(client.clone());
-        let ns = Namespace {
-            metadata: ObjectMeta {
-                generate_name: Some(format!("{prefix}-")),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let name = api
-            .create(&PostParams::default(), &ns)
-            .await?
-            .metadata
-            .name
-            .context("namespace without a name")?;
+        let ns = Namespace { metadata: ObjectMeta { generate_name: Some(format!("{prefix}-")), ..Default::default() }, ..Default::default() };
+        let name = api.create(&PostParams::default(), &ns).await?.metadata.name.context("namespace without a name")?;
         let accounts: Api<ServiceAccount> = Api::namespaced(client, &name);
         let deadline = Instant::now() + Duration::from_secs(30);
         while accounts.get_opt("default").await?.is_none() {
-            ensure!(
-                Instant::now() < deadline,
-                "no default ServiceAccount in {name} after 30 s"
-            );
+            ensure!(Instant::now() < deadline, "no default ServiceAccount in {name} after 30 s");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Ok(name)
@@ -500,10 +402,7 @@ impl Drop for NodeLab {
 /// interface but loopback and the lab's own (the bridge, pods' veths): so no route out either.
 /// (The host's namespace cannot be named here: /proc/1/ns is not readable on these machines.)
 pub fn ensure_lab_network_namespace() -> Result<()> {
-    let foreign: Vec<String> = interfaces()?
-        .into_iter()
-        .filter(|name| !(name == "lo" || name == BRIDGE || name.starts_with("veth")))
-        .collect();
+    let foreign: Vec<String> = interfaces()?.into_iter().filter(|name| !(name == "lo" || name == BRIDGE || name.starts_with("veth"))).collect();
     if !foreign.is_empty() {
         bail!(
             "the lab's node runs only inside a network namespace of its own, and this one has {foreign:?}; run the tests with \
@@ -516,13 +415,8 @@ pub fn ensure_lab_network_namespace() -> Result<()> {
 /// The interfaces of this process's network namespace (`/sys/class/net` shows the namespace of
 /// whoever mounted sysfs; `/proc/self/net/dev` is the reader's).
 fn interfaces() -> Result<Vec<String>> {
-    let dev =
-        std::fs::read_to_string("/proc/self/net/dev").context("cannot read /proc/self/net/dev")?;
-    Ok(dev
-        .lines()
-        .skip(2)
-        .filter_map(|l| Some(l.split_once(':')?.0.trim().to_string()))
-        .collect())
+    let dev = std::fs::read_to_string("/proc/self/net/dev").context("cannot read /proc/self/net/dev")?;
+    Ok(dev.lines().skip(2).filter_map(|l| Some(l.split_once(':')?.0.trim().to_string())).collect())
 }
 
 /// The environment variable naming a process in the host's network namespace (set by
@@ -535,16 +429,9 @@ pub fn in_host_network_namespace() -> bool {
 }
 
 fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {program}"))?;
+    let out = Command::new(program).args(args).output().with_context(|| format!("cannot run {program}"))?;
     if !out.status.success() {
-        bail!(
-            "{program} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{program} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -560,20 +447,10 @@ fn reset_network() -> Result<()> {
             continue;
         };
         if rules.contains("KUBE-") || rules.contains("CNI-") {
-            let cleaned: String = rules
-                .lines()
-                .filter(|l| !(l.contains("KUBE-") || l.contains("CNI-")))
-                .map(|l| format!("{l}\n"))
-                .collect();
-            let mut child = Command::new(format!("{table}-restore"))
-                .stdin(std::process::Stdio::piped())
-                .spawn()?;
+            let cleaned: String = rules.lines().filter(|l| !(l.contains("KUBE-") || l.contains("CNI-"))).map(|l| format!("{l}\n")).collect();
+            let mut child = Command::new(format!("{table}-restore")).stdin(std::process::Stdio::piped()).spawn()?;
             use std::io::Write;
-            child
-                .stdin
-                .take()
-                .context("no stdin")?
-                .write_all(cleaned.as_bytes())?;
+            child.stdin.take().context("no stdin")?.write_all(cleaned.as_bytes())?;
             child.wait()?;
         }
     }
@@ -583,17 +460,13 @@ fn reset_network() -> Result<()> {
 fn create_bridge() -> Result<()> {
     run("ip", &["link", "set", "lo", "up"])?;
     run("ip", &["link", "add", BRIDGE, "type", "bridge"])?;
-    run(
-        "ip",
-        &["addr", "add", &format!("{NODE_ADDRESS}/24"), "dev", BRIDGE],
-    )?;
+    run("ip", &["addr", "add", &format!("{NODE_ADDRESS}/24"), "dev", BRIDGE])?;
     run("ip", &["link", "set", BRIDGE, "up"])?;
     // A pod calling a Service whose endpoint is another pod: kube-proxy DNATs the packet on the
     // bridge's address and it must be routed back out the bridge. Forwarding is switched on in
     // the lab's own network namespace only (its only other interface is loopback: no route
     // out); bridged replies pass iptables (bridge-nf-call-iptables, per namespace) to be un-NATed.
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-        .context("cannot enable IP forwarding in the lab's network namespace")?;
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("cannot enable IP forwarding in the lab's network namespace")?;
     let bridge_nf = Path::new("/proc/sys/net/bridge/bridge-nf-call-iptables");
     if bridge_nf.exists() {
         std::fs::write(bridge_nf, "1")?;
@@ -612,8 +485,7 @@ fn cgroup_hierarchies() -> Vec<PathBuf> {
             let (left, right) = l.split_once(" - ")?;
             let fstype = right.split_whitespace().next()?;
             let point = left.split_whitespace().nth(4)?;
-            (matches!(fstype, "cgroup" | "cgroup2") && point.starts_with("/sys/fs/cgroup"))
-                .then(|| PathBuf::from(point))
+            (matches!(fstype, "cgroup" | "cgroup2") && point.starts_with("/sys/fs/cgroup")).then(|| PathBuf::from(point))
         })
         .collect()
 }
@@ -621,13 +493,11 @@ fn cgroup_hierarchies() -> Vec<PathBuf> {
 fn create_cgroup_root(name: &str) -> Result<()> {
     for hierarchy in cgroup_hierarchies() {
         let dir = hierarchy.join(name);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         // A new cpuset cgroup has no CPUs or memory nodes until given its parent's.
         for file in ["cpuset.cpus", "cpuset.mems"] {
             if let Ok(value) = std::fs::read_to_string(hierarchy.join(file)) {
-                std::fs::write(dir.join(file), value.trim())
-                    .with_context(|| format!("cannot set {}/{file}", dir.display()))?;
+                std::fs::write(dir.join(file), value.trim()).with_context(|| format!("cannot set {}/{file}", dir.display()))?;
             }
         }
     }
@@ -666,11 +536,7 @@ pub fn clean_stale_cgroups() {
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(pid) = name
-                .strip_prefix(CGROUP_PREFIX)
-                .and_then(|r| r.split('-').next())
-                .and_then(|p| p.parse::<i32>().ok())
-            else {
+            let Some(pid) = name.strip_prefix(CGROUP_PREFIX).and_then(|r| r.split('-').next()).and_then(|p| p.parse::<i32>().ok()) else {
                 continue;
             };
             if process_alive(pid) {
@@ -730,17 +596,11 @@ async fn start_webhook(kube: &KubeLab, d: &Path, bins: &Path) -> Result<LabProce
     let client = ca.issue_client("webhook-client", "azure-wi-webhook", None)?;
     grant_webhook_rbac(kube).await?;
     let kubeconfig = d.join("webhook.kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        kubeconfig_yaml(kube.url(), ca.ca_file(), &client.cert, &client.key),
-    )?;
+    std::fs::write(&kubeconfig, kubeconfig_yaml(kube.url(), ca.ca_file(), &client.cert, &client.key))?;
     let health = free_port()?;
     let mut cmd_args = args(&[
         ("--kubeconfig", &kubeconfig.display().to_string()),
-        (
-            "--webhook-cert-dir",
-            &d.join("webhook-certs").display().to_string(),
-        ),
+        ("--webhook-cert-dir", &d.join("webhook-certs").display().to_string()),
         ("--health-addr", &format!("127.0.0.1:{health}")),
         ("--metrics-addr", &format!("127.0.0.1:{}", free_port()?)),
         ("--log-level", "info"),
@@ -756,12 +616,8 @@ async fn start_webhook(kube: &KubeLab, d: &Path, bins: &Path) -> Result<LabProce
             bins.join("azure-wi-webhook").display()
         ),
     )?;
-    let mut webhook = LabProcess::spawn(
-        "azure-wi-webhook",
-        Path::new("sh"),
-        &[&[wrapper.display().to_string()][..], &cmd_args].concat(),
-        &d.join("webhook.log"),
-    )?;
+    let mut webhook =
+        LabProcess::spawn("azure-wi-webhook", Path::new("sh"), &[&[wrapper.display().to_string()][..], &cmd_args].concat(), &d.join("webhook.log"))?;
 
     // Registered as upstream's chart registers it, by URL (the webhook runs beside the apiserver).
     let configuration = json!({
@@ -783,32 +639,22 @@ async fn start_webhook(kube: &KubeLab, d: &Path, bins: &Path) -> Result<LabProce
             "sideEffects": "None",
         }],
     });
-    let api: Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> =
-        Api::all(kube.client().await?);
-    api.patch(
-        "azure-wi-webhook-mutating-webhook-configuration",
-        &PatchParams::apply("mongo-replicator-lab").force(),
-        &Patch::Apply(&configuration),
-    )
-    .await
-    .context("cannot register the workload identity webhook")?;
+    let api: Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> = Api::all(kube.client().await?);
+    api.patch("azure-wi-webhook-mutating-webhook-configuration", &PatchParams::apply("mongo-replicator-lab").force(), &Patch::Apply(&configuration))
+        .await
+        .context("cannot register the workload identity webhook")?;
 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         webhook.check_running()?;
         if let Ok(answer) = crate::process::http_get(health, "/readyz").await
             && answer.starts_with("HTTP/1.1 200")
-            && tokio::net::TcpStream::connect(("127.0.0.1", WEBHOOK_PORT))
-                .await
-                .is_ok()
+            && tokio::net::TcpStream::connect(("127.0.0.1", WEBHOOK_PORT)).await.is_ok()
         {
             return Ok(webhook);
         }
         if Instant::now() > deadline {
-            bail!(
-                "the workload identity webhook was not ready within 60 s; its log ends with:\n{}",
-                webhook.log_tail(30)
-            );
+            bail!("the workload identity webhook was not ready within 60 s; its log ends with:\n{}", webhook.log_tail(30));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -826,18 +672,14 @@ async fn grant_webhook_rbac(kube: &KubeLab) -> Result<()> {
             {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"], "verbs": ["get", "list", "watch"]},
         ],
     });
-    Api::<ClusterRole>::all(client.clone())
-        .patch("azure-wi-webhook", &apply, &Patch::Apply(&role))
-        .await?;
+    Api::<ClusterRole>::all(client.clone()).patch("azure-wi-webhook", &apply, &Patch::Apply(&role)).await?;
     let binding = json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
         "metadata": {"name": "azure-wi-webhook"},
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "azure-wi-webhook"},
         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "azure-wi-webhook"}],
     });
-    Api::<ClusterRoleBinding>::all(client)
-        .patch("azure-wi-webhook", &apply, &Patch::Apply(&binding))
-        .await?;
+    Api::<ClusterRoleBinding>::all(client).patch("azure-wi-webhook", &apply, &Patch::Apply(&binding)).await?;
     Ok(())
 }
 
@@ -854,10 +696,8 @@ struct NodeFiles<'a> {
 
 fn write_node_config(f: &NodeFiles) -> Result<()> {
     let d = f.dir;
-    let runc = which("runc")
-        .context("runc is missing (apt-get install runc; scripts/setup.sh installs it)")?;
-    which("iptables")
-        .context("iptables is missing (apt-get install iptables; scripts/setup.sh installs it)")?;
+    let runc = which("runc").context("runc is missing (apt-get install runc; scripts/setup.sh installs it)")?;
+    which("iptables").context("iptables is missing (apt-get install iptables; scripts/setup.sh installs it)")?;
 
     std::fs::write(
         d.join("containerd.toml"),
@@ -901,10 +741,7 @@ state = "{state}"
             socket = f.socket.display(),
             pause = PAUSE_IMAGE,
             runc = runc.display(),
-            cni_bin = std::fs::canonicalize(f.bins.join("bridge"))?
-                .parent()
-                .context("no CNI dir")?
-                .display(),
+            cni_bin = std::fs::canonicalize(f.bins.join("bridge"))?.parent().context("no CNI dir")?.display(),
             cni_conf = d.join("cni/net.d").display(),
         ),
     )?;
@@ -936,10 +773,7 @@ state = "{state}"
         }))?,
     )?;
 
-    std::fs::write(
-        d.join("resolv.conf"),
-        "nameserver 127.0.0.1\noptions ndots:1\n",
-    )?;
+    std::fs::write(d.join("resolv.conf"), "nameserver 127.0.0.1\noptions ndots:1\n")?;
     let kubelet_port = free_port()?;
     let healthz_port = free_port()?;
     std::fs::write(
@@ -1073,10 +907,7 @@ done
 
 fn which(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|dir| dir.join(program))
-        .find(|p| p.is_file())
+    std::env::split_paths(&path).chain(["/usr/sbin", "/sbin"].map(PathBuf::from)).map(|dir| dir.join(program)).find(|p| p.is_file())
 }
 
 /// A TCP relay from the node's bridge address to a loopback port: pods reach a lab server
@@ -1090,18 +921,15 @@ pub struct Relay {
 impl Relay {
     /// Listens on `NODE_ADDRESS:port` (same port number) and forwards to `127.0.0.1:port`.
     pub async fn start(port: u16) -> Result<Relay> {
-        let listener = tokio::net::TcpListener::bind((NODE_ADDRESS, port))
-            .await
-            .with_context(|| format!("cannot listen on {NODE_ADDRESS}:{port}"))?;
+        let listener =
+            tokio::net::TcpListener::bind((NODE_ADDRESS, port)).await.with_context(|| format!("cannot listen on {NODE_ADDRESS}:{port}"))?;
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else {
                     continue;
                 };
                 tokio::spawn(async move {
-                    if let Ok(mut outbound) =
-                        tokio::net::TcpStream::connect(("127.0.0.1", port)).await
-                    {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
                 });
@@ -1155,29 +983,14 @@ impl HostState {
             "kernel/keys/root_maxkeys",
             "kernel/keys/root_maxbytes",
         ] {
-            sysctls.push((
-                key.to_string(),
-                std::fs::read_to_string(format!("/proc/sys/{key}"))?
-                    .trim()
-                    .to_string(),
-            ));
+            sysctls.push((key.to_string(), std::fs::read_to_string(format!("/proc/sys/{key}"))?.trim().to_string()));
         }
-        for key in [
-            "net/ipv4/ip_forward",
-            "net/ipv6/conf/all/forwarding",
-            "net/ipv4/conf/all/route_localnet",
-            "net/bridge/bridge-nf-call-iptables",
-        ] {
-            let value = host_net("cat", &[&format!("/proc/sys/{key}")])
-                .unwrap_or_else(|_| "(absent)".into());
+        for key in ["net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding", "net/ipv4/conf/all/route_localnet", "net/bridge/bridge-nf-call-iptables"] {
+            let value = host_net("cat", &[&format!("/proc/sys/{key}")]).unwrap_or_else(|_| "(absent)".into());
             sysctls.push((key.to_string(), value.trim().to_string()));
         }
         let strip_counters = |rules: String| -> String {
-            rules
-                .lines()
-                .filter(|l| !l.starts_with('#'))
-                .map(|l| l.split(" [").next().unwrap_or(l).to_string() + "\n")
-                .collect()
+            rules.lines().filter(|l| !l.starts_with('#')).map(|l| l.split(" [").next().unwrap_or(l).to_string() + "\n").collect()
         };
         let iptables = strip_counters(host_net("iptables-save", &[])?);
         let ip6tables = strip_counters(host_net("ip6tables-save", &[])?);
@@ -1186,20 +999,12 @@ impl HostState {
             // Counters and the qdisc state change on their own; names, kinds and flags must not.
             .map(|l| l.split(" qlen").next().unwrap_or(l).to_string() + "\n")
             .collect();
-        let addresses = host_net("ip", &["-o", "addr", "show"])?
-            .lines()
-            .map(|l| l.split(" valid_lft").next().unwrap_or(l).to_string() + "\n")
-            .collect();
+        let addresses =
+            host_net("ip", &["-o", "addr", "show"])?.lines().map(|l| l.split(" valid_lft").next().unwrap_or(l).to_string() + "\n").collect();
         // The lab's network namespace shares the host's mount namespace.
         let mounts = std::fs::read_to_string("/proc/self/mountinfo")?
             .lines()
-            .map(|l| {
-                l.split_whitespace()
-                    .skip(3)
-                    .take(2)
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
+            .map(|l| l.split_whitespace().skip(3).take(2).collect::<Vec<_>>().join(" "))
             .collect();
         let mut cgroups = Vec::new();
         for hierarchy in cgroup_hierarchies() {
@@ -1207,15 +1012,7 @@ impl HostState {
         }
         cgroups.retain(|c| !ignore.iter().any(|i| c.contains(i)));
         cgroups.sort();
-        Ok(HostState {
-            sysctls,
-            iptables,
-            ip6tables,
-            links,
-            addresses,
-            mounts,
-            cgroups,
-        })
+        Ok(HostState { sysctls, iptables, ip6tables, links, addresses, mounts, cgroups })
     }
 }
 
@@ -1229,12 +1026,7 @@ fn collect_dirs(dir: &Path, depth: usize, out: &mut Vec<String>) {
     for entry in entries.flatten() {
         if entry.file_type().is_ok_and(|t| t.is_dir()) {
             let path = entry.path();
-            out.push(
-                path.strip_prefix("/sys/fs/cgroup")
-                    .unwrap_or(&path)
-                    .display()
-                    .to_string(),
-            );
+            out.push(path.strip_prefix("/sys/fs/cgroup").unwrap_or(&path).display().to_string());
             collect_dirs(&path, depth - 1, out);
         }
     }

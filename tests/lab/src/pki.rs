@@ -7,8 +7,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
 
 /// A certificate and its key, as PEM in memory and as files.
@@ -62,10 +61,7 @@ impl LabCa {
     pub fn issue_server_with_ips(&self, file_stem: &str, extra_dns: &[&str], extra_ips: &[IpAddr]) -> Result<CertFiles> {
         let mut params = CertificateParams::default();
         params.distinguished_name = name(file_stem, None);
-        params.subject_alt_names = vec![
-            SanType::IpAddress(IpAddr::from([127, 0, 0, 1])),
-            SanType::DnsName("localhost".try_into()?),
-        ];
+        params.subject_alt_names = vec![SanType::IpAddress(IpAddr::from([127, 0, 0, 1])), SanType::DnsName("localhost".try_into()?)];
         params.subject_alt_names.extend(extra_ips.iter().map(|ip| SanType::IpAddress(*ip)));
         for dns in extra_dns {
             params.subject_alt_names.push(SanType::DnsName((*dns).try_into()?));

@@ -63,10 +63,7 @@ impl LabProcess {
             .map_err(|_| anyhow::anyhow!("the lab's spawner lock is poisoned"))?
             .send((cmd, tx))
             .map_err(|_| anyhow::anyhow!("the lab's spawner thread is gone"))?;
-        let child = rx
-            .recv()
-            .context("the lab's spawner thread is gone")?
-            .with_context(|| format!("cannot start {name} ({})", program.display()))?;
+        let child = rx.recv().context("the lab's spawner thread is gone")?.with_context(|| format!("cannot start {name} ({})", program.display()))?;
         Ok(Self { name: name.to_string(), child, log: log.to_path_buf() })
     }
 
@@ -160,11 +157,7 @@ pub async fn wait_for_port(process: &mut LabProcess, port: u16, timeout: Duratio
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!(
-                "{} did not listen on port {port} within {timeout:?}; its log ends with:\n{}",
-                process.name,
-                process.log_tail(40)
-            );
+            bail!("{} did not listen on port {port} within {timeout:?}; its log ends with:\n{}", process.name, process.log_tail(40));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -80,8 +80,7 @@ const CJK: &[&str] = &["日本語のテキスト", "中文字符测试", "한국
 const EMOJI: &[&str] = &["🚀🔥", "👩‍💻 at work", "🇫🇷🇯🇵 flags", "👍🏽 skin tone"];
 const COMBINING: &[&str] = &["e\u{301}\u{301}", "Z\u{324}\u{354}\u{367}", "n\u{303}o\u{308}", "a\u{30a} ring"];
 const RTL: &[&str] = &["עברית מימין לשמאל", "مرحبا بالعالم", "\u{202b}שלום embedded\u{202c}", "فارسی"];
-const DECIMALS: &[&str] =
-    &["12345.6789", "-0.00", "1E+3", "0.000000001", "9999999999999999999999999999999999", "-1.5E-30", "Infinity", "NaN"];
+const DECIMALS: &[&str] = &["12345.6789", "-0.00", "1E+3", "0.000000001", "9999999999999999999999999999999999", "-1.5E-30", "Infinity", "NaN"];
 
 fn pick<'a, R: Rng + ?Sized>(rng: &mut R, pool: &[&'a str]) -> &'a str {
     pool[rng.random_range(0..pool.len())]
@@ -395,8 +394,7 @@ pub async fn user_namespaces(client: &Client) -> Result<Vec<String>> {
 }
 
 async fn read_sorted(client: &Client, ns: &str) -> Result<Vec<RawDocumentBuf>> {
-    let (db, coll) =
-        ns.split_once('.').filter(|(d, c)| !d.is_empty() && !c.is_empty()).with_context(|| format!("{ns:?} is not db.collection"))?;
+    let (db, coll) = ns.split_once('.').filter(|(d, c)| !d.is_empty() && !c.is_empty()).with_context(|| format!("{ns:?} is not db.collection"))?;
     let cursor = client.database(db).collection::<RawDocumentBuf>(coll).find(doc! {}).sort(doc! {"_id": 1}).await;
     cursor.with_context(|| format!("cannot read {ns}"))?.try_collect().await.with_context(|| format!("cannot read {ns}"))
 }
@@ -685,11 +683,7 @@ mod tests {
         for d in &accepted {
             coll.insert_one(d).await.with_context(|| format!("insert {}", brief(&d.get("_id").cloned().unwrap_or_default())))?;
             let back = client.database("probe").collection::<RawDocumentBuf>("names").find_one(doc! {"_id": d.get("_id")}).await?;
-            assert!(
-                back.context("gone")?.as_bytes() == RawDocumentBuf::from_document(d)?.as_bytes(),
-                "{} came back changed",
-                d.get("_id").unwrap()
-            );
+            assert!(back.context("gone")?.as_bytes() == RawDocumentBuf::from_document(d)?.as_bytes(), "{} came back changed", d.get("_id").unwrap());
         }
         // As on mongod: a nested $ name can be replaced, a top-level one cannot (not even after
         // the first field, which the driver checks), and `_id` may not hold $ names.
@@ -781,10 +775,7 @@ mod tests {
             assert!(err.contains(&part), "{part:?} not in {err}");
         }
         let err = assert_same_all(&src, &dst).await.unwrap_err().to_string();
-        assert!(
-            err.contains("only in the source [\"shop.events\", \"shop.orders\"], only in the target [\"backup.events_copy\"]"),
-            "{err}"
-        );
+        assert!(err.contains("only in the source [\"shop.events\", \"shop.orders\"], only in the target [\"backup.events_copy\"]"), "{err}");
         Ok(())
     }
 

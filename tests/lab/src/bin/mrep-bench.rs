@@ -136,7 +136,10 @@ async fn main() -> Result<()> {
         args.batch_size,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
-    println!("{:>7} {:>12} {:>12} {:>12} {:>14} {:>10} {:>10}", "workers", "ceiling/s", "snapshot/s", "stream/s", "cpu-s/100k", "snap/ceil", "strm/ceil");
+    println!(
+        "{:>7} {:>12} {:>12} {:>12} {:>14} {:>10} {:>10}",
+        "workers", "ceiling/s", "snapshot/s", "stream/s", "cpu-s/100k", "snap/ceil", "strm/ceil"
+    );
     for &workers in &args.workers {
         let source = SecantusServer::start(SecantusOptions::default()).await?;
         let target = SecantusServer::start(SecantusOptions::default()).await?;

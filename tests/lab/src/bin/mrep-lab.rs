@@ -82,9 +82,7 @@ async fn demo(args: &[String]) -> Result<()> {
             other => bail!("unknown argument {other}\n{USAGE}"),
         }
     }
-    let operator = std::env::var_os("MONGO_REPLICATOR_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target/debug/mongo-replicator"));
+    let operator = std::env::var_os("MONGO_REPLICATOR_BIN").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/debug/mongo-replicator"));
     if !operator.exists() {
         bail!("{} not found: build it with `cargo build` or set MONGO_REPLICATOR_BIN", operator.display());
     }
@@ -92,7 +90,9 @@ async fn demo(args: &[String]) -> Result<()> {
     let started = std::time::Instant::now();
     // With --keep the demo runs on the control plane of the lab's real node, which then stays.
     let node = if keep {
-        step("starting etcd, kube-apiserver, kube-controller-manager and a real node (kubelet, containerd, runc, kube-proxy, kube-scheduler, workload identity webhook)");
+        step(
+            "starting etcd, kube-apiserver, kube-controller-manager and a real node (kubelet, containerd, runc, kube-proxy, kube-scheduler, workload identity webhook)",
+        );
         Some(NodeLab::start(&operator).await?)
     } else {
         step("starting etcd, kube-apiserver and kube-controller-manager");
@@ -182,10 +182,18 @@ async fn replicate_demo(operator: &Path) -> Result<()> {
     wait_for(&copied, 10_000, doc! {"_id": 10_000}).await?;
     wait_for(&copied, 10_000, doc! {"_id": 1, "qty": 99}).await?;
     let updated = copied.find_one(doc! {"_id": 1}).await?.context("document 1 missing in the target")?;
-    println!("   target orders_dr.items: {} documents; _id 1 has qty {}", copied.count_documents(doc! {}).await?, updated.get_i32("qty").unwrap_or(-1));
+    println!(
+        "   target orders_dr.items: {} documents; _id 1 has qty {}",
+        copied.count_documents(doc! {}).await?,
+        updated.get_i32("qty").unwrap_or(-1)
+    );
     step(&format!("curl http://127.0.0.1:{port}/metrics (excerpt)"));
     let body = mongo_replicator_lab::process::http_get(port, "/metrics").await.unwrap_or_default();
-    for line in body.lines().filter(|l| l.starts_with("mongo_replicator_documents_copied_total") || l.starts_with("mongo_replicator_events_applied_total") || l.starts_with("mongo_replicator_lag_seconds")) {
+    for line in body.lines().filter(|l| {
+        l.starts_with("mongo_replicator_documents_copied_total")
+            || l.starts_with("mongo_replicator_events_applied_total")
+            || l.starts_with("mongo_replicator_lag_seconds")
+    }) {
         println!("   {line}");
     }
     step("SIGTERM: drain, save the checkpoint, exit 0");
@@ -228,7 +236,8 @@ async fn entra_demo(lab: &KubeLab, operator: &Path) -> Result<()> {
     let good = azure.dir().join("entra.yaml");
     std::fs::write(&good, config(&identity.client_id))?;
     step("mongo-replicator validate --config entra.yaml");
-    let status = Command::new(operator).args(["validate", "--output", "text", "--config"]).arg(&good).env("SOURCE_URI", source.uri()).status().await?;
+    let status =
+        Command::new(operator).args(["validate", "--output", "text", "--config"]).arg(&good).env("SOURCE_URI", source.uri()).status().await?;
     if !status.success() {
         bail!("validate failed ({status})");
     }
@@ -243,8 +252,12 @@ async fn entra_demo(lab: &KubeLab, operator: &Path) -> Result<()> {
     }
 
     step("mongo-replicator replicate --config entra.yaml (target logs in with Entra tokens)");
-    let replicator =
-        Command::new(operator).args(["replicate", "--log-format", "text", "--config"]).arg(&good).env("SOURCE_URI", source.uri()).kill_on_drop(true).spawn()?;
+    let replicator = Command::new(operator)
+        .args(["replicate", "--log-format", "text", "--config"])
+        .arg(&good)
+        .env("SOURCE_URI", source.uri())
+        .kill_on_drop(true)
+        .spawn()?;
     let copied = target.admin_client().await?.database("orders").collection::<Document>("items");
     wait_for(&copied, 1000, doc! {"_id": 999}).await?;
     println!("   target orders.items: {} documents; gateway: {:?}", copied.count_documents(doc! {}).await?, gateway.stats());
@@ -342,7 +355,14 @@ async fn up(args: &[String]) -> Result<()> {
 async fn show_node(node: &NodeLab, pod: bool) -> Result<()> {
     let lab = node.kube();
     let t = node.timings();
-    println!("lab ready: {} at {}; node Ready {:.1?} after its processes started (images {:.1?}, whole lab {:.1?})", lab.versions(), lab.url(), t.ready, t.images, t.total);
+    println!(
+        "lab ready: {} at {}; node Ready {:.1?} after its processes started (images {:.1?}, whole lab {:.1?})",
+        lab.versions(),
+        lab.url(),
+        t.ready,
+        t.images,
+        t.total
+    );
     let kubectl = Kubectl { bin: lab.bin_dir().join("kubectl"), kubeconfig: lab.kubeconfig().to_path_buf() };
     kubectl.run(&["get", "nodes", "-o", "wide"]).await?;
     if pod {
@@ -357,7 +377,11 @@ async fn show_node(node: &NodeLab, pod: bool) -> Result<()> {
     println!("node memory (RSS): {}", memory.join(", "));
     let pid = std::process::id();
     println!("The lab runs in its own network namespace; from another shell:");
-    println!("  nsenter --net=/proc/{pid}/ns/net -- env KUBECONFIG={} {} get nodes", lab.kubeconfig().display(), lab.bin_dir().join("kubectl").display());
+    println!(
+        "  nsenter --net=/proc/{pid}/ns/net -- env KUBECONFIG={} {} get nodes",
+        lab.kubeconfig().display(),
+        lab.bin_dir().join("kubectl").display()
+    );
     println!("  image for pods: {} (imagePullPolicy: Never)", mongo_replicator_lab::image::REPLICATOR_IMAGE);
     Ok(())
 }
