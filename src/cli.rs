@@ -84,6 +84,10 @@ pub struct OperatorArgs {
     /// Reconciles running at once.
     #[arg(long, env = "MREP_CONCURRENCY", default_value_t = 8)]
     pub concurrency: u16,
+    /// Seconds between two looks at a replication when nothing changes (watch events trigger
+    /// reconciles at once).
+    #[arg(long, env = "MREP_RESYNC_SECONDS", default_value_t = 300)]
+    pub resync_seconds: u64,
     /// Microsoft Entra authority for replicator pods (sovereign clouds); default: the workload
     /// identity webhook's AZURE_AUTHORITY_HOST, else the public cloud.
     #[arg(long, env = "MREP_ENTRA_AUTHORITY_HOST")]
@@ -488,6 +492,7 @@ fn operator(args: OperatorArgs) -> ExitCode {
         lease_namespace: args.lease_namespace.clone(),
         identity,
         concurrency: args.concurrency.max(1),
+        resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -52,6 +52,8 @@ pub struct Settings {
     pub identity: String,
     /// Reconciles running at once.
     pub concurrency: u16,
+    /// How often each replication is looked at when nothing changes.
+    pub resync: Duration,
 }
 
 /// Why the operator stopped.
@@ -118,7 +120,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
 
     let recorder =
         Recorder::new(client.clone(), Reporter { controller: "mongo-replicator-operator".into(), instance: Some(settings.identity.clone()) });
-    let ctx = Arc::new(Context { client: client.clone(), recorder, metrics, children: settings.children.clone() });
+    let ctx = Arc::new(Context { client: client.clone(), recorder, metrics, children: settings.children.clone(), resync: settings.resync });
     let watch = watcher::Config::default().any_semantic();
     let scopes: Vec<Option<String>> =
         if settings.namespaces.is_empty() { vec![None] } else { settings.namespaces.iter().cloned().map(Some).collect() };

@@ -32,8 +32,6 @@ use crate::replicator::namespace::NamespaceMap;
 
 /// Longest wait for one API call; a slow apiserver fails the reconcile, which is retried.
 const API_TIMEOUT: Duration = Duration::from_secs(20);
-/// How often a replication is looked at when nothing happens (progress, crash loops).
-const RESYNC: Duration = Duration::from_secs(300);
 /// How often while something is in progress.
 const WHILE_IN_PROGRESS: Duration = Duration::from_secs(5);
 /// Wait before a validation that may pass with time (70021, unreachable) runs again.
@@ -50,6 +48,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: OperatorMetrics,
     pub children: ChildSettings,
+    /// How often a replication is looked at when nothing happens (progress, crash loops).
+    pub resync: Duration,
 }
 
 /// Why a reconcile failed; the controller retries it with backoff.
@@ -177,7 +177,7 @@ async fn reconcile_inner(replication: &MongoReplication, ctx: &Context) -> Resul
     };
     let suspended = replication.spec.suspend;
 
-    let mut requeue = RESYNC;
+    let mut requeue = ctx.resync;
     if spec_error.is_none() {
         if let Validation::Failed { retrying: true, .. } = &validation {
             // Run it again after a while: delete the finished Job, recreated below on the next pass.
