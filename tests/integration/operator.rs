@@ -134,7 +134,7 @@ async fn wait_condition(
     type_: &str,
     status: &str,
     reason: Option<&str>,
-    operator: &Operator,
+    operator: Option<&Operator>,
 ) -> Result<MongoReplication> {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
@@ -152,7 +152,7 @@ async fn wait_condition(
                 "{name}: {type_} is not {status}{} after 180 s; status: {:#?}\noperator log:\n{}",
                 reason.map(|r| format!(" ({r})")).unwrap_or_default(),
                 r.status,
-                operator.log_tail(20)
+                operator.map(|o| o.log_tail(20)).unwrap_or_else(|| "(in pods)".into())
             );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -190,7 +190,7 @@ async fn a_mongo_replication_becomes_validated_running_replication_with_honest_s
     apply(&api, &object).await?;
 
     // Ready only once validated and the replicator reported progress for this configuration.
-    let ready = wait_condition(&api, "orders", "Ready", "True", None, &operator).await?;
+    let ready = wait_condition(&api, "orders", "Ready", "True", None, Some(&operator)).await?;
     eprintln!("apply to Ready: {:.1?}", applied.elapsed());
     let validated = condition(&ready, "ConnectivityValidated").context("no ConnectivityValidated")?;
     ensure!(validated.status == "True", "{validated:?}");
@@ -233,14 +233,14 @@ async fn a_mongo_replication_becomes_validated_running_replication_with_honest_s
     .await
     .with_context(|| operator.log_tail(20))?;
     src.database("shop").collection::<Document>("after_rotation").insert_one(doc! {"_id": 1}).await?;
-    wait_condition(&api, "orders", "Ready", "True", None, &operator).await?;
+    wait_condition(&api, "orders", "Ready", "True", None, Some(&operator)).await?;
     converge(&src, &dst).await?;
 
     // Suspend scales the replicator to zero; resuming continues from the checkpoint.
     let mut suspended = object.clone();
     suspended["spec"]["suspend"] = json!(true);
     apply(&api, &suspended).await?;
-    wait_condition(&api, "orders", "Replicating", "False", Some("Suspended"), &operator).await?;
+    wait_condition(&api, "orders", "Replicating", "False", Some("Suspended"), Some(&operator)).await?;
     eventually(Duration::from_secs(60), || async {
         let d = deployments.get("orders-replicator").await?;
         ensure!(d.spec.replicas == Some(0) && d.status.and_then(|s| s.replicas).unwrap_or(0) == 0, "still running");
@@ -249,7 +249,7 @@ async fn a_mongo_replication_becomes_validated_running_replication_with_honest_s
     .await?;
     src.database("shop").collection::<Document>("while_suspended").insert_many((0..50).map(|i| doc! {"_id": i})).await?;
     apply(&api, &object).await?;
-    wait_condition(&api, "orders", "Ready", "True", None, &operator).await?;
+    wait_condition(&api, "orders", "Ready", "True", None, Some(&operator)).await?;
     converge(&src, &dst).await?;
 
     // Deleting the object removes every child (owner references, garbage collector).
@@ -301,12 +301,12 @@ async fn each_broken_input_gets_its_own_reason_and_never_a_crash_loop() -> Resul
     apply(&api, &replication("missing-key", with_target("target-conn", "nope"))).await?;
     apply(&api, &replication("wrong-password", with_target("wrong-password", "uri"))).await?;
     apply(&api, &replication("unreachable", with_target("unreachable", "uri"))).await?;
-    wait_condition(&api, "missing-secret", "Stalled", "True", Some("SecretNotFound"), &operator).await?;
-    wait_condition(&api, "missing-key", "Stalled", "True", Some("SecretKeyMissing"), &operator).await?;
-    let refused = wait_condition(&api, "wrong-password", "Stalled", "True", Some("LoginFailed"), &operator).await?;
+    wait_condition(&api, "missing-secret", "Stalled", "True", Some("SecretNotFound"), Some(&operator)).await?;
+    wait_condition(&api, "missing-key", "Stalled", "True", Some("SecretKeyMissing"), Some(&operator)).await?;
+    let refused = wait_condition(&api, "wrong-password", "Stalled", "True", Some("LoginFailed"), Some(&operator)).await?;
     let message = &condition(&refused, "ConnectivityValidated").context("no ConnectivityValidated")?.message;
     ensure!(!message.contains("wr0ng-passw0rd") && !message.contains("right-password"), "a password reached the status: {message}");
-    let unreachable = wait_condition(&api, "unreachable", "ConnectivityValidated", "False", Some("EndpointUnreachable"), &operator).await?;
+    let unreachable = wait_condition(&api, "unreachable", "ConnectivityValidated", "False", Some("EndpointUnreachable"), Some(&operator)).await?;
     let message = &condition(&unreachable, "ConnectivityValidated").context("no condition")?.message;
     ensure!(message.contains(&format!("{NODE_ADDRESS}:1")) && !message.contains("Topology"), "not a sentence a user can act on: {message}");
     for name in ["missing-secret", "missing-key", "wrong-password"] {
@@ -319,7 +319,7 @@ async fn each_broken_input_gets_its_own_reason_and_never_a_crash_loop() -> Resul
     }
     // A fixed Secret heals the stalled replication without touching it.
     put_secret(&client, &ns, "does-not-exist", json!({"uri": in_pod(&servers.target.uri_for(&user))})).await?;
-    wait_condition(&api, "missing-secret", "Ready", "True", None, &operator).await?;
+    wait_condition(&api, "missing-secret", "Ready", "True", None, Some(&operator)).await?;
     let log = operator.log();
     ensure!(!log.contains("wr0ng-passw0rd") && !log.contains("right-password"), "a password reached the operator's log");
     ensure!(!log.contains("panicked"), "the operator panicked:\n{}", operator.log_tail(20));
@@ -371,7 +371,101 @@ async fn an_object_written_around_the_schema_is_stalled_and_never_stalls_the_oth
     })
     .await
     .with_context(|| operator.log_tail(10))?;
-    wait_condition(&api, "valid", "Stalled", "True", Some("SecretNotFound"), &operator).await?;
+    wait_condition(&api, "valid", "Stalled", "True", Some("SecretNotFound"), Some(&operator)).await?;
     ensure!(!operator.log().contains("panicked"));
     Ok(())
+}
+
+/// `helm install` of the chart from the lab image, as a user installs it.
+async fn helm_install(node: &NodeLab, release_namespace: &str, watch: &str) -> Result<()> {
+    let (repository, tag) = REPLICATOR_IMAGE.rsplit_once(':').context("image without a tag")?;
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/mongo-replicator");
+    let values =
+        format!("image: {{repository: {repository}, tag: {tag}, pullPolicy: Never}}\nwatchNamespaces: [{watch}]\nreplicaCount: 2\nlogLevel: debug\n");
+    let values_file = node.dir().join(format!("values-{release_namespace}.yaml"));
+    std::fs::write(&values_file, values)?;
+    let out = tokio::process::Command::new(mongo_replicator_lab::helm()?)
+        .args(["install", "mrep", &chart.display().to_string(), "--namespace", release_namespace, "--skip-crds", "--wait", "--timeout", "120s"])
+        .arg("-f")
+        .arg(&values_file)
+        .env("KUBECONFIG", node.kube().kubeconfig())
+        .env("HELM_CACHE_HOME", node.dir().join("helm-cache"))
+        .env("HELM_CONFIG_HOME", node.dir().join("helm-config"))
+        .env("HELM_DATA_HOME", node.dir().join("helm-data"))
+        .output()
+        .await?;
+    ensure!(out.status.success(), "helm install failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// The holder of the operator's Lease.
+async fn lease_holder(client: &kube::Client, namespace: &str) -> Result<String> {
+    let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), namespace).get("mongo-replicator-operator").await?;
+    lease.spec.and_then(|s| s.holder_identity).context("the Lease has no holder")
+}
+
+#[tokio::test]
+async fn the_chart_installs_two_operator_replicas_and_the_standby_takes_over_from_a_killed_leader() -> Result<()> {
+    let node = NodeLab::shared(Path::new(REPLICATOR_BIN)).await?;
+    let client = node.kube().client().await?;
+    install_crd(&client).await?;
+    let system = node.namespace("mrep-system").await?;
+    let ns = node.namespace("operator-chart").await?;
+    helm_install(node, &system, &ns).await?;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &system);
+    let operator_pods = ListParams::default().labels("app.kubernetes.io/name=mongo-replicator");
+    let running = pods.list(&operator_pods).await?.items;
+    ensure!(running.len() == 2, "{} operator pods", running.len());
+    let leader = eventually_value(Duration::from_secs(60), || lease_holder(&client, &system)).await?;
+    ensure!(running.iter().any(|p| p.metadata.name.as_deref() == Some(leader.as_str())), "the Lease holder {leader} is not an operator pod");
+
+    let servers = Servers::start(SecantusOptions::default()).await?;
+    let (src, dst) = (servers.source.admin_client().await?, servers.target.admin_client().await?);
+    let spec = WorkloadSpec { seed: 43, initial_docs_per_collection: 200, ..Default::default() };
+    workload::seed(&src, &spec).await?;
+    put_secret(&client, &ns, "source-conn", json!({"uri": in_pod(&servers.source.uri())})).await?;
+    put_secret(&client, &ns, "target-conn", json!({"uri": in_pod(&servers.target.uri())})).await?;
+    let api: Api<MongoReplication> = Api::namespaced(client.clone(), &ns);
+    apply(&api, &replication("orders", connection_string_spec())).await?;
+    wait_condition(&api, "orders", "Ready", "True", None, None).await?;
+    converge(&src, &dst).await?;
+
+    // Kill the leader mid-flight: the standby takes the Lease and carries on.
+    apply(&api, &replication("second", connection_string_spec())).await?;
+    pods.delete(&leader, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await?;
+    let successor = eventually_value(Duration::from_secs(90), || async {
+        let holder = lease_holder(&client, &system).await?;
+        ensure!(holder != leader, "still held by the killed leader");
+        Ok(holder)
+    })
+    .await?;
+    wait_condition(&api, "second", "Ready", "True", None, None).await.context("the new leader did not converge")?;
+    let running = workload::Workload::start(src.clone(), WorkloadSpec { seed: 44, ..spec.clone() });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    running.stop().await?;
+    converge(&src, &dst).await?;
+    // No duplicates: one Deployment and one current validation Job per replication.
+    for name in ["orders", "second"] {
+        let lp = ListParams::default().labels(&format!("mongo-replicator.io/replication={name}"));
+        let deployments = Api::<Deployment>::namespaced(client.clone(), &ns).list(&lp).await?.items.len();
+        ensure!(deployments == 1, "{name}: {deployments} Deployments");
+    }
+    eprintln!("leader {leader} killed; {successor} took over");
+    Ok(())
+}
+
+/// Polls `f` until it returns a value or `timeout` passes.
+async fn eventually_value<T, F, Fut>(timeout: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f().await {
+            Ok(value) => return Ok(value),
+            Err(err) if Instant::now() > deadline => return Err(err.context(format!("still failing after {timeout:?}"))),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
 }
