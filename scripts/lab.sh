@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, locally on the lab: sets up a fresh machine, builds mongo-replicator, starts a
-# real control plane, installs the CRD, applies an example and shows it as a user sees it.
-# Arguments go to `mrep-lab demo` (e.g. --keep to leave the lab running, --example FILE).
+# real control plane with a real node (in a network namespace of its own), installs the operator
+# with the Helm chart, applies a MongoReplication and shows it become Ready with data in the
+# target, as a user sees it. Arguments go to `mrep-lab demo` (--keep leaves the lab running).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"

@@ -1,9 +1,10 @@
 //! `mrep-lab`: the lab from a terminal.
 //!
-//! - `mrep-lab demo` starts the control plane, installs the CRD with `mongo-replicator crd`,
-//!   applies an example and shows it the way a user would see it; then replicates between two
-//!   SecantusDB servers with `mongo-replicator replicate`, and logs in to a DocumentDB double with
-//!   Microsoft Entra workload identity (`validate`, then `replicate`).
+//! - `mrep-lab demo` (the README's main job) starts the control plane with a real node, installs
+//!   the CRD and the operator with the Helm chart (the lab's image), applies a MongoReplication
+//!   between two SecantusDB servers and shows it the way a user sees it: Ready, progress, Events,
+//!   data in the target; then the same replication by hand with `mongo-replicator replicate`, and
+//!   a Microsoft Entra login to a DocumentDB double (`validate`, then `replicate`).
 //! - `mrep-lab up` starts the control plane with a real node (kubelet, containerd, runc, CNI
 //!   bridge, kube-proxy, kube-scheduler, the workload identity webhook) and a SecantusDB server,
 //!   prints how to reach them and waits for Ctrl-C. The node needs a network namespace of its
@@ -18,9 +19,9 @@ use mongo_replicator_lab::{KubeLab, SecantusOptions, SecantusServer};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-const USAGE: &str = "usage: mrep-lab demo [--example FILE] [--keep] | mrep-lab up [--pod] [--ready-file F] [--exit-when-ready] | mrep-lab clean
-  demo   start the lab, install the CRD, apply an example (default examples/orders-dr.yaml), show it;
-         --keep runs it on the control plane of a real node and waits for Ctrl-C before stopping it
+const USAGE: &str = "usage: mrep-lab demo [--keep] | mrep-lab up [--pod] [--ready-file F] [--exit-when-ready] | mrep-lab clean
+  demo   start the lab with a real node, helm install the operator, kubectl apply a MongoReplication,
+         watch it become Ready with data in the target; --keep waits for Ctrl-C before stopping it
   up     start the lab's control plane with a real node, and a SecantusDB server; print how to
          reach them, wait for Ctrl-C. --pod runs a pod first; --ready-file F is created once the
          node (and the pod) runs; --exit-when-ready then stops the lab, before SecantusDB
@@ -31,7 +32,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let wants_node = match args.first().map(String::as_str) {
         Some("up") => true,
-        Some("demo") => args.iter().any(|a| a == "--keep"),
+        Some("demo") => true,
         _ => false,
     };
     if wants_node && node::in_host_network_namespace() {
@@ -72,42 +73,28 @@ fn repo_root() -> PathBuf {
 }
 
 async fn demo(args: &[String]) -> Result<()> {
-    let mut example = repo_root().join("examples/orders-dr.yaml");
+    use mongodb::bson::{Document, doc};
     let mut keep = false;
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
+    for arg in args {
         match arg.as_str() {
-            "--example" => example = PathBuf::from(it.next().context("--example needs a file")?),
             "--keep" => keep = true,
             other => bail!("unknown argument {other}\n{USAGE}"),
         }
     }
-    let operator = std::env::var_os("MONGO_REPLICATOR_BIN").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target/debug/mongo-replicator"));
+    let operator = replicator_binary();
     if !operator.exists() {
         bail!("{} not found: build it with `cargo build` or set MONGO_REPLICATOR_BIN", operator.display());
     }
 
     let started = std::time::Instant::now();
-    // With --keep the demo runs on the control plane of the lab's real node, which then stays.
-    let node = if keep {
-        step(
-            "starting etcd, kube-apiserver, kube-controller-manager and a real node (kubelet, containerd, runc, kube-proxy, kube-scheduler, workload identity webhook)",
-        );
-        Some(NodeLab::start(&operator).await?)
-    } else {
-        step("starting etcd, kube-apiserver and kube-controller-manager");
-        None
-    };
-    let own;
-    let lab: &KubeLab = match &node {
-        Some(node) => node.kube(),
-        None => {
-            own = KubeLab::start().await?;
-            &own
-        }
-    };
+    step(
+        "starting etcd, kube-apiserver, kube-controller-manager and a real node (kubelet, containerd, runc, kube-proxy, kube-scheduler, workload identity webhook)",
+    );
+    let node = NodeLab::start(&operator).await?;
+    let lab = node.kube();
     println!("   {} at {} in {:.1?}", lab.versions(), lab.url(), started.elapsed());
     let kubectl = Kubectl { bin: lab.bin_dir().join("kubectl"), kubeconfig: lab.kubeconfig().to_path_buf() };
+    kubectl.run(&["get", "nodes"]).await?;
 
     step("mongo-replicator crd | kubectl apply --server-side -f -");
     let crd = Command::new(&operator).arg("crd").output().await?;
@@ -117,16 +104,93 @@ async fn demo(args: &[String]) -> Result<()> {
     kubectl.run_with_input(&["apply", "--server-side", "--field-manager=mongo-replicator-demo", "-f", "-"], &crd.stdout).await?;
     kubectl.run(&["wait", "--for=condition=Established", "crd/mongoreplications.mongo-replicator.io", "--timeout=60s"]).await?;
 
-    step(&format!("kubectl create namespace demo && kubectl apply -n demo -f {}", example.display()));
-    kubectl.run(&["create", "namespace", "demo"]).await?;
-    kubectl.run(&["apply", "-n", "demo", "-f", &example.display().to_string()]).await?;
+    let (repository, tag) = mongo_replicator_lab::image::REPLICATOR_IMAGE.rsplit_once(':').context("image without a tag")?;
+    let chart = repo_root().join("charts/mongo-replicator");
+    step(&format!(
+        "helm install mrep charts/mongo-replicator -n mrep-system --create-namespace --set image.repository={repository},image.tag={tag},image.pullPolicy=Never --wait"
+    ));
+    let helm = mongo_replicator_lab::helm()?;
+    let status = Command::new(&helm)
+        .args([
+            "install",
+            "mrep",
+            &chart.display().to_string(),
+            "-n",
+            "mrep-system",
+            "--create-namespace",
+            "--skip-crds",
+            "--wait",
+            "--timeout",
+            "120s",
+        ])
+        .args(["--set", &format!("image.repository={repository},image.tag={tag},image.pullPolicy=Never")])
+        .env("KUBECONFIG", lab.kubeconfig())
+        .env("HELM_CACHE_HOME", node.dir().join("helm-cache"))
+        .env("HELM_CONFIG_HOME", node.dir().join("helm-config"))
+        .env("HELM_DATA_HOME", node.dir().join("helm-data"))
+        .status()
+        .await?;
+    if !status.success() {
+        bail!("helm install failed ({status})");
+    }
+    kubectl.run(&["get", "pods", "-n", "mrep-system", "-o", "wide"]).await?;
 
-    step("kubectl get mongoreplications -n demo");
+    step("starting two SecantusDB servers (source with 20000 documents in orders.items, target empty)");
+    let source = SecantusServer::start(SecantusOptions::default()).await?;
+    let target = SecantusServer::start(SecantusOptions::default()).await?;
+    let _relays = (Relay::start(source.port()).await?, Relay::start(target.port()).await?);
+    let (src, dst) = (source.admin_client().await?, target.admin_client().await?);
+    let orders = src.database("orders").collection::<Document>("items");
+    orders.insert_many((0..20_000).map(|i| doc! {"_id": i, "sku": format!("sku-{i}"), "qty": i % 7})).await?;
+    let in_pod = |uri: String| uri.replace("127.0.0.1", &NODE_ADDRESS.to_string());
+
+    let manifest = format!(
+        "apiVersion: v1
+kind: Secret
+metadata: {{name: source-conn}}
+stringData: {{uri: '{}'}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: target-conn}}
+stringData: {{uri: '{}'}}
+---
+apiVersion: mongo-replicator.io/v1alpha1
+kind: MongoReplication
+metadata: {{name: orders}}
+spec:
+  source: {{auth: connectionString, connectionStringSecretRef: {{name: source-conn, key: uri}}}}
+  target: {{auth: connectionString, connectionStringSecretRef: {{name: target-conn, key: uri}}}}
+  namespaces:
+    include: [\"orders.*\"]
+    rename: [{{from: \"orders.*\", to: \"orders_dr.*\"}}]
+  replicator: {{workers: 2}}
+",
+        in_pod(source.uri()),
+        in_pod(target.uri())
+    );
+    step("kubectl create namespace demo && kubectl apply -n demo -f - (two Secrets and this MongoReplication)");
+    println!("{}", manifest.split("---").last().unwrap_or_default().trim());
+    kubectl.run(&["create", "namespace", "demo"]).await?;
+    let applied = std::time::Instant::now();
+    kubectl.run_with_input(&["apply", "-n", "demo", "-f", "-"], manifest.as_bytes()).await?;
     kubectl.run(&["get", "mongoreplications", "-n", "demo"]).await?;
-    step("kubectl get mrep -n demo -o yaml (defaults filled in by the apiserver)");
-    kubectl.run(&["get", "mrep", "-n", "demo", "-o", "yaml"]).await?;
-    step("kubectl explain mongoreplication.spec.source");
-    kubectl.run(&["explain", "mongoreplication.spec.source"]).await?;
+
+    step("kubectl wait --for=condition=Ready mrep/orders -n demo");
+    kubectl.run(&["wait", "--for=condition=Ready", "mrep/orders", "-n", "demo", "--timeout=180s"]).await?;
+    println!("   Ready {:.1?} after kubectl apply", applied.elapsed());
+    let copied = dst.database("orders_dr").collection::<Document>("items");
+    wait_for(&copied, 20_000, doc! {"_id": 19_999}).await?;
+    orders.insert_one(doc! {"_id": 20_000, "sku": "new"}).await?;
+    orders.update_one(doc! {"_id": 1}, doc! {"$set": {"qty": 99}}).await?;
+    orders.delete_one(doc! {"_id": 2}).await?;
+    wait_for(&copied, 20_000, doc! {"_id": 1, "qty": 99}).await?;
+    println!("   target orders_dr.items: {} documents, _id 1 updated, _id 2 deleted", copied.count_documents(doc! {}).await?);
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    kubectl.run(&["get", "mongoreplications", "-n", "demo"]).await?;
+    kubectl.run(&["get", "pods,jobs,deployments", "-n", "demo"]).await?;
+    step("kubectl describe mrep orders -n demo (conditions, progress, Events)");
+    kubectl.run(&["describe", "mrep", "orders", "-n", "demo"]).await?;
 
     step("a bad object is refused with a message: auth: entra without its entra block");
     let bad = "apiVersion: mongo-replicator.io/v1alpha1
@@ -139,13 +203,26 @@ spec:
     if kubectl.run_with_input(&["apply", "-n", "demo", "-f", "-"], bad.as_bytes()).await.is_ok() {
         bail!("the apiserver accepted an invalid MongoReplication");
     }
+    step("a MongoReplication whose Secret does not exist: Stalled, with the reason");
+    let missing = "apiVersion: mongo-replicator.io/v1alpha1
+kind: MongoReplication
+metadata: {name: missing-secret}
+spec:
+  source: {auth: connectionString, connectionStringSecretRef: {name: source-conn}}
+  target: {auth: connectionString, connectionStringSecretRef: {name: no-such-secret}}
+";
+    kubectl.run_with_input(&["apply", "-n", "demo", "-f", "-"], missing.as_bytes()).await?;
+    kubectl.run(&["wait", "--for=condition=Stalled", "mrep/missing-secret", "-n", "demo", "--timeout=60s"]).await?;
+    kubectl
+        .run(&["get", "mrep", "missing-secret", "-n", "demo", "-o", "jsonpath={.status.conditions[?(@.type==\"Stalled\")].message}{\"\\n\"}"])
+        .await?;
 
     replicate_demo(&operator).await?;
     entra_demo(lab, &operator).await?;
 
-    if let Some(node) = &node {
-        step("the lab keeps running, with its node");
-        show_node(node, false).await?;
+    if keep {
+        step("the lab keeps running, with its node and the operator");
+        show_node(&node, false).await?;
         println!("Ctrl-C stops everything.");
         tokio::signal::ctrl_c().await?;
     }
