@@ -30,11 +30,7 @@ const USAGE: &str = "usage: mrep-lab demo [--keep] | mrep-lab up [--pod] [--read
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let wants_node = match args.first().map(String::as_str) {
-        Some("up") => true,
-        Some("demo") => true,
-        _ => false,
-    };
+    let wants_node = matches!(args.first().map(String::as_str), Some("up" | "demo"));
     if wants_node && node::in_host_network_namespace() {
         // Bridge, iptables chains and pod addresses must never land on the host: run again in a
         // network namespace of our own, loopback up. Ctrl-C reaches both; the child decides.
