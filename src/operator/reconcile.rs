@@ -123,36 +123,91 @@ async fn reconcile_inner(replication: &MongoReplication, ctx: &Context) -> Resul
         return Ok(Action::await_change());
     }
     let namespace = replication.namespace().unwrap_or_default();
-    let name = replication.name_any();
-    let client = &ctx.client;
+    let apis = Apis::new(&ctx.client, &namespace);
+    let secrets = observe_secrets(&apis, replication).await?;
+    let plan = plan(replication, &secrets, &ctx.children)?;
+    let (validation, retry_due) = observe_validation_of(&apis, &plan.names.job).await?;
+    let validation = if plan.spec_error.is_none() {
+        let validation = rerun_validation_when_due(&apis, &plan.names.job, validation, retry_due).await?;
+        apply_children(&apis, replication, &plan, &validation, &ctx.children).await?;
+        validation
+    } else {
+        // A spec that cannot work changes nothing that runs; the status says why.
+        validation
+    };
+    let replicator = observe_replicator(&apis.deployments, &apis.pods, &plan.names.replicator, &plan.hash).await?;
+    let observed = observe_all(replication, plan, validation, replicator);
+    let new = write_status(ctx, replication, &observed).await?;
+    let in_progress = new.conditions.iter().any(|c| c.type_ == status::RECONCILING && c.status == "True");
+    let requeue = if matches!(observed.validation, Validation::Failed { retrying: true, .. }) { VALIDATION_RETRY } else { ctx.resync };
+    Ok(Action::requeue(if in_progress { requeue.min(WHILE_IN_PROGRESS) } else { requeue }))
+}
 
-    // Observe: the referenced Secrets.
-    let secrets_api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
-    let mut secret_data: Vec<(String, BTreeMap<String, Vec<u8>>)> = Vec::new();
+/// The namespaced APIs one reconcile uses.
+struct Apis {
+    client: Client,
+    namespace: String,
+    secrets: Api<Secret>,
+    jobs: Api<Job>,
+    pods: Api<Pod>,
+    deployments: Api<Deployment>,
+}
+
+impl Apis {
+    fn new(client: &Client, namespace: &str) -> Self {
+        Self {
+            client: client.clone(),
+            namespace: namespace.to_string(),
+            secrets: Api::namespaced(client.clone(), namespace),
+            jobs: Api::namespaced(client.clone(), namespace),
+            pods: Api::namespaced(client.clone(), namespace),
+            deployments: Api::namespaced(client.clone(), namespace),
+        }
+    }
+}
+
+/// The referenced Secrets as found: `(name, key, data)` with `None` for a missing Secret.
+type ObservedSecrets = Vec<(String, String, Option<BTreeMap<String, Vec<u8>>>)>;
+
+/// Observe: the Secrets the replication references.
+async fn observe_secrets(apis: &Apis, replication: &MongoReplication) -> Result<ObservedSecrets, ReconcileError> {
+    let mut found = Vec::new();
+    for (name, key) in children::referenced_secrets(replication) {
+        let data = get_opt(&apis.secrets, &name).await?.map(|s| s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect());
+        found.push((name, key, data));
+    }
+    Ok(found)
+}
+
+/// What this replication should be, from its spec and Secrets: pure.
+struct Plan {
+    /// Why the spec cannot work as written, if it cannot.
+    spec_error: Option<(String, String)>,
+    config_yaml: String,
+    hash: String,
+    names: Names,
+}
+
+/// Check the spec (what the schema cannot say) and derive the configuration, its hash and the
+/// children's names: pure.
+fn plan(replication: &MongoReplication, secrets: &ObservedSecrets, settings: &ChildSettings) -> Result<Plan, ReconcileError> {
+    let namespace = replication.namespace().unwrap_or_default();
     let mut spec_error = None;
-    for (secret_name, key) in children::referenced_secrets(replication) {
-        match get_opt(&secrets_api, &secret_name).await? {
+    for (name, key, data) in secrets {
+        match data {
             None => {
                 spec_error.get_or_insert((
                     Reason::SecretNotFound.to_string(),
-                    format!("Secret {namespace}/{secret_name} does not exist; create it with the key {key}"),
+                    format!("Secret {namespace}/{name} does not exist; create it with the key {key}"),
                 ));
             }
-            Some(secret) => {
-                let data: BTreeMap<String, Vec<u8>> = secret.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
-                if data.get(&key).is_none_or(|v| v.is_empty()) {
-                    spec_error.get_or_insert((
-                        Reason::SecretKeyMissing.to_string(),
-                        format!("Secret {namespace}/{secret_name} has no (or an empty) key {key}"),
-                    ));
-                }
-                secret_data.push((secret_name, data));
+            Some(data) if data.get(key).is_none_or(|v| v.is_empty()) => {
+                spec_error.get_or_insert((Reason::SecretKeyMissing.to_string(), format!("Secret {namespace}/{name} has no (or an empty) key {key}")));
             }
+            Some(_) => {}
         }
     }
-
-    // Check the spec (pure): what the schema cannot say.
-    let config = super::config::replicator_config(replication, &ctx.children.entra);
+    let config = super::config::replicator_config(replication, &settings.entra);
     if let Err(err) = config.validate() {
         spec_error.get_or_insert((err.reason().to_string(), err.to_string()));
     }
@@ -160,73 +215,92 @@ async fn reconcile_inner(replication: &MongoReplication, ctx: &Context) -> Resul
         spec_error.get_or_insert((err.reason().to_string(), err.to_string()));
     }
     let config_yaml = serde_saphyr::to_string(&config).map_err(|e| ReconcileError::Encode(e.to_string()))?;
-    let image = children::image(replication, &ctx.children);
-    let secrets: Vec<(&str, &BTreeMap<String, Vec<u8>>)> = secret_data.iter().map(|(n, d)| (n.as_str(), d)).collect();
+    let secret_data: Vec<(&str, &BTreeMap<String, Vec<u8>>)> = secrets.iter().filter_map(|(n, _, d)| Some((n.as_str(), d.as_ref()?))).collect();
     // The Entra CA bundle rides in the ConfigMap beside the file: a new one rolls the pods too.
-    let hashed = format!("{config_yaml}{}", ctx.children.entra.ca_bundle.as_deref().unwrap_or_default());
-    let hash = children::config_hash(&hashed, &secrets, &image);
-    let names = Names::of(&name, &hash);
+    let hashed = format!("{config_yaml}{}", settings.entra.ca_bundle.as_deref().unwrap_or_default());
+    let hash = children::config_hash(&hashed, &secret_data, &children::image(replication, settings));
+    let names = Names::of(&replication.name_any(), &hash);
+    Ok(Plan { spec_error, config_yaml, hash, names })
+}
 
-    // Observe: the validation Job of this configuration, and the replicator.
-    let jobs: Api<Job> = Api::namespaced(client.clone(), &namespace);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
-    let mut validation = match get_opt(&jobs, &names.job).await? {
-        None => Validation::Running,
-        Some(job) => observe_validation(&job, &pods).await?,
-    };
-    let suspended = replication.spec.suspend;
+/// Observe: the validation of this configuration, and whether a retryable failure is due to
+/// run again.
+async fn observe_validation_of(apis: &Apis, job_name: &str) -> Result<(Validation, bool), ReconcileError> {
+    let Some(job) = get_opt(&apis.jobs, job_name).await? else { return Ok((Validation::Running, false)) };
+    let validation = observe_validation(&job, &apis.pods).await?;
+    // When it failed: the Failed condition's time (a failed Job has no completion time).
+    let finished = job.status.and_then(|s| {
+        let failed_at =
+            s.conditions.iter().flatten().find(|c| c.type_ == "Failed" && c.status == "True").and_then(|c| c.last_transition_time.clone());
+        failed_at.or(s.completion_time).or(s.start_time)
+    });
+    let waited = finished.map(|t| k8s_openapi::jiff::Timestamp::now().duration_since(t.0).as_secs() as u64).unwrap_or(u64::MAX);
+    Ok((validation, waited >= VALIDATION_RETRY.as_secs()))
+}
 
-    let mut requeue = ctx.resync;
-    if spec_error.is_none() {
-        if let Validation::Failed { retrying: true, .. } = &validation {
-            // Run it again after a while: delete the finished Job, recreated below on the next pass.
-            requeue = VALIDATION_RETRY;
-            let finished = get_opt(&jobs, &names.job).await?.and_then(|j| j.status.and_then(|s| s.completion_time.or(s.start_time)));
-            let waited = finished.map(|t| k8s_openapi::jiff::Timestamp::now().duration_since(t.0).as_secs() as u64).unwrap_or(u64::MAX);
-            if waited >= VALIDATION_RETRY.as_secs() {
-                delete_job(&jobs, &names.job).await?;
-                validation = Validation::Running;
-            }
-        }
-        // Build (pure) and apply.
-        let run_replicator = validation == Validation::Passed && !suspended;
-        let built =
-            children::build(&children::Inputs { replication, config_yaml: &config_yaml, hash: &hash, settings: &ctx.children, run_replicator });
-        apply(&Api::<ServiceAccount>::namespaced(client.clone(), &namespace), &built.service_account).await?;
-        apply(&Api::<ConfigMap>::namespaced(client.clone(), &namespace), &built.config_map).await?;
-        apply(&Api::<Role>::namespaced(client.clone(), &namespace), &built.role).await?;
-        apply(&Api::<RoleBinding>::namespaced(client.clone(), &namespace), &built.role_binding).await?;
-        if validation == Validation::Running && get_opt(&jobs, &names.job).await?.is_none() {
-            apply(&jobs, &built.job).await?;
-        }
-        remove_stale_jobs(&jobs, &name, &names.job).await?;
-        apply(&deployments, &built.deployment).await?;
+/// A validation that may pass with time runs again once it is due: its Job is deleted and
+/// recreated by [`apply_children`].
+async fn rerun_validation_when_due(apis: &Apis, job_name: &str, validation: Validation, due: bool) -> Result<Validation, ReconcileError> {
+    if matches!(validation, Validation::Failed { retrying: true, .. }) && due {
+        delete_job(&apis.jobs, job_name).await?;
+        return Ok(Validation::Running);
     }
+    Ok(validation)
+}
 
-    let replicator = observe_replicator(&deployments, &pods, &names.replicator, &hash).await?;
+/// Build the children (pure) and apply them: the validation Job when this configuration has
+/// none, the Deployment running only once it is validated; Jobs of older configurations go.
+async fn apply_children(
+    apis: &Apis,
+    replication: &MongoReplication,
+    plan: &Plan,
+    validation: &Validation,
+    settings: &ChildSettings,
+) -> Result<(), ReconcileError> {
+    let run_replicator = *validation == Validation::Passed && !replication.spec.suspend;
+    let built = children::build(&children::Inputs { replication, config_yaml: &plan.config_yaml, hash: &plan.hash, settings, run_replicator });
+    let (client, namespace) = (&apis.client, apis.namespace.as_str());
+    apply(&Api::<ServiceAccount>::namespaced(client.clone(), namespace), &built.service_account).await?;
+    apply(&Api::<ConfigMap>::namespaced(client.clone(), namespace), &built.config_map).await?;
+    apply(&Api::<Role>::namespaced(client.clone(), namespace), &built.role).await?;
+    apply(&Api::<RoleBinding>::namespaced(client.clone(), namespace), &built.role_binding).await?;
+    if *validation == Validation::Running && get_opt(&apis.jobs, &plan.names.job).await?.is_none() {
+        apply(&apis.jobs, &built.job).await?;
+    }
+    remove_stale_jobs(&apis.jobs, &replication.name_any(), &plan.names.job).await?;
+    apply(&apis.deployments, &built.deployment).await?;
+    Ok(())
+}
+
+/// Everything the status is computed from.
+fn observe_all(replication: &MongoReplication, plan: Plan, validation: Validation, replicator: Replicator) -> Observed {
     let progress = replication.status.as_ref().and_then(|s| s.progress.clone());
-    let progress_current = progress.as_ref().and_then(|p| p.config_hash.as_deref()) == Some(hash.as_str());
-    let observed = Observed {
+    let progress_current = progress.as_ref().and_then(|p| p.config_hash.as_deref()) == Some(plan.hash.as_str());
+    Observed {
         generation: replication.metadata.generation.unwrap_or_default(),
-        spec_error,
+        spec_error: plan.spec_error,
         validation,
-        suspended,
+        suspended: replication.spec.suspend,
         replicator,
         progress,
         progress_current,
-    };
+    }
+}
+
+/// Compute the status (pure) and write it once, only when more than timestamps changed; an
+/// Event per condition transition.
+async fn write_status(ctx: &Context, replication: &MongoReplication, observed: &Observed) -> Result<MongoReplicationStatus, ReconcileError> {
+    let (namespace, name) = (replication.namespace().unwrap_or_default(), replication.name_any());
     let old = replication.status.as_ref();
-    let new = status::compute(old, &observed, &Time(k8s_openapi::jiff::Timestamp::now()));
+    let new = status::compute(old, observed, &Time(k8s_openapi::jiff::Timestamp::now()));
     if status::differs(old, &new) {
-        patch_status(client, &namespace, &name, &new).await?;
+        patch_status(&ctx.client, &namespace, &name, &new).await?;
         for condition in status::transitions(old, &new) {
             publish(ctx, replication, &condition).await;
         }
     }
     ctx.metrics.set_phase(&namespace, &name, new.phase);
-    let in_progress = new.conditions.iter().any(|c| c.type_ == status::RECONCILING && c.status == "True");
-    Ok(Action::requeue(if in_progress { requeue.min(WHILE_IN_PROGRESS) } else { requeue }))
+    Ok(new)
 }
 
 /// Reads the verdict of a validation Job from its pod's termination message.

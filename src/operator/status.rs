@@ -13,6 +13,8 @@ pub const REPLICATING: &str = "Replicating";
 pub const RECONCILING: &str = "Reconciling";
 pub const STALLED: &str = "Stalled";
 pub const READY: &str = "Ready";
+/// Ends the message of a validation failure that may pass with time and is being retried.
+const RETRYING: &str = " (retrying: this can pass with time, e.g. while a new federated credential propagates)";
 
 /// Where the validation of the current configuration is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,9 +83,22 @@ pub fn compute(old: Option<&MongoReplicationStatus>, observed: &Observed, now: &
             false
         }
         (None, Validation::Running) => {
-            let message = "the validation Job is checking both endpoints".to_string();
-            conditions.push(unknown(CONNECTIVITY_VALIDATED, "Validating", message.clone()));
-            reconciling = Some(("Validating".into(), message));
+            // A validation run again after a failure that may pass with time keeps showing that
+            // failure until the new verdict, so the reason never flickers away.
+            let retried = old
+                .and_then(|o| o.conditions.iter().find(|c| c.type_ == CONNECTIVITY_VALIDATED))
+                .filter(|c| c.status == "False" && c.message.ends_with(RETRYING));
+            match retried {
+                Some(previous) => {
+                    conditions.push(condition(CONNECTIVITY_VALIDATED, false, &previous.reason, previous.message.clone()));
+                    reconciling = Some((previous.reason.clone(), previous.message.clone()));
+                }
+                None => {
+                    let message = "the validation Job is checking both endpoints".to_string();
+                    conditions.push(unknown(CONNECTIVITY_VALIDATED, "Validating", message.clone()));
+                    reconciling = Some(("Validating".into(), message));
+                }
+            }
             false
         }
         (None, Validation::Passed) => {
@@ -91,11 +106,7 @@ pub fn compute(old: Option<&MongoReplicationStatus>, observed: &Observed, now: &
             true
         }
         (None, Validation::Failed { reason, message, retrying }) => {
-            let message = if *retrying {
-                format!("{message} (retrying: this can pass with time, e.g. while a new federated credential propagates)")
-            } else {
-                message.clone()
-            };
+            let message = if *retrying { format!("{message}{RETRYING}") } else { message.clone() };
             conditions.push(condition(CONNECTIVITY_VALIDATED, false, reason, message.clone()));
             if *retrying {
                 reconciling = Some((reason.clone(), message));
@@ -287,6 +298,12 @@ mod tests {
         assert_eq!((get(&status, STALLED).status.as_str(), get(&status, RECONCILING).status.as_str()), ("False", "True"));
         assert!(get(&status, CONNECTIVITY_VALIDATED).message.contains("retrying"));
         assert_eq!(status.phase, Some(Phase::Validating));
+        // While it runs again, the failure stays visible instead of flickering to Validating.
+        let rerun = Observed { validation: Validation::Running, replicator: Replicator::Stopped, ..observed() };
+        let again = compute(Some(&status), &rerun, &time(20));
+        assert_eq!(get(&again, CONNECTIVITY_VALIDATED).reason, "NoFederatedCredential");
+        assert_eq!(get(&again, CONNECTIVITY_VALIDATED).last_transition_time, time(1));
+        assert_eq!(get(&compute(None, &rerun, &time(20)), CONNECTIVITY_VALIDATED).reason, "Validating");
 
         let missing = Observed { spec_error: Some(("SecretNotFound".into(), "Secret data/x not found".into())), ..observed() };
         let status = compute(None, &missing, &time(1));

@@ -320,7 +320,11 @@ impl Replication {
         let save = |c: &Checkpoint| {
             let mut c = c.clone();
             c.saved_at = DateTime::now();
-            async move { ctx.store.save(&c).await.map_err(ReplicatorError::Checkpoint) }
+            async move {
+                ctx.store.save(&c).await.map_err(ReplicatorError::Checkpoint)?;
+                ctx.metrics.checkpoint_saved();
+                Ok::<(), ReplicatorError>(())
+            }
         };
         if checkpoint.phase == CheckpointPhase::Snapshot {
             ctx.metrics.set_phase("snapshot");

@@ -211,6 +211,18 @@ async fn a_mongo_replication_becomes_validated_running_replication_with_honest_s
     .await
     .context("the replicator did not report streamed events in status.progress")?;
 
+    // Killing the replicator pod mid-stream loses nothing: its successor resumes from the checkpoint.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
+    let replicator_pods = ListParams::default().labels("mongo-replicator.io/replication=orders,app.kubernetes.io/component=replicator");
+    let running = workload::Workload::start(src.clone(), WorkloadSpec { seed: 45, ..spec.clone() });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for pod in pods.list(&replicator_pods).await?.items {
+        pods.delete(&pod.metadata.name.unwrap_or_default(), &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    running.stop().await?;
+    converge(&src, &dst).await.context("writes were lost when the replicator pod was killed")?;
+
     // Re-applying the same manifest changes nothing: no new generation, no new status write.
     let before = api.get("orders").await?;
     apply(&api, &object).await?;
@@ -289,8 +301,16 @@ async fn each_broken_input_gets_its_own_reason_and_never_a_crash_loop() -> Resul
         json!({"uri": format!("mongodb://{NODE_ADDRESS}:1/?directConnection=true&serverSelectionTimeoutMS=2000")}),
     )
     .await?;
+    // A source without change streams (a standalone server, as a standalone mongod).
+    let standalone = SecantusServer::start(SecantusOptions { standalone: true, ..Default::default() }).await?;
+    let _standalone_relay = Relay::start(standalone.port()).await?;
+    put_secret(&client, &ns, "standalone-conn", json!({"uri": in_pod(&standalone.uri())})).await?;
     let operator = Operator::start(node, &ns).await?;
     let api: Api<MongoReplication> = Api::namespaced(client.clone(), &ns);
+    let mut no_streams = connection_string_spec();
+    no_streams["source"]["connectionStringSecretRef"] = json!({"name": "standalone-conn", "key": "uri"});
+    no_streams["target"]["connectionStringSecretRef"] = json!({"name": "target-conn", "key": "uri"});
+    apply(&api, &replication("no-change-streams", no_streams)).await?;
 
     let with_target = |secret: &str, key: &str| {
         let mut spec = connection_string_spec();
@@ -302,6 +322,9 @@ async fn each_broken_input_gets_its_own_reason_and_never_a_crash_loop() -> Resul
     apply(&api, &replication("wrong-password", with_target("wrong-password", "uri"))).await?;
     apply(&api, &replication("unreachable", with_target("unreachable", "uri"))).await?;
     wait_condition(&api, "missing-secret", "Stalled", "True", Some("SecretNotFound"), Some(&operator)).await?;
+    let unsupported = wait_condition(&api, "no-change-streams", "Stalled", "True", Some("ChangeStreamsUnsupported"), Some(&operator)).await?;
+    let message = &condition(&unsupported, "Stalled").context("no Stalled")?.message;
+    ensure!(message.contains("change streams"), "{message}");
     wait_condition(&api, "missing-key", "Stalled", "True", Some("SecretKeyMissing"), Some(&operator)).await?;
     let refused = wait_condition(&api, "wrong-password", "Stalled", "True", Some("LoginFailed"), Some(&operator)).await?;
     let message = &condition(&refused, "ConnectivityValidated").context("no ConnectivityValidated")?.message;
@@ -309,7 +332,7 @@ async fn each_broken_input_gets_its_own_reason_and_never_a_crash_loop() -> Resul
     let unreachable = wait_condition(&api, "unreachable", "ConnectivityValidated", "False", Some("EndpointUnreachable"), Some(&operator)).await?;
     let message = &condition(&unreachable, "ConnectivityValidated").context("no condition")?.message;
     ensure!(message.contains(&format!("{NODE_ADDRESS}:1")) && !message.contains("Topology"), "not a sentence a user can act on: {message}");
-    for name in ["missing-secret", "missing-key", "wrong-password"] {
+    for name in ["missing-secret", "missing-key", "wrong-password", "no-change-streams"] {
         let r = api.get(name).await?;
         ensure!(condition(&r, "Ready").is_some_and(|c| c.status == "False"), "{name} is Ready while broken");
         ensure!(r.status.as_ref().and_then(|s| s.phase) == Some(mongo_replicator::crd::Phase::Failed), "{name}: {:?}", r.status);
