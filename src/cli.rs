@@ -88,6 +88,10 @@ pub struct OperatorArgs {
     /// reconciles at once).
     #[arg(long, env = "MREP_RESYNC_SECONDS", default_value_t = 300)]
     pub resync_seconds: u64,
+    /// Seconds the replicator's writes to the target may keep failing before the replication
+    /// is Stalled (CheckpointNotAdvancing).
+    #[arg(long, env = "MREP_STALL_AFTER_SECONDS", default_value_t = 600)]
+    pub stall_after_seconds: u64,
     /// Microsoft Entra authority for replicator pods (sovereign clouds); default: the workload
     /// identity webhook's AZURE_AUTHORITY_HOST, else the public cloud.
     #[arg(long, env = "MREP_ENTRA_AUTHORITY_HOST")]
@@ -493,6 +497,7 @@ fn operator(args: OperatorArgs) -> ExitCode {
         identity,
         concurrency: args.concurrency.max(1),
         resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
+        stall_after: std::time::Duration::from_secs(args.stall_after_seconds.max(1)),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -468,6 +468,10 @@ pub struct Progress {
     /// the current one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_hash: Option<String>,
+    /// Since when writes to the target have been failing and retried (RFC 3339); absent while
+    /// they succeed. Long enough, and the replication is `Stalled` (`CheckpointNotAdvancing`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writes_failing_since: Option<String>,
 }
 
 /// The CRD, with descriptions reflowed for `kubectl explain`.

@@ -156,6 +156,8 @@ reasons! {
     ValidationFailed,
     /// The replicator stopped for good without saying why.
     ReplicatorFailed,
+    /// Writes to the target have failed for longer than the operator's stall threshold.
+    CheckpointNotAdvancing,
     /// The Kubernetes API refused a call of the operator (retried).
     KubernetesApiError,
     /// The Kubernetes API did not answer a call of the operator in time (retried).

@@ -160,6 +160,8 @@ pub struct Metrics {
     /// Serialises phase changes so concurrent callers cannot leave two phases at 1.
     current_phase: Mutex<String>,
     last_checkpoint: Arc<Mutex<Option<Instant>>>,
+    /// Since when writes to the target have failed and been retried; `None` once one succeeds.
+    failing_since: Mutex<Option<std::time::SystemTime>>,
 }
 
 impl Default for Metrics {
@@ -184,6 +186,7 @@ impl Metrics {
             phase: Family::default(),
             current_phase: Mutex::new(String::new()),
             last_checkpoint: Arc::new(Mutex::new(None)),
+            failing_since: Mutex::new(None),
             // Filled in below: the metrics are registered as clones sharing their values.
             registry: Registry::default(),
         };
@@ -280,6 +283,21 @@ impl Metrics {
 
     /// Notes that a checkpoint (resume token) was saved just now; `checkpoint_age_seconds` is
     /// measured from this instant at every scrape.
+    /// Notes that a write to the target failed and is retried (the first failure is kept).
+    pub fn write_failing(&self) {
+        lock(&self.failing_since).get_or_insert_with(std::time::SystemTime::now);
+    }
+
+    /// Notes that a write to the target succeeded.
+    pub fn write_succeeded(&self) {
+        *lock(&self.failing_since) = None;
+    }
+
+    /// Since when writes to the target have been failing, if they are.
+    pub fn failing_since(&self) -> Option<std::time::SystemTime> {
+        *lock(&self.failing_since)
+    }
+
     pub fn checkpoint_saved(&self) {
         *lock(&self.last_checkpoint) = Some(Instant::now());
     }

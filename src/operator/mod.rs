@@ -54,6 +54,8 @@ pub struct Settings {
     pub concurrency: u16,
     /// How often each replication is looked at when nothing changes.
     pub resync: Duration,
+    /// How long the replicator's writes may fail before the replication is `Stalled`.
+    pub stall_after: Duration,
 }
 
 /// Why the operator stopped.
@@ -120,7 +122,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
 
     let recorder =
         Recorder::new(client.clone(), Reporter { controller: "mongo-replicator-operator".into(), instance: Some(settings.identity.clone()) });
-    let ctx = Arc::new(Context { client: client.clone(), recorder, metrics, children: settings.children.clone(), resync: settings.resync });
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder,
+        metrics,
+        children: settings.children.clone(),
+        resync: settings.resync,
+        stall_after: settings.stall_after,
+    });
     let watch = watcher::Config::default().any_semantic();
     let scopes: Vec<Option<String>> =
         if settings.namespaces.is_empty() { vec![None] } else { settings.namespaces.iter().cloned().map(Some).collect() };

@@ -50,6 +50,8 @@ pub struct Context {
     pub children: ChildSettings,
     /// How often a replication is looked at when nothing happens (progress, crash loops).
     pub resync: Duration,
+    /// How long the replicator's writes may fail before the replication is `Stalled`.
+    pub stall_after: Duration,
 }
 
 /// Why a reconcile failed; the controller retries it with backoff.
@@ -95,18 +97,34 @@ where
     call(format!("get {name}"), api.get_opt(name)).await
 }
 
-/// Server-side apply with the operator's field manager.
-async fn apply<K>(api: &Api<K>, object: &K) -> Result<K, ReconcileError>
+/// Annotation on every child: a hash of what the operator last applied, so an unchanged child
+/// is not written again (a no-op apply is still a write to the apiserver).
+pub const APPLIED_ANNOTATION: &str = "mongo-replicator.io/applied";
+
+/// Server-side apply with the operator's field manager, skipped when the live object carries
+/// the hash of this very object (read first: reads are cheap, writes are not). A child that is
+/// gone or differs is applied again.
+async fn apply<K>(api: &Api<K>, object: &K) -> Result<(), ReconcileError>
 where
     K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
     K::DynamicType: Default,
 {
     let name = object.meta().name.clone().unwrap_or_default();
+    let mut object = object.clone();
+    let encoded = serde_json::to_vec(&object).map_err(|e| ReconcileError::Encode(e.to_string()))?;
+    let hash = children::config_hash(&String::from_utf8_lossy(&encoded), &[], "");
+    if let Some(live) = get_opt(api, &name).await?
+        && live.meta().annotations.as_ref().and_then(|a| a.get(APPLIED_ANNOTATION)) == Some(&hash)
+    {
+        return Ok(());
+    }
+    object.meta_mut().annotations.get_or_insert_with(Default::default).insert(APPLIED_ANNOTATION.to_string(), hash);
     call(
         format!("apply of {} {name}", K::kind(&Default::default())),
-        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(object)),
+        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&object)),
     )
     .await
+    .map(drop)
 }
 
 /// Reconciles one object the watch could read.
@@ -136,10 +154,14 @@ async fn reconcile_inner(replication: &MongoReplication, ctx: &Context) -> Resul
         validation
     };
     let replicator = observe_replicator(&apis.deployments, &apis.pods, &plan.names.replicator, &plan.hash).await?;
-    let observed = observe_all(replication, plan, validation, replicator);
+    let (observed, failing_for) = observe_all(replication, plan, validation, replicator, ctx.stall_after);
     let new = write_status(ctx, replication, &observed).await?;
     let in_progress = new.conditions.iter().any(|c| c.type_ == status::RECONCILING && c.status == "True");
-    let requeue = if matches!(observed.validation, Validation::Failed { retrying: true, .. }) { VALIDATION_RETRY } else { ctx.resync };
+    let mut requeue = if matches!(observed.validation, Validation::Failed { retrying: true, .. }) { VALIDATION_RETRY } else { ctx.resync };
+    if let Some(failing) = failing_for.filter(|f| *f < ctx.stall_after) {
+        // Look again when failing writes would cross the threshold: nothing else may trigger it.
+        requeue = requeue.min(ctx.stall_after - failing + Duration::from_secs(1));
+    }
     Ok(Action::requeue(if in_progress { requeue.min(WHILE_IN_PROGRESS) } else { requeue }))
 }
 
@@ -264,6 +286,7 @@ async fn apply_children(
     apply(&Api::<ConfigMap>::namespaced(client.clone(), namespace), &built.config_map).await?;
     apply(&Api::<Role>::namespaced(client.clone(), namespace), &built.role).await?;
     apply(&Api::<RoleBinding>::namespaced(client.clone(), namespace), &built.role_binding).await?;
+    // A Job's template is immutable: it is created once per configuration, never re-applied.
     if *validation == Validation::Running && get_opt(&apis.jobs, &plan.names.job).await?.is_none() {
         apply(&apis.jobs, &built.job).await?;
     }
@@ -272,11 +295,22 @@ async fn apply_children(
     Ok(())
 }
 
-/// Everything the status is computed from.
-fn observe_all(replication: &MongoReplication, plan: Plan, validation: Validation, replicator: Replicator) -> Observed {
+/// Everything the status is computed from, and how long the replicator's writes have been failing.
+fn observe_all(
+    replication: &MongoReplication,
+    plan: Plan,
+    validation: Validation,
+    replicator: Replicator,
+    stall_after: Duration,
+) -> (Observed, Option<Duration>) {
     let progress = replication.status.as_ref().and_then(|s| s.progress.clone());
     let progress_current = progress.as_ref().and_then(|p| p.config_hash.as_deref()) == Some(plan.hash.as_str());
-    Observed {
+    let failing_for = progress
+        .as_ref()
+        .and_then(|p| p.writes_failing_since.as_deref())
+        .and_then(|since| since.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        .map(|since| Duration::from_secs(k8s_openapi::jiff::Timestamp::now().duration_since(since).as_secs().max(0) as u64));
+    let observed = Observed {
         generation: replication.metadata.generation.unwrap_or_default(),
         spec_error: plan.spec_error,
         validation,
@@ -284,7 +318,9 @@ fn observe_all(replication: &MongoReplication, plan: Plan, validation: Validatio
         replicator,
         progress,
         progress_current,
-    }
+        writes_stuck_for: failing_for.filter(|f| *f >= stall_after),
+    };
+    (observed, failing_for)
 }
 
 /// Compute the status (pure) and write it once, only when more than timestamps changed; an
@@ -436,6 +472,7 @@ pub async fn report_invalid(ctx: &Context, metadata: &ObjectMeta, error: &str) -
         replicator: Replicator::Stopped,
         progress: None,
         progress_current: false,
+        writes_stuck_for: None,
     };
     let new = status::compute(None, &observed, &Time(k8s_openapi::jiff::Timestamp::now()));
     patch_status(&ctx.client, namespace, name, &new).await?;

@@ -7,6 +7,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::{MongoReplicationStatus, Phase, Progress};
+use crate::reason::Reason;
 
 pub const CONNECTIVITY_VALIDATED: &str = "ConnectivityValidated";
 pub const REPLICATING: &str = "Replicating";
@@ -56,6 +57,9 @@ pub struct Observed {
     /// What the replicator last reported, and whether it reported it for the current configuration.
     pub progress: Option<Progress>,
     pub progress_current: bool,
+    /// How long the replicator's writes to the target have been failing, once that is longer
+    /// than the operator's stall threshold.
+    pub writes_stuck_for: Option<std::time::Duration>,
 }
 
 /// The new status, from the old one (for transition times and the replicator's progress) and
@@ -132,6 +136,16 @@ pub fn compute(old: Option<&MongoReplicationStatus>, observed: &Observed, now: &
         (Replicator::Failed { reason, message }, false) => {
             conditions.push(condition(REPLICATING, false, reason, message.clone()));
             stalled.get_or_insert((reason.clone(), message.clone()));
+            false
+        }
+        (Replicator::Running, false) if observed.progress_current && observed.writes_stuck_for.is_some() => {
+            let since = observed.progress.as_ref().and_then(|p| p.writes_failing_since.clone()).unwrap_or_default();
+            let minutes = observed.writes_stuck_for.map(|d| d.as_secs() / 60).unwrap_or_default();
+            let message = format!(
+                "the replicator's writes to the target have failed since {since} ({minutes} min) and are retried; the checkpoint does not advance: check the target and the replicator's log (mongo_replicator_retries_total)"
+            );
+            conditions.push(condition(REPLICATING, false, Reason::CheckpointNotAdvancing.as_str(), message.clone()));
+            stalled.get_or_insert((Reason::CheckpointNotAdvancing.to_string(), message));
             false
         }
         (Replicator::Running, false) if observed.progress_current => {
@@ -257,6 +271,7 @@ mod tests {
             replicator: Replicator::Running,
             progress: Some(Progress { phase: Some("Stream".into()), ..Default::default() }),
             progress_current: true,
+            writes_stuck_for: None,
         }
     }
 

@@ -18,6 +18,24 @@ pub const PROGRESS_FIELD_MANAGER: &str = "mongo-replicator-progress";
 /// The shortest time between two writes.
 const INTERVAL: Duration = Duration::from_secs(5);
 
+/// How stale `checkpointSavedAt` may get in the status before it alone is worth a write: an
+/// idle stream saves its checkpoint every few seconds, and each write is one for the apiserver.
+const CHECKPOINT_TIME_REFRESH: Duration = Duration::from_secs(60);
+
+/// Whether `new` says something `last` does not: any figure but the checkpoint time, or the
+/// checkpoint time once it is a minute newer.
+fn worth_writing(last: &Progress, new: &Progress) -> bool {
+    let without_time = |p: &Progress| Progress { checkpoint_saved_at: None, ..p.clone() };
+    if without_time(last) != without_time(new) {
+        return true;
+    }
+    let parse = |p: &Progress| p.checkpoint_saved_at.as_deref().and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok());
+    match (parse(last), parse(new)) {
+        (Some(last), Some(new)) => new.duration_since(last).as_secs() >= CHECKPOINT_TIME_REFRESH.as_secs() as i64,
+        (last, new) => last != new,
+    }
+}
+
 /// Starts reporting in the background until the replication's cancellation fires. Without a
 /// Kubernetes client (not in a cluster, no kubeconfig) it logs why and reports nothing.
 pub fn spawn(target: StatusReport, ctx: Arc<Context>) {
@@ -38,14 +56,26 @@ pub fn spawn(target: StatusReport, ctx: Arc<Context>) {
                 _ = tick.tick() => {}
                 _ = ctx.cancel.cancelled() => return,
             }
-            let Ok(Some(checkpoint)) = ctx.store.load().await else { continue };
-            let lag = (checkpoint.phase == CheckpointPhase::Stream).then(|| ctx.metrics.lag_seconds().round() as i64);
-            let mut progress = super::progress(&checkpoint, lag, config_hash.as_deref());
-            if checkpoint.phase == CheckpointPhase::Snapshot {
-                // The checkpoint counts copied documents when the snapshot ends; until then, this run's count.
-                progress.docs_copied = Some(checkpoint.docs_copied + ctx.metrics.documents_copied_total() as i64);
-            }
-            if last.as_ref() == Some(&progress) {
+            // The checkpoint lives in the target: when the target cannot be read, the last figures
+            // stand, and that writes are failing is reported all the same.
+            let mut progress = match ctx.store.load().await {
+                Ok(Some(checkpoint)) => {
+                    let lag = (checkpoint.phase == CheckpointPhase::Stream).then(|| ctx.metrics.lag_seconds().round() as i64);
+                    let mut progress = super::progress(&checkpoint, lag, config_hash.as_deref());
+                    if checkpoint.phase == CheckpointPhase::Snapshot {
+                        // The checkpoint counts copied documents when the snapshot ends; until then, this run's count.
+                        progress.docs_copied = Some(checkpoint.docs_copied + ctx.metrics.documents_copied_total() as i64);
+                    }
+                    progress
+                }
+                _ => match &last {
+                    Some(last) => last.clone(),
+                    None => continue,
+                },
+            };
+            progress.writes_failing_since =
+                ctx.metrics.failing_since().map(|t| k8s_openapi::jiff::Timestamp::try_from(t).map(|t| t.to_string()).unwrap_or_default());
+            if last.as_ref().is_some_and(|last| !worth_writing(last, &progress)) {
                 continue;
             }
             let patch = serde_json::json!({
@@ -61,4 +91,18 @@ pub fn spawn(target: StatusReport, ctx: Arc<Context>) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_newer_checkpoint_time_alone_is_written_once_a_minute() {
+        let at = |t: &str| Progress { events_applied: Some(5), checkpoint_saved_at: Some(t.into()), ..Default::default() };
+        assert!(!worth_writing(&at("2026-01-01T00:00:00Z"), &at("2026-01-01T00:00:05Z")));
+        assert!(worth_writing(&at("2026-01-01T00:00:00Z"), &at("2026-01-01T00:01:00Z")));
+        let more = Progress { events_applied: Some(6), ..at("2026-01-01T00:00:01Z") };
+        assert!(worth_writing(&at("2026-01-01T00:00:00Z"), &more), "a new figure is written at once");
+    }
 }

@@ -83,9 +83,14 @@ impl Sink {
     {
         let on_retry = |err: &SinkError, wait: Duration, _| {
             self.metrics.retry("write");
+            self.metrics.write_failing();
             tracing::warn!(ns = %ns, command = what, error = %err, retry_in = ?wait, "transient write failure; retrying");
         };
-        retry(&WRITE_RETRY, &self.cancel, op, |e: &SinkError| Decision::retry_if(e.is_transient()), on_retry).await.map_err(|failure| match failure {
+        let result = retry(&WRITE_RETRY, &self.cancel, op, |e: &SinkError| Decision::retry_if(e.is_transient()), on_retry).await;
+        if result.is_ok() {
+            self.metrics.write_succeeded();
+        }
+        result.map_err(|failure| match failure {
             Failure::Cancelled { .. } => SinkError::Cancelled { ns: ns.to_string() },
             other => other.into_error(),
         })

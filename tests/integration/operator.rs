@@ -33,10 +33,10 @@ struct Operator {
 
 impl Operator {
     async fn start(node: &NodeLab, namespace: &str) -> Result<Self> {
-        Self::start_on(node.kube(), node.dir(), namespace).await
+        Self::start_on(node.kube(), node.dir(), namespace, &[]).await
     }
 
-    async fn start_on(kube: &KubeLab, dir: &Path, namespace: &str) -> Result<Self> {
+    async fn start_on(kube: &KubeLab, dir: &Path, namespace: &str, env: &[(&str, &str)]) -> Result<Self> {
         let log = dir.join(format!("operator-{namespace}.log"));
         let out = std::fs::File::create(&log)?;
         let port = mongo_replicator_lab::process::free_port()?;
@@ -51,6 +51,7 @@ impl Operator {
             .env("MREP_LOG_LEVEL", "info,mongo_replicator=debug")
             .env("MREP_LOG_FORMAT", "json")
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .stdout(out.try_clone()?)
             .stderr(out)
             .kill_on_drop(true)
@@ -382,7 +383,7 @@ async fn an_object_written_around_the_schema_is_stalled_and_never_stalls_the_oth
     valid["target"]["connectionStringSecretRef"]["name"] = json!("not-there");
     apply(&api, &replication("valid", valid)).await?;
     let dir = crate::support::tempdir::Dir::new("operator-malformed")?;
-    let operator = Operator::start_on(&kube, &dir.0, &ns).await?;
+    let operator = Operator::start_on(&kube, &dir.0, &ns, &[]).await?;
 
     eventually(Duration::from_secs(60), || async {
         let object = raw.get("malformed").await?;
@@ -491,4 +492,37 @@ where
             Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
     }
+}
+
+#[tokio::test]
+async fn writes_failing_longer_than_the_threshold_are_stalled_and_recover_when_the_target_returns() -> Result<()> {
+    let node = NodeLab::shared(Path::new(REPLICATOR_BIN)).await?;
+    let client = node.kube().client().await?;
+    install_crd(&client).await?;
+    let ns = node.namespace("operator-stall").await?;
+    let mut servers = Servers::start(SecantusOptions::default()).await?;
+    let (src, dst) = (servers.source.admin_client().await?, servers.target.admin_client().await?);
+    put_secret(&client, &ns, "source-conn", json!({"uri": in_pod(&servers.source.uri())})).await?;
+    put_secret(&client, &ns, "target-conn", json!({"uri": format!("{}&serverSelectionTimeoutMS=1000", in_pod(&servers.target.uri()))})).await?;
+    let operator = Operator::start_on(node.kube(), node.dir(), &ns, &[("MREP_STALL_AFTER_SECONDS", "10")]).await?;
+    let api: Api<MongoReplication> = Api::namespaced(client.clone(), &ns);
+    apply(&api, &replication("stall", connection_string_spec())).await?;
+    wait_condition(&api, "stall", "Ready", "True", None, Some(&operator)).await?;
+
+    // The target goes away while the source keeps changing: after the threshold, Stalled.
+    servers.target.stop();
+    let events = src.database("shop").collection::<Document>("during_outage");
+    events.insert_many((0..100).map(|i| doc! {"_id": i})).await?;
+    let stalled = wait_condition(&api, "stall", "Stalled", "True", Some("CheckpointNotAdvancing"), Some(&operator)).await?;
+    ensure!(condition(&stalled, "Ready").is_some_and(|c| c.status == "False"), "Ready while writes fail");
+    let message = &condition(&stalled, "Stalled").context("no Stalled")?.message;
+    ensure!(message.contains("target"), "{message}");
+
+    // The target comes back: the replicator catches up and the replication is Ready again.
+    servers.target.restart().await?;
+    wait_condition(&api, "stall", "Ready", "True", None, Some(&operator)).await?;
+    ensure!(condition(&api.get("stall").await?, "Stalled").is_some_and(|c| c.status == "False"));
+    let dst = servers.target.admin_client().await.unwrap_or(dst);
+    converge(&src, &dst).await?;
+    Ok(())
 }
