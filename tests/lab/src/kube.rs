@@ -23,6 +23,9 @@ pub struct KubeOptions {
     /// of 127.0.0.1, so pods reach the apiserver through the Service; set by the node lab to
     /// its bridge's address, inside the lab's own network namespace.
     pub node_address: Option<IpAddr>,
+    /// Extra kube-apiserver flags (`--flag=value`), e.g. an audit policy and log for a benchmark
+    /// that counts who writes what.
+    pub apiserver_args: Vec<String>,
 }
 
 /// The `kubernetes` Service's cluster IP (the first address of `--service-cluster-ip-range`).
@@ -142,6 +145,7 @@ impl KubeLab {
             ("--v", "1"),
         ]);
         apiserver_args.extend(node_args);
+        apiserver_args.extend(options.apiserver_args.iter().cloned());
         let apiserver =
             LabProcess::spawn("kube-apiserver", &bin_dir.join("kube-apiserver"), &apiserver_args, &dir.path().join("kube-apiserver.log"))?;
 
@@ -330,7 +334,8 @@ pub(crate) fn args(pairs: &[(&str, &str)]) -> Vec<String> {
     pairs.iter().map(|(k, v)| format!("{k}={v}")).collect()
 }
 
-pub(crate) fn kubeconfig_yaml(url: &str, ca: &Path, cert: &Path, key: &Path) -> String {
+/// A kubeconfig file's text for a client certificate (e.g. one from [`KubeLab::ca`]).
+pub fn kubeconfig_yaml(url: &str, ca: &Path, cert: &Path, key: &Path) -> String {
     format!(
         "apiVersion: v1
 kind: Config

@@ -105,6 +105,11 @@ impl NodeLab {
     /// Starts a control plane, a node and the webhook; `replicator` is the `mongo-replicator`
     /// binary the lab's image is built from.
     pub async fn start(replicator: &Path) -> Result<NodeLab> {
+        Self::start_with(replicator, &[]).await
+    }
+
+    /// Like [`NodeLab::start`], with extra kube-apiserver flags (`--flag=value`).
+    pub async fn start_with(replicator: &Path, apiserver_args: &[String]) -> Result<NodeLab> {
         let started = Instant::now();
         ensure_lab_network_namespace()?;
         clean_stale_cgroups();
@@ -130,7 +135,7 @@ impl NodeLab {
         reset_network()?;
         create_bridge()?;
 
-        let kube = KubeLab::start_with(KubeOptions { node_address: Some(IpAddr::V4(NODE_ADDRESS)) }).await?;
+        let kube = KubeLab::start_with(KubeOptions { node_address: Some(IpAddr::V4(NODE_ADDRESS)), apiserver_args: apiserver_args.to_vec() }).await?;
         let ca = kube.ca();
         let url = kube.url().to_string();
         let kubeconfig_for = |stem: &str, cert: &CertFiles| -> Result<PathBuf> {
