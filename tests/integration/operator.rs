@@ -225,6 +225,8 @@ async fn a_mongo_replication_becomes_validated_running_replication_with_honest_s
     converge(&src, &dst).await.context("writes were lost when the replicator pod was killed")?;
 
     // Re-applying the same manifest changes nothing: no new generation, no new status write.
+    // (after the killed pod's successor is back)
+    wait_condition(&api, "orders", "Ready", "True", None, Some(&operator)).await?;
     let before = api.get("orders").await?;
     apply(&api, &object).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -232,8 +234,27 @@ async fn a_mongo_replication_becomes_validated_running_replication_with_honest_s
     ensure!(before.metadata.generation == after.metadata.generation, "re-applying the manifest changed the generation");
     ensure!(
         condition(&before, "Ready").map(|c| &c.last_transition_time) == condition(&after, "Ready").map(|c| &c.last_transition_time),
-        "Ready moved without a change"
+        "Ready moved without a change: before {:?}, after {:?}\noperator log:\n{}",
+        before.status,
+        after.status,
+        operator.log_tail(30)
     );
+
+    // The same with client-side `kubectl apply`, as Argo CD and Flux may do.
+    let manifest = node.dir().join(format!("{ns}-orders.json"));
+    std::fs::write(&manifest, serde_json::to_vec(&object)?)?;
+    let kubectl = |args: &[&str]| {
+        std::process::Command::new(node.kube().bin_dir().join("kubectl")).arg("--kubeconfig").arg(node.kube().kubeconfig()).args(args).output()
+    };
+    for _ in 0..2 {
+        let out = kubectl(&["apply", "-n", &ns, "-f", &manifest.display().to_string()])?;
+        ensure!(out.status.success(), "kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let again = api.get("orders").await?;
+    ensure!(again.metadata.generation == after.metadata.generation, "client-side apply changed the generation");
+    let diff = kubectl(&["diff", "-n", &ns, "-f", &manifest.display().to_string()])?;
+    ensure!(diff.status.success(), "kubectl diff shows drift: {}", String::from_utf8_lossy(&diff.stdout));
 
     // A rotated Secret re-validates and rolls the replicator; nothing is lost.
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
