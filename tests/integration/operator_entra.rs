@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, ServiceAccount};
 use kube::api::{Api, ListParams, LogParams};
-use mongo_replicator::crd::MongoReplication;
+use mongo_replicator::crd::{MongoReplication, Phase};
 use mongo_replicator::operator::config::{CONFIG_DIR, ENTRA_CA_KEY};
 use mongo_replicator_lab::azure::{AzureLab, LabIdentity};
 use mongo_replicator_lab::entra::{EntraOptions, TOKEN_EXCHANGE_AUDIENCE};
@@ -156,10 +156,13 @@ async fn assert_no_token_shown(client: &kube::Client, ns: &str, name: &str, oper
     Ok(())
 }
 
-/// The condition's message is a sentence a person can act on: no trace ids, no JSON, no token.
+/// The condition's message is a sentence a person can act on: no trace ids, no JSON, no token,
+/// no driver's debug dump.
 fn assert_plain_sentence(message: &str, what: &str) -> Result<()> {
     ensure!(message.len() > 20 && message.len() < 1024, "{what}: message of {} characters: {message}", message.len());
-    for dump in ["Trace ID", "Correlation ID", "trace_id", "correlation_id", "Timestamp:", "eyJ", "{\"", "error_description"] {
+    let dumps = ["Trace ID", "Correlation ID", "trace_id", "correlation_id", "Timestamp:", "eyJ", "{\"", "error_description"];
+    let debug = ["Kind: ", "labels: {", "Some(", "Error {", "None,"];
+    for dump in dumps.iter().chain(&debug) {
         ensure!(!message.contains(dump), "{what}: the message shows {dump:?}: {message}");
     }
     Ok(())
@@ -204,7 +207,9 @@ async fn the_documentdb_disaster_recovery_example_replicates_entra_to_entra() ->
     let ready = wait_condition(&api, &name, "Ready", "True", None, Some(&operator)).await?;
     eprintln!("orders-dr (Entra -> Entra): apply to ConnectivityValidated {to_validated:.1?}, to Ready {:.1?}", applied.elapsed());
     ensure!(condition(&ready, "Stalled").is_some_and(|c| c.status == "False"), "{:?}", ready.status);
-    drop(validated);
+    ensure!(validated.status.as_ref().is_some_and(|s| s.observed_generation == validated.metadata.generation));
+    let phase = ready.status.as_ref().and_then(|s| s.phase);
+    ensure!(matches!(phase, Some(Phase::Streaming | Phase::Snapshotting)), "phase {phase:?}");
 
     // The children carry the identity the webhook needs; each endpoint names its own client id.
     let sa = Api::<ServiceAccount>::namespaced(client.clone(), &ns).get(&format!("{name}-replicator")).await?;
@@ -442,6 +447,16 @@ async fn each_entra_failure_gets_its_own_reason_through_the_operator() -> Result
         messages.insert(message.clone());
     }
     ensure!(messages.len() == cases.len(), "two failures read the same");
+    // `kubectl describe` shows each reason as an Event of its object.
+    eventually(Duration::from_secs(30), || async {
+        let events = Api::<Event>::namespaced(client.clone(), &ns).list(&ListParams::default()).await?.items;
+        for case in &cases {
+            let found = events.iter().any(|e| e.involved_object.name.as_deref() == Some(case.name) && e.reason.as_deref() == Some(case.reason));
+            ensure!(found, "no {} Event for {}", case.reason, case.name);
+        }
+        Ok(())
+    })
+    .await?;
 
     // The missing credential is created: the operator's next try passes, with nothing touched.
     let fixed = Instant::now();
