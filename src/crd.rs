@@ -518,24 +518,28 @@ mod tests {
     /// mistake shows without the lab.
     #[test]
     fn cel_rules_accept_the_examples_and_refuse_what_cannot_work() {
-        let (_, base) = examples().into_iter().find(|(_, r)| r.spec.source.auth == AuthMethod::Entra).expect("an entra example");
+        // A connection-string source and an Entra target: every rule about either kind has a side to break.
+        let (_, base) = examples()
+            .into_iter()
+            .find(|(_, r)| r.spec.source.auth == AuthMethod::ConnectionString && r.spec.target.auth == AuthMethod::Entra)
+            .expect("an example migrating into an entra target");
         for (name, example) in examples() {
             kube::core::cel::validate_cel(&example).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
         let mut value = serde_json::to_value(&base).unwrap();
-        value["metadata"]["name"] = "orders-dr".into();
+        value["metadata"]["name"] = "shop-migration".into();
         type Breakage = Box<dyn Fn(&mut serde_json::Value)>;
         let cases: Vec<(&str, Breakage)> = vec![
             ("must be at most 50 characters", Box::new(|v| v["metadata"]["name"] = "x".repeat(51).into())),
-            ("auth: entra requires the entra block", Box::new(|v| drop(v["spec"]["source"].as_object_mut().unwrap().remove("entra")))),
-            ("auth: entra requires uri", Box::new(|v| drop(v["spec"]["source"].as_object_mut().unwrap().remove("uri")))),
-            ("must not contain a password", Box::new(|v| v["spec"]["source"]["uri"] = "mongodb://u:p@h/?tls=true".into())),
+            ("auth: entra requires the entra block", Box::new(|v| drop(v["spec"]["target"].as_object_mut().unwrap().remove("entra")))),
+            ("auth: entra requires uri", Box::new(|v| drop(v["spec"]["target"].as_object_mut().unwrap().remove("uri")))),
+            ("must not contain a password", Box::new(|v| v["spec"]["target"]["uri"] = "mongodb://u:p@h/?tls=true".into())),
             (
                 "requires connectionStringSecretRef",
-                Box::new(|v| drop(v["spec"]["target"].as_object_mut().unwrap().remove("connectionStringSecretRef"))),
+                Box::new(|v| drop(v["spec"]["source"].as_object_mut().unwrap().remove("connectionStringSecretRef"))),
             ),
-            ("must not set entra", Box::new(|v| v["spec"]["target"]["entra"] = v["spec"]["source"]["entra"].clone())),
-            ("must be a GUID", Box::new(|v| v["spec"]["source"]["entra"]["clientId"] = "not-a-guid".into())),
+            ("must not set entra", Box::new(|v| v["spec"]["source"]["entra"] = v["spec"]["target"]["entra"].clone())),
+            ("must be a GUID", Box::new(|v| v["spec"]["target"]["entra"]["clientId"] = "not-a-guid".into())),
             ("spec.startAt applies only to mode: StreamOnly", Box::new(|v| v["spec"]["startAt"] = serde_json::json!({"clusterTime": "1.1"}))),
             ("as many * wildcards", Box::new(|v| v["spec"]["namespaces"]["rename"] = serde_json::json!([{"from": "a.*", "to": "b.c"}]))),
             (
@@ -573,11 +577,18 @@ mod tests {
         assert!(examples.len() >= 3);
         let orders = &examples.iter().find(|(f, _)| f == "orders-dr.yaml").expect("orders-dr example").1;
         assert_eq!(orders.spec.source.auth, AuthMethod::Entra);
-        assert_eq!(orders.spec.target.auth, AuthMethod::ConnectionString);
+        assert_eq!(orders.spec.target.auth, AuthMethod::Entra);
         assert_eq!(orders.spec.mode, ReplicationMode::SnapshotAndStream);
         let entra = orders.spec.source.entra.as_ref().expect("entra block");
         assert_eq!(entra.scope(), DOCUMENTDB_SCOPE);
-        assert_eq!(orders.spec.target.connection_string_secret_ref.as_ref().map(|r| r.key.as_str()), Some("uri"));
+        assert!(entra.cluster_user.is_some() && entra.managed_identity_resource_id.is_some());
+        let target = orders.spec.target.entra.as_ref().expect("target entra block");
+        assert_ne!(target.client_id, entra.client_id, "source and target log in as different identities");
+        let migration = &examples.iter().find(|(f, _)| f == "atlas-to-documentdb.yaml").expect("migration example").1;
+        assert_eq!((migration.spec.source.auth, migration.spec.target.auth), (AuthMethod::ConnectionString, AuthMethod::Entra));
+        let copy = &examples.iter().find(|(f, _)| f == "shop-staging-copy.yaml").expect("filtered and renamed example").1;
+        let namespaces = copy.spec.namespaces.as_ref().expect("namespaces");
+        assert!(!namespaces.include.is_empty() && !namespaces.exclude.is_empty() && !namespaces.rename.is_empty());
     }
 
     #[test]

@@ -162,6 +162,9 @@ pub fn describe(err: &MongoError) -> String {
         ErrorKind::ServerSelection { message, .. } => unreachable_servers(message).unwrap_or_else(|| err.to_string()),
         // The driver's own text appends the raw server response as bytes.
         ErrorKind::Command(e) => format!("{} ({}): {}", e.code_name, e.code, e.message),
+        // The driver's own text appends a Debug dump of the server's answer ("labels: {}, source:
+        // Some(Error { kind: Command(CommandError { ... }) })"); its message says it already.
+        ErrorKind::Authentication { message, .. } => message.clone(),
         _ => err.to_string(),
     }
 }

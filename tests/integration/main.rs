@@ -8,6 +8,7 @@ mod crd_drift;
 mod entra;
 mod node;
 mod operator;
+mod operator_entra;
 mod reasons;
 mod replication;
 mod secantus;

@@ -26,14 +26,19 @@ use crate::support::{TEST_MANAGER, eventually, install_crd};
 const REPLICATOR_BIN: &str = env!("CARGO_BIN_EXE_mongo-replicator");
 
 /// A `mongo-replicator operator` process watching one namespace, killed on drop.
-struct Operator {
+pub(crate) struct Operator {
     child: tokio::process::Child,
     log: std::path::PathBuf,
 }
 
 impl Operator {
-    async fn start(node: &NodeLab, namespace: &str) -> Result<Self> {
+    pub(crate) async fn start(node: &NodeLab, namespace: &str) -> Result<Self> {
         Self::start_on(node.kube(), node.dir(), namespace, &[]).await
+    }
+
+    /// Like [`Operator::start`], with more settings (`MREP_*` variables).
+    pub(crate) async fn start_with_env(node: &NodeLab, namespace: &str, env: &[(&str, &str)]) -> Result<Self> {
+        Self::start_on(node.kube(), node.dir(), namespace, env).await
     }
 
     async fn start_on(kube: &KubeLab, dir: &Path, namespace: &str, env: &[(&str, &str)]) -> Result<Self> {
@@ -60,17 +65,17 @@ impl Operator {
         Ok(Self { child, log })
     }
 
-    fn log_tail(&self, lines: usize) -> String {
+    pub(crate) fn log_tail(&self, lines: usize) -> String {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = log.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    async fn stop(mut self) -> Result<Option<i32>> {
+    pub(crate) async fn stop(mut self) -> Result<Option<i32>> {
         if let Some(pid) = self.child.id() {
             std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status()?;
         }
@@ -79,14 +84,14 @@ impl Operator {
 }
 
 /// Two SecantusDB servers that pods reach on the node's address.
-struct Servers {
-    source: SecantusServer,
-    target: SecantusServer,
+pub(crate) struct Servers {
+    pub(crate) source: SecantusServer,
+    pub(crate) target: SecantusServer,
     _relays: (Relay, Relay),
 }
 
 impl Servers {
-    async fn start(options: SecantusOptions) -> Result<Self> {
+    pub(crate) async fn start(options: SecantusOptions) -> Result<Self> {
         let source = SecantusServer::start(options.clone()).await?;
         let target = SecantusServer::start(options).await?;
         let relays = (Relay::start(source.port()).await?, Relay::start(target.port()).await?);
@@ -95,11 +100,11 @@ impl Servers {
 }
 
 /// A connection string as a pod sees it.
-fn in_pod(uri: &str) -> String {
+pub(crate) fn in_pod(uri: &str) -> String {
     uri.replace("127.0.0.1", &NODE_ADDRESS.to_string())
 }
 
-async fn put_secret(client: &kube::Client, ns: &str, name: &str, data: Value) -> Result<()> {
+pub(crate) async fn put_secret(client: &kube::Client, ns: &str, name: &str, data: Value) -> Result<()> {
     let secret: Secret = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": data}))?;
     Api::<Secret>::namespaced(client.clone(), ns).patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(&secret)).await?;
     Ok(())
@@ -118,18 +123,18 @@ fn connection_string_spec() -> Value {
 }
 
 /// `kubectl apply --server-side` of a MongoReplication, as a user or a GitOps tool would.
-async fn apply(api: &Api<MongoReplication>, object: &Value) -> Result<()> {
+pub(crate) async fn apply(api: &Api<MongoReplication>, object: &Value) -> Result<()> {
     let name = object["metadata"]["name"].as_str().context("no name")?;
     api.patch(name, &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(object)).await?;
     Ok(())
 }
 
-fn condition<'a>(r: &'a MongoReplication, type_: &str) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+pub(crate) fn condition<'a>(r: &'a MongoReplication, type_: &str) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
     r.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
 }
 
 /// Waits until a condition has `status` (and `reason`, when given) for the current generation.
-async fn wait_condition(
+pub(crate) async fn wait_condition(
     api: &Api<MongoReplication>,
     name: &str,
     type_: &str,

@@ -39,6 +39,8 @@ impl fmt::Debug for ScramUser {
 pub struct SecantusOptions {
     /// Serve TLS only, with a certificate for 127.0.0.1 from the server's own lab CA.
     pub tls: bool,
+    /// More addresses the TLS certificate names (the node's, for pods reaching it through a relay).
+    pub tls_ips: Vec<std::net::IpAddr>,
     /// Users to create; when not empty the server runs with `--auth`.
     pub users: Vec<ScramUser>,
     /// `--oplog-max-entries`: a small cap makes change-stream history loss easy to provoke.
@@ -71,7 +73,7 @@ impl SecantusServer {
         std::fs::write(dir.path().join("secantusd.toml"), "")?;
         let (ca, tls_files) = if options.tls {
             let ca = LabCa::create(&dir.path().join("pki"))?;
-            let cert = ca.issue_server("server", &[])?;
+            let cert = ca.issue_server_with_ips("server", &[], &options.tls_ips)?;
             (Some(ca), Some((cert.cert, cert.key)))
         } else {
             (None, None)
