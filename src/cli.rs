@@ -334,10 +334,8 @@ fn validate(args: ValidateArgs) -> ExitCode {
         Some(LogFormatFlag::Json) => false,
         None => std::io::stdout().is_terminal(),
     };
-    let log_format = if std::io::stderr().is_terminal() { LogFormat::Text } else { LogFormat::Json };
-    if let Err(err) = telemetry::init_logging(&args.log_level, log_format) {
-        eprintln!("mongo-replicator: {err}");
-        return ExitCode::from(3);
+    if let Err(code) = start_logging(&args.log_level, None) {
+        return code;
     }
     let config = match ReplicatorConfig::from_file(&args.config) {
         Ok(config) => config,
@@ -350,12 +348,9 @@ fn validate(args: ValidateArgs) -> ExitCode {
             return ExitCode::from(3);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match runtime() {
         Ok(rt) => rt,
-        Err(err) => {
-            eprintln!("mongo-replicator: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let tokens = TokenSources::new(EntraMetrics::new());
     let verdict = runtime.block_on(crate::validate::validate(&config, &tokens));
@@ -367,6 +362,28 @@ fn validate(args: ValidateArgs) -> ExitCode {
 
 /// Writes the verdict where Kubernetes reads the termination message, when that file exists
 /// (it does in a container; elsewhere there is nothing to write to).
+/// Logging to stderr in the format asked for (default: text on a terminal, JSON otherwise);
+/// exit code 3 when the level does not parse.
+fn start_logging(level: &str, format: Option<LogFormatFlag>) -> Result<(), ExitCode> {
+    let format = match format {
+        Some(LogFormatFlag::Json) => LogFormat::Json,
+        Some(LogFormatFlag::Text) => LogFormat::Text,
+        None => telemetry::default_log_format(),
+    };
+    telemetry::init_logging(level, format).map_err(|err| {
+        eprintln!("mongo-replicator: {err}");
+        ExitCode::from(3)
+    })
+}
+
+/// The async runtime every subcommand but `crd` runs on.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|err| {
+        eprintln!("mongo-replicator: cannot start the async runtime: {err}");
+        ExitCode::FAILURE
+    })
+}
+
 fn write_termination_log(path: &std::path::Path, verdict: &str) {
     if path.exists()
         && let Err(err) = std::fs::write(path, verdict)
@@ -376,14 +393,8 @@ fn write_termination_log(path: &std::path::Path, verdict: &str) {
 }
 
 fn replicate(args: ReplicateArgs) -> ExitCode {
-    let format = match args.log_format {
-        Some(LogFormatFlag::Json) => LogFormat::Json,
-        Some(LogFormatFlag::Text) => LogFormat::Text,
-        None => telemetry::default_log_format(),
-    };
-    if let Err(err) = telemetry::init_logging(&args.log_level, format) {
-        eprintln!("mongo-replicator: {err}");
-        return ExitCode::from(3);
+    if let Err(code) = start_logging(&args.log_level, args.log_format) {
+        return code;
     }
     let config = match args.config() {
         Ok(config) => config,
@@ -392,12 +403,9 @@ fn replicate(args: ReplicateArgs) -> ExitCode {
             return ExitCode::from(3);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match runtime() {
         Ok(rt) => rt,
-        Err(err) => {
-            tracing::error!("cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(replicate_async(config))
 }
@@ -459,14 +467,8 @@ async fn replicate_async(config: ReplicatorConfig) -> ExitCode {
 }
 
 fn operator(args: OperatorArgs) -> ExitCode {
-    let format = match args.log_format {
-        Some(LogFormatFlag::Json) => LogFormat::Json,
-        Some(LogFormatFlag::Text) => LogFormat::Text,
-        None => telemetry::default_log_format(),
-    };
-    if let Err(err) = telemetry::init_logging(&args.log_level, format) {
-        eprintln!("mongo-replicator: {err}");
-        return ExitCode::from(3);
+    if let Err(code) = start_logging(&args.log_level, args.log_format) {
+        return code;
     }
     let identity = args.identity.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
     let ca_bundle = match &args.entra_ca_file {
@@ -499,12 +501,9 @@ fn operator(args: OperatorArgs) -> ExitCode {
         resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
         stall_after: std::time::Duration::from_secs(args.stall_after_seconds.max(1)),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match runtime() {
         Ok(rt) => rt,
-        Err(err) => {
-            tracing::error!("cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
