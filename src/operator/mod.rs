@@ -27,7 +27,7 @@ use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
 use self::children::{ChildSettings, FIELD_MANAGER};
@@ -214,7 +214,24 @@ async fn reconcile_guarded(guard: Arc<DeserializeGuard<MongoReplication>>, ctx: 
     }
 }
 
-fn error_policy(_: Arc<DeserializeGuard<MongoReplication>>, error: &ReconcileError, _: Arc<Context>) -> Action {
+/// A failed reconcile is logged, counted (by `reconcile`), published as a Warning Event on the
+/// object with its reason, and tried again in 5 s.
+fn error_policy(guard: Arc<DeserializeGuard<MongoReplication>>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
     tracing::warn!(reason = error.reason(), error = %error, "reconcile failed; retrying");
+    if let Ok(replication) = &guard.0 {
+        let reference = replication.object_ref(&());
+        let event = kube::runtime::events::Event {
+            type_: kube::runtime::events::EventType::Warning,
+            reason: error.reason().to_string(),
+            note: Some(format!("reconcile failed, retrying in 5 s: {error}").chars().take(1024).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        tokio::spawn(async move {
+            if let Err(err) = ctx.recorder.publish(&event, &reference).await {
+                tracing::debug!(error = %err, "cannot publish an Event");
+            }
+        });
+    }
     Action::requeue(Duration::from_secs(5))
 }
