@@ -145,6 +145,7 @@ async fn reconcile_inner(replication: &MongoReplication, ctx: &Context) -> Resul
     let secrets = observe_secrets(&apis, replication).await?;
     let plan = plan(replication, &secrets, &ctx.children)?;
     let (validation, retry_due) = observe_validation_of(&apis, &plan.names.job).await?;
+    let validation = name_the_subject(validation, &namespace, &plan.names.replicator);
     let validation = if plan.spec_error.is_none() {
         let validation = rerun_validation_when_due(&apis, &plan.names.job, validation, retry_due).await?;
         apply_children(&apis, replication, &plan, &validation, &ctx.children).await?;
@@ -258,6 +259,27 @@ async fn observe_validation_of(apis: &Apis, job_name: &str) -> Result<(Validatio
     });
     let waited = finished.map(|t| k8s_openapi::jiff::Timestamp::now().duration_since(t.0).as_secs() as u64).unwrap_or(u64::MAX);
     Ok((validation, waited >= VALIDATION_RETRY.as_secs()))
+}
+
+/// Reasons of a federated credential that does not match this replication's pods.
+const CREDENTIAL_MISMATCH: &[Reason] = &[
+    Reason::NoFederatedCredential,
+    Reason::FederatedCredentialSubjectMismatch,
+    Reason::FederatedCredentialIssuerMismatch,
+    Reason::FederatedCredentialAudienceMismatch,
+];
+
+/// A federated credential that does not match is the most common workload identity mistake:
+/// the message names the subject this replication's pods present, which the operator knows.
+fn name_the_subject(validation: Validation, namespace: &str, service_account: &str) -> Validation {
+    match validation {
+        Validation::Failed { reason, message, retrying } if CREDENTIAL_MISMATCH.iter().any(|r| r.as_str() == reason) => Validation::Failed {
+            message: format!("{message}; this replication's pods present the subject system:serviceaccount:{namespace}:{service_account}"),
+            reason,
+            retrying,
+        },
+        other => other,
+    }
 }
 
 /// A validation that may pass with time runs again once it is due: its Job is deleted and

@@ -443,6 +443,10 @@ async fn each_entra_failure_gets_its_own_reason_through_the_operator() -> Result
         if retrying {
             ensure!(message.contains("can pass with time"), "{}: the message does not say it may pass with time: {message}", case.name);
         }
+        if case.reason.starts_with("FederatedCredential") || retrying {
+            // The subject a credential must name, as the operator knows it, not a placeholder.
+            ensure!(message.contains(&subject(case.name)), "{}: the message does not name the pods' subject: {message}", case.name);
+        }
         eprintln!("{}: {} {}: {message}", case.name, waiting, case.reason);
         messages.insert(message.clone());
     }
