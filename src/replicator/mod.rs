@@ -40,6 +40,8 @@ use crate::telemetry::{Health, Metrics};
 
 /// Waiting for an endpoint to answer at start.
 const CONNECT_RETRY: Policy = Policy::unbounded(Duration::from_millis(500), Duration::from_secs(30));
+/// getMores to wait for a start point's resume token (100 ms each at most).
+const START_TOKEN_POLLS: usize = 50;
 /// Starting over from the checkpoint after a transient failure of the snapshot or the stream.
 const RUN_RETRY: Policy = Policy::unbounded(Duration::from_millis(500), Duration::from_secs(30));
 
@@ -375,7 +377,18 @@ impl Replication {
     /// Opens the stream at `start` and returns the token it starts from.
     async fn start_token(&self, start: &StartPoint) -> Result<mongodb::change_stream::event::ResumeToken, ReplicatorError> {
         let ctx = &self.ctx;
-        let stream = stream::open(&ctx.source, &ctx.map.stream_scope(), start, Duration::from_millis(100), ctx.settings.batch_size as u32).await?;
+        let mut stream =
+            stream::open(&ctx.source, &ctx.map.stream_scope(), start, Duration::from_millis(100), ctx.settings.batch_size as u32).await?;
+        // A first batch may come without a post-batch resume token (servers differ; seen once in
+        // the lab, through the DocumentDB gateway on a loaded machine); a later getMore (100 ms
+        // at most each) brings one. A change read meanwhile happened before the start point,
+        // which the copy then includes.
+        for _ in 0..START_TOKEN_POLLS {
+            if let Some(token) = stream.resume_token() {
+                return Ok(token);
+            }
+            stream.next_if_any().await.map_err(StreamError::from_source)?;
+        }
         stream.resume_token().ok_or(ReplicatorError::NoStartPoint)
     }
 

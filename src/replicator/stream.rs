@@ -93,7 +93,7 @@ impl StreamError {
         }
     }
 
-    fn from_source(err: mongodb::error::Error) -> Self {
+    pub(super) fn from_source(err: mongodb::error::Error) -> Self {
         match classify(&err) {
             ErrorClass::HistoryLost => StreamError::HistoryLost(err),
             ErrorClass::ChangeStreamsUnsupported => StreamError::Unsupported(err),
