@@ -131,6 +131,16 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// A registry in the OpenMetrics text format.
+pub fn encode_registry(registry: &Registry) -> String {
+    let mut out = String::new();
+    if let Err(err) = prometheus_client::encoding::text::encode(&mut out, registry) {
+        // Only a collector can fail; the truncated text (no `# EOF`) fails the scrape visibly.
+        tracing::error!(error = %err, "cannot encode metrics");
+    }
+    out
+}
+
 /// What `/metrics` serves: the replicator's metrics, or the operator's.
 pub trait Scrape: Send + Sync + 'static {
     /// Every metric in the OpenMetrics text format, ending with `# EOF`.
@@ -320,12 +330,7 @@ impl Metrics {
 
     /// Every metric in the OpenMetrics text format, ending with `# EOF`.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if let Err(err) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            // Only a collector can fail; the truncated text (no `# EOF`) fails the scrape visibly.
-            tracing::error!(error = %err, "cannot encode metrics");
-        }
-        out
+        encode_registry(&self.registry)
     }
 
     /// The registry behind [`Metrics::encode`], for other modules to add their own metrics at

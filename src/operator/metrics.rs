@@ -83,10 +83,6 @@ impl OperatorMetrics {
 
 impl crate::telemetry::Scrape for OperatorMetrics {
     fn encode(&self) -> String {
-        let mut out = String::new();
-        if let Err(err) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            tracing::error!(error = %err, "cannot encode metrics");
-        }
-        out
+        crate::telemetry::encode_registry(&self.registry)
     }
 }
