@@ -268,11 +268,7 @@ impl ReplicateArgs {
                     Ok(EndpointConfig { login, ca_file: ca.clone() })
                 };
                 let filter = NamespaceRules { include: self.include.clone(), exclude: self.exclude.clone(), rename: self.rename.clone() };
-                let start_at = match (&self.start_at_cluster_time, &self.start_after_token) {
-                    (Some(time), _) => Some(StartAt::ClusterTime(time.clone())),
-                    (None, Some(token)) => Some(StartAt::ResumeToken(token.clone())),
-                    (None, None) => None,
-                };
+                let start_at = StartAt::from_parts(self.start_at_cluster_time.as_ref(), self.start_after_token.as_ref());
                 let mut config = ReplicatorConfig::new(
                     &self.name,
                     endpoint("source", self.source_auth, &self.source_uri, &self.source_uri_file, &self.source_ca_file)?,

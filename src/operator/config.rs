@@ -86,11 +86,7 @@ fn mode(mode: crd::ReplicationMode) -> Mode {
 
 /// The API's rules make exactly one of the two fields set.
 fn start_at(start: &crd::StreamStart) -> Option<StartAt> {
-    match (&start.cluster_time, &start.resume_token) {
-        (Some(time), _) => Some(StartAt::ClusterTime(time.clone())),
-        (None, Some(token)) => Some(StartAt::ResumeToken(token.clone())),
-        (None, None) => None,
-    }
+    StartAt::from_parts(start.cluster_time.as_ref(), start.resume_token.as_ref())
 }
 
 fn endpoint(endpoint: &Endpoint, role: EndpointRole, entra: &EntraDefaults) -> EndpointConfig {

@@ -220,18 +220,8 @@ fn error_policy(guard: Arc<DeserializeGuard<MongoReplication>>, error: &Reconcil
     tracing::warn!(reason = error.reason(), error = %error, "reconcile failed; retrying");
     if let Ok(replication) = &guard.0 {
         let reference = replication.object_ref(&());
-        let event = kube::runtime::events::Event {
-            type_: kube::runtime::events::EventType::Warning,
-            reason: error.reason().to_string(),
-            note: Some(format!("reconcile failed, retrying in 5 s: {error}").chars().take(1024).collect()),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        tokio::spawn(async move {
-            if let Err(err) = ctx.recorder.publish(&event, &reference).await {
-                tracing::debug!(error = %err, "cannot publish an Event");
-            }
-        });
+        let (reason, note) = (error.reason(), format!("reconcile failed, retrying in 5 s: {error}"));
+        tokio::spawn(async move { reconcile::publish_event(&ctx.recorder, &reference, true, reason, "Reconcile", &note).await });
     }
     Action::requeue(Duration::from_secs(5))
 }

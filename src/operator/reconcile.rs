@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
@@ -154,7 +154,7 @@ async fn reconcile_inner(replication: &MongoReplication, ctx: &Context) -> Resul
         // A spec that cannot work changes nothing that runs; the status says why.
         validation
     };
-    let replicator = observe_replicator(&apis.deployments, &apis.pods, &plan.names.replicator, &plan.hash).await?;
+    let replicator = observe_replicator(&apis, &replication.name_any(), &plan.names.replicator, &plan.hash).await?;
     let (observed, failing_for) = observe_all(replication, plan, validation, replicator, ctx.stall_after);
     let new = write_status(ctx, replication, &observed).await?;
     let in_progress = new.conditions.iter().any(|c| c.type_ == status::RECONCILING && c.status == "True");
@@ -395,13 +395,14 @@ async fn observe_validation(job: &Job, pods: &Api<Pod>) -> Result<Validation, Re
 }
 
 /// The replicator's state: its Deployment, and a container that ended for good.
-async fn observe_replicator(deployments: &Api<Deployment>, pods: &Api<Pod>, name: &str, hash: &str) -> Result<Replicator, ReconcileError> {
+async fn observe_replicator(apis: &Apis, replication: &str, name: &str, hash: &str) -> Result<Replicator, ReconcileError> {
+    let (deployments, pods) = (&apis.deployments, &apis.pods);
     let Some(deployment) = get_opt(deployments, name).await? else { return Ok(Replicator::Stopped) };
     let wanted = deployment.spec.replicas.unwrap_or(1);
     if wanted == 0 {
         return Ok(Replicator::Stopped);
     }
-    let labels = format!("{REPLICATION_LABEL}={},app.kubernetes.io/component=replicator", name.trim_end_matches("-replicator"));
+    let labels = format!("{REPLICATION_LABEL}={replication},app.kubernetes.io/component=replicator");
     let list = call(format!("list pods of {name}"), pods.list(&ListParams::default().labels(&labels))).await?;
     for pod in &list.items {
         let current = pod.metadata.annotations.as_ref().and_then(|a| a.get(children::CONFIG_HASH_ANNOTATION)).is_some_and(|h| h == hash);
@@ -465,20 +466,27 @@ async fn patch_status(client: &Client, namespace: &str, name: &str, status: &Mon
     Ok(())
 }
 
-/// An Event for a condition's transition, with the condition's reason: a Warning when the
-/// reason is one of the error vocabulary's, Normal otherwise. A failed Event is logged, never fatal.
-async fn publish(ctx: &Context, replication: &MongoReplication, condition: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition) {
-    let error = Reason::ALL.iter().any(|r| r.as_str() == condition.reason);
+/// Publishes one Event about `reference`, its note cut to what the API keeps; a failed Event is
+/// logged, never fatal.
+pub async fn publish_event(recorder: &Recorder, reference: &ObjectReference, warning: bool, reason: &str, action: &str, note: &str) {
     let event = Event {
-        type_: if error { EventType::Warning } else { EventType::Normal },
-        reason: condition.reason.clone(),
-        note: Some(format!("{} is {}: {}", condition.type_, condition.status, condition.message).chars().take(1024).collect()),
-        action: condition.type_.clone(),
+        type_: if warning { EventType::Warning } else { EventType::Normal },
+        reason: reason.to_string(),
+        note: Some(note.chars().take(1024).collect()),
+        action: action.to_string(),
         secondary: None,
     };
-    if let Err(err) = ctx.recorder.publish(&event, &replication.object_ref(&())).await {
+    if let Err(err) = recorder.publish(&event, reference).await {
         tracing::warn!(error = %err, "cannot publish an Event");
     }
+}
+
+/// An Event for a condition's transition, with the condition's reason: a Warning when the
+/// reason is one of the error vocabulary's, Normal otherwise.
+async fn publish(ctx: &Context, replication: &MongoReplication, condition: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition) {
+    let error = Reason::ALL.iter().any(|r| r.as_str() == condition.reason);
+    let note = format!("{} is {}: {}", condition.type_, condition.status, condition.message);
+    publish_event(&ctx.recorder, &replication.object_ref(&()), error, &condition.reason, &condition.type_, &note).await;
 }
 
 /// For an object the watch could not read (written around the schema, or by an older CRD): a
@@ -498,7 +506,7 @@ pub async fn report_invalid(ctx: &Context, metadata: &ObjectMeta, error: &str) -
     };
     let new = status::compute(None, &observed, &Time(k8s_openapi::jiff::Timestamp::now()));
     patch_status(&ctx.client, namespace, name, &new).await?;
-    let reference = k8s_openapi::api::core::v1::ObjectReference {
+    let reference = ObjectReference {
         api_version: Some("mongo-replicator.io/v1alpha1".into()),
         kind: Some("MongoReplication".into()),
         name: Some(name.into()),
@@ -506,15 +514,6 @@ pub async fn report_invalid(ctx: &Context, metadata: &ObjectMeta, error: &str) -
         uid: metadata.uid.clone(),
         ..Default::default()
     };
-    let event = Event {
-        type_: EventType::Warning,
-        reason: "InvalidSpec".into(),
-        note: Some(message.chars().take(1024).collect()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(err) = ctx.recorder.publish(&event, &reference).await {
-        tracing::warn!(error = %err, "cannot publish an Event");
-    }
+    publish_event(&ctx.recorder, &reference, true, Reason::InvalidSpec.as_str(), "Reconcile", &message).await;
     Ok(())
 }

@@ -103,6 +103,18 @@ pub enum StartAt {
     ResumeToken(String),
 }
 
+impl StartAt {
+    /// From the two ways a start point is given (flags, the API's fields): a cluster time wins;
+    /// neither is no start point.
+    pub fn from_parts(cluster_time: Option<&String>, resume_token: Option<&String>) -> Option<Self> {
+        match (cluster_time, resume_token) {
+            (Some(time), _) => Some(StartAt::ClusterTime(time.clone())),
+            (None, Some(token)) => Some(StartAt::ResumeToken(token.clone())),
+            (None, None) => None,
+        }
+    }
+}
+
 /// What to do when the source's change history no longer reaches the checkpoint.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OnHistoryLost {
