@@ -92,14 +92,25 @@ pub struct OperatorArgs {
     /// is Stalled (CheckpointNotAdvancing).
     #[arg(long, env = "MREP_STALL_AFTER_SECONDS", default_value_t = 600)]
     pub stall_after_seconds: u64,
-    /// Microsoft Entra authority for replicator pods (sovereign clouds); default: the workload
-    /// identity webhook's AZURE_AUTHORITY_HOST, else the public cloud.
+    /// Microsoft Entra authority for the operator and its replicator pods (sovereign clouds);
+    /// default: the workload identity webhook's AZURE_AUTHORITY_HOST, else the public cloud.
     #[arg(long, env = "MREP_ENTRA_AUTHORITY_HOST")]
     pub entra_authority_host: Option<String>,
-    /// Extra CA certificates (PEM file) replicator pods trust for the Entra authority (private
-    /// endpoints, private clouds); copied into each replication's ConfigMap.
+    /// Extra CA certificates (PEM file) trusted for Microsoft Entra and Azure Resource Manager
+    /// (private endpoints, private clouds), by the operator and by replicator pods (copied into
+    /// each replication's ConfigMap).
     #[arg(long, env = "MREP_ENTRA_CA_FILE", value_name = "FILE")]
     pub entra_ca_file: Option<PathBuf>,
+    /// Azure Resource Manager endpoint, for identity bindings (federated credentials, cluster
+    /// users). The operator signs in to it with its own workload identity (AZURE_CLIENT_ID,
+    /// AZURE_TENANT_ID, AZURE_FEDERATED_TOKEN_FILE, as the webhook injects them).
+    #[arg(long, env = "MREP_ARM_ENDPOINT", default_value = crate::azure::arm::PUBLIC_ENDPOINT)]
+    pub arm_endpoint: String,
+    /// The cluster's service-account issuer, as federated credentials must name it (AKS:
+    /// `az aks show --query oidcIssuerProfile.issuerUrl`); default: read from the apiserver's
+    /// OIDC discovery document.
+    #[arg(long, env = "MREP_CLUSTER_OIDC_ISSUER")]
+    pub cluster_oidc_issuer: Option<String>,
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, env = "MREP_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -496,6 +507,12 @@ fn operator(args: OperatorArgs) -> ExitCode {
         concurrency: args.concurrency.max(1),
         resync: std::time::Duration::from_secs(args.resync_seconds.max(1)),
         stall_after: std::time::Duration::from_secs(args.stall_after_seconds.max(1)),
+        azure: crate::operator::AzureSettings {
+            arm_endpoint: args.arm_endpoint.clone(),
+            identity: operator_identity(args.entra_authority_host.clone(), args.entra_ca_file.clone()),
+            cluster_issuer: args.cluster_oidc_issuer.clone(),
+            ca_file: args.entra_ca_file.clone(),
+        },
     };
     let runtime = match runtime() {
         Ok(rt) => rt,
@@ -516,6 +533,22 @@ fn operator(args: OperatorArgs) -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+    })
+}
+
+/// The operator's own Azure identity, for ARM: what the workload identity webhook injects, or
+/// `None` when the pod has none (bindings then report `OperatorIdentityMissing`).
+fn operator_identity(authority_host: Option<String>, ca_file: Option<PathBuf>) -> Option<crate::auth::oidc::Identity> {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    Some(crate::auth::oidc::Identity {
+        client_id: env("AZURE_CLIENT_ID")?,
+        tenant_id: env("AZURE_TENANT_ID")?,
+        token_file: env("AZURE_FEDERATED_TOKEN_FILE")?.into(),
+        scope: crate::azure::arm::MANAGEMENT_SCOPE.to_string(),
+        authority_host: authority_host
+            .or_else(|| env("AZURE_AUTHORITY_HOST"))
+            .unwrap_or_else(|| crate::auth::oidc::PUBLIC_AUTHORITY_HOST.to_string()),
+        ca_file,
     })
 }
 

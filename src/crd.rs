@@ -420,6 +420,50 @@ pub struct MongoReplicationStatus {
     /// Figures reported by the replicator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
+
+    /// The Azure objects the operator created for this replication (and removes when it is
+    /// deleted or stops naming them), and when it last found every binding in place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure: Option<AzureBindings>,
+}
+
+/// What the operator did in Azure for one replication: an audit a person can read with
+/// `kubectl describe`, and the list cleanup works from.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AzureBindings {
+    /// Federated identity credentials and cluster users the operator created. Each is listed
+    /// before it is created, so an operator stopped in between leaves a record, never an orphan.
+    /// Objects that existed before (adopted) are not listed and are never removed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub created: Vec<AzureObject>,
+    /// A hash of the bindings last found in place (identities, subject, issuer, clusters, roles).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound_hash: Option<String>,
+    /// When the bindings were last checked in Azure (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_at: Option<String>,
+}
+
+/// One object the operator created in Azure.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AzureObject {
+    /// `FederatedIdentityCredential` or `ClusterUser`.
+    pub kind: AzureObjectKind,
+    /// Its ARM resource id.
+    pub id: String,
+    /// When the operator set out to create it (RFC 3339).
+    pub since: String,
+}
+
+/// The kinds of Azure objects the operator creates.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum AzureObjectKind {
+    /// A federated identity credential of a user-assigned managed identity.
+    FederatedIdentityCredential,
+    /// A Microsoft Entra user of an Azure DocumentDB cluster.
+    ClusterUser,
 }
 
 /// A one-word summary of where a replication is.

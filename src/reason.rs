@@ -209,6 +209,13 @@ reasons! {
     IssuerDiscoveryFailed,
     /// The cluster's OIDC discovery document names no usable issuer.
     IssuerInvalid,
+    // --- Identity bindings ----------------------------------------------------------------------
+    /// The spec asks the operator to bind identities, but the operator has no Azure identity.
+    OperatorIdentityMissing,
+    /// The principal is already a user of the cluster with other roles (not created by the operator).
+    ClusterUserRolesDiffer,
+    /// The DocumentDB cluster does not allow Microsoft Entra ID sign-in.
+    EntraNotAllowedOnCluster,
 }
 
 impl fmt::Display for Reason {

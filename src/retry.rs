@@ -83,6 +83,13 @@ impl<E> Failure<E> {
     }
 }
 
+/// The wait before trying again something that has been failing for `failing_for`, for a
+/// caller that keeps no attempt count (a reconcile): half that time, within `[min, max]`. The
+/// waits grow about as a doubling backoff would, and a short failure is retried soon.
+pub fn proportional(failing_for: Duration, min: Duration, max: Duration) -> Duration {
+    (failing_for / 2).clamp(min, max)
+}
+
 /// Runs `op` until it succeeds, `decide` says an error is final, the policy runs out, or
 /// `cancel` fires during a wait. `on_retry(error, wait, attempt)` runs before each wait
 /// (log it, count it). A cancellation that comes while `op` runs lets it finish: the caller

@@ -69,6 +69,14 @@ impl FederatedCredential {
     }
 }
 
+/// A DocumentDB cluster user: its `(db, role)` pairs and provisioning state (`Succeeded`,
+/// `InProgress`, `Deleting`, `Failed`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterUser {
+    pub roles: Vec<(String, String)>,
+    pub provisioning_state: String,
+}
+
 /// How long the client keeps trying. The defaults suit a reconcile loop: a request gives up
 /// after about two minutes, so the controller can report and back off itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -340,25 +348,48 @@ impl ArmClient {
     /// long-running operation (polls `Azure-AsyncOperation`, honours `Retry-After`, bounded by
     /// [`RetryPolicy::operation_timeout`]). `roles` are `(db, role)` pairs, e.g. `("admin", "root")`.
     pub async fn put_cluster_user(&self, cluster_resource_id: &str, principal_id: &str, roles: &[(String, String)]) -> Result<(), ArmError> {
+        let started = Instant::now();
+        let (put, done) = self.send_cluster_user(cluster_resource_id, principal_id, roles).await?;
+        if !done {
+            self.wait_for(&put.operation, &put.response, &put.url, started, LroKind::Create).await?;
+        }
+        tracing::info!(cluster = %put.cluster, principal_id, elapsed_ms = started.elapsed().as_millis() as u64, "registered cluster user");
+        Ok(())
+    }
+
+    /// Like [`ArmClient::put_cluster_user`], without waiting for the long-running operation:
+    /// `true` when ARM answered that it already succeeded. A caller that cannot wait (a reconcile)
+    /// reads [`ArmClient::get_cluster_user`]'s provisioning state later.
+    pub async fn begin_cluster_user(&self, cluster_resource_id: &str, principal_id: &str, roles: &[(String, String)]) -> Result<bool, ArmError> {
+        let (put, done) = self.send_cluster_user(cluster_resource_id, principal_id, roles).await?;
+        tracing::info!(cluster = %put.cluster, principal_id, done, "started registering cluster user");
+        Ok(done)
+    }
+
+    /// The PUT of a cluster user; `true` when no long-running operation follows.
+    async fn send_cluster_user(
+        &self,
+        cluster_resource_id: &str,
+        principal_id: &str,
+        roles: &[(String, String)],
+    ) -> Result<(UserPut, bool), ArmError> {
         let cluster = ClusterId::parse(cluster_resource_id)?;
         check_principal_id(principal_id)?;
         check_roles(roles)?;
         let url = self.url(&cluster.user_path(principal_id), MONGO_CLUSTER_API_VERSION)?;
         let body = user_body(roles);
         let operation = format!("registering principal {principal_id} as a user of {cluster}");
-        let started = Instant::now();
         let response = self.exchange(Method::PUT, &url, Some(&body)).await?;
         if !matches!(response.status, 200 | 201) {
             return Err(response.refusal(&Target::Cluster(&cluster)));
         }
         let state = provisioning_state(&response.body);
-        match state.as_deref() {
+        let done = match state.as_deref() {
             Some("Failed" | "Canceled") => return Err(operation_failed(&operation, &response.body, state.as_deref())),
-            Some("Succeeded") | None if response.header("azure-asyncoperation").is_none() => {}
-            _ => self.wait_for(&operation, &response, &url, started, LroKind::Create).await?,
-        }
-        tracing::info!(cluster = %cluster, principal_id, elapsed_ms = started.elapsed().as_millis() as u64, "registered cluster user");
-        Ok(())
+            Some("Succeeded") | None => response.header("azure-asyncoperation").is_none(),
+            _ => false,
+        };
+        Ok((UserPut { cluster, url, operation, response }, done))
     }
 
     /// Removes a cluster user and waits until it is gone. A user (or cluster) that does not
@@ -403,6 +434,71 @@ impl ArmClient {
             }
         }
         Ok(names)
+    }
+
+    /// Every federated identity credential of an identity, by name (at most
+    /// [`MAX_FEDERATED_CREDENTIALS`], one page). A missing identity is [`ArmError::IdentityNotFound`].
+    pub async fn list_federated_credentials(&self, identity_resource_id: &str) -> Result<Vec<(String, FederatedCredential)>, ArmError> {
+        #[derive(Deserialize)]
+        struct Page {
+            #[serde(default)]
+            value: Vec<Named>,
+        }
+        #[derive(Deserialize)]
+        struct Named {
+            name: String,
+            properties: FederatedCredential,
+        }
+        let identity = IdentityId::parse(identity_resource_id)?;
+        let url = self.url(&identity.credentials_path(), FEDERATED_CREDENTIAL_API_VERSION)?;
+        let response = self.exchange(Method::GET, &url, None).await?;
+        if response.status != 200 {
+            return Err(response.refusal(&Target::Identity(&identity)));
+        }
+        let page: Page = serde_json::from_slice(&response.body).map_err(|err| ArmError::UnexpectedResponse {
+            detail: format!("the federated identity credentials of {identity} are not a list of credentials: {err}"),
+        })?;
+        Ok(page.value.into_iter().map(|c| (c.name, c.properties)).collect())
+    }
+
+    /// A cluster user as ARM holds it, or `None` when the principal is not a user of the cluster.
+    /// A missing cluster is [`ArmError::ClusterNotFound`].
+    pub async fn get_cluster_user(&self, cluster_resource_id: &str, principal_id: &str) -> Result<Option<ClusterUser>, ArmError> {
+        let cluster = ClusterId::parse(cluster_resource_id)?;
+        check_principal_id(principal_id)?;
+        let url = self.url(&cluster.user_path(principal_id), MONGO_CLUSTER_API_VERSION)?;
+        let response = self.exchange(Method::GET, &url, None).await?;
+        match response.status {
+            200 => {}
+            // A 404 names either the user or the cluster; the cluster's GET says which.
+            404 => return self.cluster_allowed_modes(cluster_resource_id).await.map(|_| None),
+            _ => return Err(response.refusal(&Target::Cluster(&cluster))),
+        }
+        let value: Value = serde_json::from_slice(&response.body)
+            .map_err(|err| ArmError::UnexpectedResponse { detail: format!("the cluster user {principal_id} of {cluster} is not JSON: {err}") })?;
+        let roles = value["properties"]["roles"]
+            .as_array()
+            .map(|roles| roles.iter().filter_map(|r| Some((r["db"].as_str()?.to_string(), r["role"].as_str()?.to_string()))).collect::<Vec<_>>())
+            .unwrap_or_default();
+        let state = value["properties"]["provisioningState"].as_str().unwrap_or("Succeeded").to_string();
+        Ok(Some(ClusterUser { roles, provisioning_state: state }))
+    }
+
+    /// The sign-in modes a cluster allows (`properties.authConfig.allowedModes`, e.g.
+    /// `NativeAuth`, `MicrosoftEntraID`). A missing cluster is [`ArmError::ClusterNotFound`].
+    pub async fn cluster_allowed_modes(&self, cluster_resource_id: &str) -> Result<Vec<String>, ArmError> {
+        let cluster = ClusterId::parse(cluster_resource_id)?;
+        let url = self.url(cluster.as_str(), MONGO_CLUSTER_API_VERSION)?;
+        let response = self.exchange(Method::GET, &url, None).await?;
+        if response.status != 200 {
+            return Err(response.refusal(&Target::Cluster(&cluster)));
+        }
+        let value: Value = serde_json::from_slice(&response.body)
+            .map_err(|err| ArmError::UnexpectedResponse { detail: format!("the cluster {cluster} is not JSON: {err}") })?;
+        Ok(value["properties"]["authConfig"]["allowedModes"]
+            .as_array()
+            .map(|modes| modes.iter().filter_map(|m| m.as_str().map(str::to_string)).collect())
+            .unwrap_or_default())
     }
 
     /// GET of a federated identity credential; `None` on 404 (credential or identity missing).
@@ -525,6 +621,14 @@ impl ArmClient {
             Failure::Cancelled { .. } => ArmError::Cancelled,
         })
     }
+}
+
+/// A cluster user's PUT, accepted.
+struct UserPut {
+    cluster: ClusterId,
+    url: Url,
+    operation: String,
+    response: Response,
 }
 
 /// A failed attempt of one request.
@@ -838,6 +942,10 @@ impl IdentityId {
         self.0.to_ascii_lowercase()
     }
 
+    fn credentials_path(&self) -> String {
+        format!("{}/federatedIdentityCredentials", self.0)
+    }
+
     fn credential_path(&self, name: &str) -> String {
         format!("{}/federatedIdentityCredentials/{name}", self.0)
     }
@@ -856,6 +964,10 @@ struct ClusterId(String);
 impl ClusterId {
     fn parse(id: &str) -> Result<Self, ArmError> {
         parse_resource_id(id, "an Azure DocumentDB cluster", "Microsoft.DocumentDB", "mongoClusters").map(Self)
+    }
+
+    fn as_str(&self) -> &str {
+        &self.0
     }
 
     fn users_path(&self) -> String {

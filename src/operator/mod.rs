@@ -7,13 +7,16 @@
 //! replicator). Only the holder of a `coordination.k8s.io` Lease reconciles; a replica that
 //! loses the lease exits, and its successor takes over.
 
+pub mod binding;
 pub mod children;
 pub mod config;
+pub mod identity;
 pub mod metrics;
 pub mod reconcile;
 pub mod status;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,10 +33,14 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
+use self::binding::AzureAccess;
 use self::children::{ChildSettings, FIELD_MANAGER};
 use self::metrics::OperatorMetrics;
 use self::reconcile::{Context, ReconcileError};
+use crate::auth::oidc::{EntraMetrics, Identity, TokenSource};
+use crate::azure::arm::{ArmClient, RetryPolicy};
 use crate::crd::MongoReplication;
+use crate::https::HttpsTransport;
 use crate::telemetry::{self, Health};
 
 /// How the operator runs.
@@ -56,6 +63,19 @@ pub struct Settings {
     pub resync: Duration,
     /// How long the replicator's writes may fail before the replication is `Stalled`.
     pub stall_after: Duration,
+    pub azure: AzureSettings,
+}
+
+/// How the operator reaches Azure for identity bindings.
+#[derive(Clone, Debug)]
+pub struct AzureSettings {
+    pub arm_endpoint: String,
+    /// The operator's own workload identity (scope: ARM); `None` when its pod has none.
+    pub identity: Option<Identity>,
+    /// The cluster's service-account issuer; `None`: OIDC discovery.
+    pub cluster_issuer: Option<String>,
+    /// Extra CA certificates for ARM.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Why the operator stopped.
@@ -69,6 +89,8 @@ pub enum OperatorError {
     Lease(String),
     #[error("lost the leader lease {0}; exiting so that another replica takes over")]
     LostLease(String),
+    #[error("cannot set up the Azure Resource Manager client: {0}")]
+    Azure(String),
 }
 
 /// Runs the operator until `shutdown` fires (SIGTERM), or it loses the lease.
@@ -129,6 +151,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         children: settings.children.clone(),
         resync: settings.resync,
         stall_after: settings.stall_after,
+        azure: AzureAccess::new(arm_client(&settings.azure, &shutdown)?, settings.azure.cluster_issuer.clone()),
     });
     let watch = watcher::Config::default().any_semantic();
     let scopes: Vec<Option<String>> =
@@ -184,6 +207,25 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     drop(lease_holder);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The operator's ARM client, when it has an Azure identity. A reconcile must not sit out long
+/// waits, so a request gives up sooner than the client's default: the binding reports
+/// `ArmThrottled` (or the like) and the reconcile comes back after ARM's `Retry-After`.
+fn arm_client(settings: &AzureSettings, shutdown: &CancellationToken) -> Result<Option<ArmClient>, OperatorError> {
+    let Some(identity) = settings.identity.clone() else {
+        tracing::info!(
+            "no Azure identity (AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_FEDERATED_TOKEN_FILE): replications that ask the operator to bind identities report OperatorIdentityMissing"
+        );
+        return Ok(None);
+    };
+    tracing::info!(client_id = %identity.client_id, arm = %settings.arm_endpoint, "binding identities in Azure as the operator's own workload identity");
+    let azure = |e: &dyn std::fmt::Display| OperatorError::Azure(e.to_string());
+    let tokens = TokenSource::new(identity, EntraMetrics::new()).map_err(|e| azure(&e))?;
+    let transport = HttpsTransport::new(settings.ca_file.as_deref()).map_err(|e| azure(&e))?;
+    let policy = RetryPolicy { max_attempts: 4, budget: Duration::from_secs(30), request_timeout: Duration::from_secs(20), ..RetryPolicy::default() };
+    let client = ArmClient::new(&settings.arm_endpoint, Arc::new(tokens), Arc::new(transport)).map_err(|e| azure(&e))?;
+    Ok(Some(client.with_retry_policy(policy).with_cancellation(shutdown.child_token())))
 }
 
 /// An API of namespaced objects in one namespace, or in all.

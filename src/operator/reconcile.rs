@@ -23,10 +23,12 @@ use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::binding::{self, AzureAccess};
 use super::children::{self, ChildSettings, FIELD_MANAGER, Names, REPLICATION_LABEL};
+use super::identity::{self, Binding, FINALIZER, IDENTITY_BOUND};
 use super::metrics::OperatorMetrics;
 use super::status::{self, Observed, Replicator, Validation};
-use crate::crd::{MongoReplication, MongoReplicationStatus};
+use crate::crd::{AzureObjectKind, MongoReplication, MongoReplicationStatus};
 use crate::reason::Reason;
 use crate::replicator::namespace::NamespaceMap;
 
@@ -34,8 +36,10 @@ use crate::replicator::namespace::NamespaceMap;
 const API_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often while something is in progress.
 const WHILE_IN_PROGRESS: Duration = Duration::from_secs(5);
-/// Wait before a validation that may pass with time (70021, unreachable) runs again.
-const VALIDATION_RETRY: Duration = Duration::from_secs(15);
+/// Shortest and longest wait before a validation that may pass with time (70021 while a new
+/// federated credential propagates, an endpoint not reachable yet) runs again; the wait grows
+/// with how long it has been failing.
+const VALIDATION_RETRY: (Duration, Duration) = (Duration::from_secs(5), Duration::from_secs(120));
 /// Reasons of a failed validation that waiting may fix.
 const RETRYABLE_VALIDATION: &[Reason] =
     &[Reason::NoFederatedCredential, Reason::EntraUnreachable, Reason::EntraTimeout, Reason::EndpointUnreachable, Reason::Timeout];
@@ -52,6 +56,8 @@ pub struct Context {
     pub resync: Duration,
     /// How long the replicator's writes may fail before the replication is `Stalled`.
     pub stall_after: Duration,
+    /// ARM and the cluster's issuer, for identity bindings.
+    pub azure: AzureAccess,
 }
 
 /// Why a reconcile failed; the controller retries it with backoff.
@@ -81,7 +87,7 @@ impl ReconcileError {
 }
 
 /// Runs one API call with the per-call timeout.
-async fn call<T>(what: impl Into<String>, fut: impl Future<Output = Result<T, kube::Error>>) -> Result<T, ReconcileError> {
+pub(super) async fn call<T>(what: impl Into<String>, fut: impl Future<Output = Result<T, kube::Error>>) -> Result<T, ReconcileError> {
     let what = what.into();
     match tokio::time::timeout(API_TIMEOUT, fut).await {
         Ok(result) => result.map_err(|source| ReconcileError::Api { what, source }),
@@ -137,33 +143,118 @@ pub async fn reconcile(replication: Arc<MongoReplication>, ctx: Arc<Context>) ->
 
 async fn reconcile_inner(replication: &MongoReplication, ctx: &Context) -> Result<Action, ReconcileError> {
     if replication.metadata.deletion_timestamp.is_some() {
-        // Children are owned: the garbage collector removes them.
-        return Ok(Action::await_change());
+        return release_identities(ctx, replication).await;
     }
     let namespace = replication.namespace().unwrap_or_default();
     let apis = Apis::new(&ctx.client, &namespace);
     let secrets = observe_secrets(&apis, replication).await?;
     let plan = plan(replication, &secrets, &ctx.children)?;
-    let (validation, retry_due) = observe_validation_of(&apis, &plan.names.job).await?;
+    let binding = match plan.spec_error {
+        None => binding::bind(&ctx.client, &ctx.azure, replication, &plan.names.replicator).await?,
+        // A spec that cannot work binds nothing either.
+        Some(_) => Binding::NotNeeded,
+    };
+    let retry_wait = validation_retry_wait(replication.status.as_ref());
+    let (validation, retry_due) = observe_validation_of(&apis, &plan.names.job, retry_wait).await?;
     let validation = name_the_subject(validation, &namespace, &plan.names.replicator);
+    let validation = explain_propagation(validation, replication.status.as_ref());
     let validation = if plan.spec_error.is_none() {
         let validation = rerun_validation_when_due(&apis, &plan.names.job, validation, retry_due).await?;
-        apply_children(&apis, replication, &plan, &validation, &ctx.children).await?;
+        apply_children(&apis, replication, &plan, &validation, binding.is_done(), &ctx.children).await?;
         validation
     } else {
         // A spec that cannot work changes nothing that runs; the status says why.
         validation
     };
     let replicator = observe_replicator(&apis, &replication.name_any(), &plan.names.replicator, &plan.hash).await?;
-    let (observed, failing_for) = observe_all(replication, plan, validation, replicator, ctx.stall_after);
+    let (observed, failing_for) = observe_all(replication, plan, binding, validation, replicator, ctx.stall_after);
     let new = write_status(ctx, replication, &observed).await?;
+    if let Binding::Failed { retry_after, .. } = &observed.binding {
+        // Not the in-progress pace: a failing ARM call is tried again with backoff.
+        return Ok(Action::requeue(identity::backoff(failing_since(&new, IDENTITY_BOUND), *retry_after)));
+    }
     let in_progress = new.conditions.iter().any(|c| c.type_ == status::RECONCILING && c.status == "True");
-    let mut requeue = if matches!(observed.validation, Validation::Failed { retrying: true, .. }) { VALIDATION_RETRY } else { ctx.resync };
+    let mut requeue = if matches!(observed.validation, Validation::Failed { retrying: true, .. }) { retry_wait } else { ctx.resync };
     if let Some(failing) = failing_for.filter(|f| *f < ctx.stall_after) {
         // Look again when failing writes would cross the threshold: nothing else may trigger it.
         requeue = requeue.min(ctx.stall_after - failing + Duration::from_secs(1));
     }
     Ok(Action::requeue(if in_progress { requeue.min(WHILE_IN_PROGRESS) } else { requeue }))
+}
+
+/// How long a condition has had its current status (zero when it is absent).
+fn failing_since(status: &MongoReplicationStatus, type_: &str) -> Duration {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| k8s_openapi::jiff::Timestamp::now().duration_since(c.last_transition_time.0).as_secs().max(0) as u64)
+        .map_or(Duration::ZERO, Duration::from_secs)
+}
+
+/// The wait before a retryable validation failure runs again: it grows with how long
+/// `ConnectivityValidated` has been failing.
+fn validation_retry_wait(status: Option<&MongoReplicationStatus>) -> Duration {
+    let failing = status
+        .filter(|s| s.conditions.iter().any(|c| c.type_ == status::CONNECTIVITY_VALIDATED && c.status == "False"))
+        .map_or(Duration::ZERO, |s| failing_since(s, status::CONNECTIVITY_VALIDATED));
+    crate::retry::proportional(failing, VALIDATION_RETRY.0, VALIDATION_RETRY.1)
+}
+
+/// Step, for a MongoReplication being deleted: the Azure objects the operator created go first
+/// (the finalizer holds it until then); children are owned, so the garbage collector removes
+/// them. A failing cleanup says why in the status and an Event, and backs off.
+async fn release_identities(ctx: &Context, replication: &MongoReplication) -> Result<Action, ReconcileError> {
+    if !replication.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    match binding::release(&ctx.client, &ctx.azure, replication).await? {
+        Ok(()) => Ok(Action::await_change()),
+        Err(Binding::Failed { reason, message, retry_after, .. }) => {
+            let message = format!(
+                "{message}; the MongoReplication is deleted once the Azure objects the operator created are removed (annotate it {}=true to leave them)",
+                identity::KEEP_ANNOTATION
+            );
+            let old = replication.status.as_ref();
+            let new = status::releasing(old, &reason, &message, &Time(k8s_openapi::jiff::Timestamp::now()));
+            if status::differs(old, &new) {
+                let (namespace, name) = (replication.namespace().unwrap_or_default(), replication.name_any());
+                patch_status(&ctx.client, &namespace, &name, &new).await?;
+                for condition in status::transitions(old, &new) {
+                    publish(ctx, replication, &condition).await;
+                }
+            }
+            Ok(Action::requeue(identity::backoff(failing_since(&new, IDENTITY_BOUND), retry_after)))
+        }
+        Err(_) => Ok(Action::requeue(WHILE_IN_PROGRESS)),
+    }
+}
+
+/// A validation that fails with 70021 shortly after the operator created the federated
+/// credential is most likely Entra's propagation delay: the message says so.
+fn explain_propagation(validation: Validation, status: Option<&MongoReplicationStatus>) -> Validation {
+    let Validation::Failed { reason, message, retrying } = validation else { return validation };
+    let newest = status
+        .and_then(|s| s.azure.as_ref())
+        .into_iter()
+        .flat_map(|a| a.created.iter())
+        .filter(|o| o.kind == AzureObjectKind::FederatedIdentityCredential)
+        .filter_map(|o| o.since.parse::<k8s_openapi::jiff::Timestamp>().ok().map(|t| (t, o.id.rsplit('/').next().unwrap_or_default().to_string())))
+        .max_by_key(|(t, _)| *t);
+    let message = match newest {
+        Some((since, name)) if reason == Reason::NoFederatedCredential.as_str() => {
+            let age = k8s_openapi::jiff::Timestamp::now().duration_since(since).as_secs().max(0);
+            if age < 600 {
+                format!(
+                    "{message}; the operator created the federated identity credential {name} {age} s ago, and Microsoft Entra can take a few minutes to accept a new one"
+                )
+            } else {
+                message
+            }
+        }
+        _ => message,
+    };
+    Validation::Failed { reason, message, retrying }
 }
 
 /// The namespaced APIs one reconcile uses.
@@ -248,7 +339,7 @@ fn plan(replication: &MongoReplication, secrets: &ObservedSecrets, settings: &Ch
 
 /// Observe: the validation of this configuration, and whether a retryable failure is due to
 /// run again.
-async fn observe_validation_of(apis: &Apis, job_name: &str) -> Result<(Validation, bool), ReconcileError> {
+async fn observe_validation_of(apis: &Apis, job_name: &str, retry_wait: Duration) -> Result<(Validation, bool), ReconcileError> {
     let Some(job) = get_opt(&apis.jobs, job_name).await? else { return Ok((Validation::Running, false)) };
     let validation = observe_validation(&job, &apis.pods).await?;
     // When it failed: the Failed condition's time (a failed Job has no completion time).
@@ -258,7 +349,7 @@ async fn observe_validation_of(apis: &Apis, job_name: &str) -> Result<(Validatio
         failed_at.or(s.completion_time).or(s.start_time)
     });
     let waited = finished.map(|t| k8s_openapi::jiff::Timestamp::now().duration_since(t.0).as_secs() as u64).unwrap_or(u64::MAX);
-    Ok((validation, waited >= VALIDATION_RETRY.as_secs()))
+    Ok((validation, waited >= retry_wait.as_secs()))
 }
 
 /// Reasons of a federated credential that does not match this replication's pods.
@@ -299,6 +390,7 @@ async fn apply_children(
     replication: &MongoReplication,
     plan: &Plan,
     validation: &Validation,
+    identities_bound: bool,
     settings: &ChildSettings,
 ) -> Result<(), ReconcileError> {
     let run_replicator = *validation == Validation::Passed && !replication.spec.suspend;
@@ -309,7 +401,8 @@ async fn apply_children(
     apply(&Api::<Role>::namespaced(client.clone(), namespace), &built.role).await?;
     apply(&Api::<RoleBinding>::namespaced(client.clone(), namespace), &built.role_binding).await?;
     // A Job's template is immutable: it is created once per configuration, never re-applied.
-    if *validation == Validation::Running && get_opt(&apis.jobs, &plan.names.job).await?.is_none() {
+    // It waits for the identities: a validation before the credential exists only fails.
+    if *validation == Validation::Running && identities_bound && get_opt(&apis.jobs, &plan.names.job).await?.is_none() {
         apply(&apis.jobs, &built.job).await?;
     }
     remove_stale_jobs(&apis.jobs, &replication.name_any(), &plan.names.job).await?;
@@ -321,6 +414,7 @@ async fn apply_children(
 fn observe_all(
     replication: &MongoReplication,
     plan: Plan,
+    binding: Binding,
     validation: Validation,
     replicator: Replicator,
     stall_after: Duration,
@@ -335,6 +429,7 @@ fn observe_all(
     let observed = Observed {
         generation: replication.metadata.generation.unwrap_or_default(),
         spec_error: plan.spec_error,
+        binding,
         validation,
         suspended: replication.spec.suspend,
         replicator,
@@ -448,7 +543,7 @@ async fn remove_stale_jobs(jobs: &Api<Job>, replication: &str, current: &str) ->
 }
 
 /// The API resource of MongoReplications, for writes that must not depend on the object's shape.
-fn resource() -> ApiResource {
+pub(super) fn resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(crate::crd::GROUP, "v1alpha1", "MongoReplication"), "mongoreplications")
 }
 
@@ -497,6 +592,7 @@ pub async fn report_invalid(ctx: &Context, metadata: &ObjectMeta, error: &str) -
     let observed = Observed {
         generation: metadata.generation.unwrap_or_default(),
         spec_error: Some((Reason::InvalidSpec.to_string(), message.clone())),
+        binding: Binding::NotNeeded,
         validation: Validation::Running,
         suspended: false,
         replicator: Replicator::Stopped,

@@ -6,6 +6,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
+use super::identity::{Binding, IDENTITY_BOUND};
 use crate::crd::{MongoReplicationStatus, Phase, Progress};
 use crate::reason::Reason;
 
@@ -51,6 +52,8 @@ pub struct Observed {
     pub generation: i64,
     /// The spec cannot work as written (a missing Secret, an invalid namespace pattern).
     pub spec_error: Option<(String, String)>,
+    /// The Azure identity bindings (federated credentials, cluster users) the spec asks for.
+    pub binding: Binding,
     pub validation: Validation,
     pub suspended: bool,
     pub replicator: Replicator,
@@ -80,10 +83,35 @@ pub fn compute(old: Option<&MongoReplicationStatus>, observed: &Observed, now: &
     let mut stalled: Option<(String, String)> = observed.spec_error.clone();
     let mut reconciling: Option<(String, String)> = None;
 
+    // IdentityBound
+    match (&observed.spec_error, &observed.binding) {
+        (_, Binding::NotNeeded) | (Some(_), _) => {}
+        (None, Binding::Bound { message }) => conditions.push(condition(IDENTITY_BOUND, true, "Bound", message.clone())),
+        (None, Binding::InProgress { message }) => {
+            conditions.push(condition(IDENTITY_BOUND, false, "Binding", message.clone()));
+            reconciling = Some(("Binding".into(), message.clone()));
+        }
+        (None, Binding::Failed { reason, message, transient, .. }) => {
+            let shown = if *transient { format!("{message} (retrying)") } else { message.clone() };
+            conditions.push(condition(IDENTITY_BOUND, false, reason, shown.clone()));
+            if *transient {
+                reconciling = Some((reason.clone(), shown));
+            } else {
+                stalled = Some((reason.clone(), shown));
+            }
+        }
+    }
+    let binding_done = observed.binding.is_done();
+
     // ConnectivityValidated
     let validated = match (&observed.spec_error, &observed.validation) {
         (Some((reason, message)), _) => {
             conditions.push(condition(CONNECTIVITY_VALIDATED, false, reason, message.clone()));
+            false
+        }
+        (None, Validation::Running) if !binding_done => {
+            let message = "the validation starts once the Azure identities are bound (see IdentityBound)".to_string();
+            conditions.push(unknown(CONNECTIVITY_VALIDATED, "WaitingForIdentity", message));
             false
         }
         (None, Validation::Running) => {
@@ -206,6 +234,8 @@ pub fn compute(old: Option<&MongoReplicationStatus>, observed: &Observed, now: &
         Phase::Failed
     } else if observed.suspended {
         Phase::Suspended
+    } else if !validated && !binding_done {
+        Phase::Binding
     } else if !validated {
         Phase::Validating
     } else if replicating && phase_of_progress.as_deref() == Some("Snapshot") {
@@ -219,9 +249,31 @@ pub fn compute(old: Option<&MongoReplicationStatus>, observed: &Observed, now: &
         observed_generation: Some(generation),
         phase: Some(phase),
         conditions,
-        // The replicator's own field manager owns progress; the operator leaves it out.
+        // The replicator's own field manager owns progress, the identity steps' own owns azure.
         progress: None,
+        azure: None,
     }
+}
+
+/// The status of a MongoReplication being deleted whose Azure objects cannot be removed yet:
+/// the old conditions, with `IdentityBound` and `Ready` saying why it stays.
+pub fn releasing(old: Option<&MongoReplicationStatus>, reason: &str, message: &str, now: &Time) -> MongoReplicationStatus {
+    let mut status = old.cloned().unwrap_or_default();
+    status.progress = None;
+    status.azure = None;
+    for type_ in [IDENTITY_BOUND, READY] {
+        let unchanged = status.conditions.iter().find(|c| c.type_ == type_ && c.status == "False").map(|c| c.last_transition_time.clone());
+        status.conditions.retain(|c| c.type_ != type_);
+        status.conditions.push(Condition {
+            type_: type_.to_string(),
+            status: "False".into(),
+            reason: reason.to_string(),
+            message: message.to_string(),
+            observed_generation: status.observed_generation,
+            last_transition_time: unchanged.unwrap_or_else(|| now.clone()),
+        });
+    }
+    status
 }
 
 /// Whether two statuses differ in more than their transition times: an unchanged status is
@@ -266,6 +318,7 @@ mod tests {
         Observed {
             generation: 3,
             spec_error: None,
+            binding: Binding::NotNeeded,
             validation: Validation::Passed,
             suspended: false,
             replicator: Replicator::Running,
@@ -344,5 +397,34 @@ mod tests {
         assert_eq!(get(&third, REPLICATING).last_transition_time, time(120));
         let changed: Vec<_> = transitions(Some(&second), &third).into_iter().map(|c| c.type_).collect();
         assert!(changed.contains(&REPLICATING.to_string()), "{changed:?}");
+    }
+
+    #[test]
+    fn validation_waits_for_the_identities_and_a_binding_failure_says_who_must_act() {
+        let fresh =
+            Observed { validation: Validation::Running, replicator: Replicator::Stopped, progress: None, progress_current: false, ..observed() };
+        let binding = Observed { binding: Binding::InProgress { message: "registering principal p".into() }, ..fresh.clone() };
+        let status = compute(None, &binding, &time(1));
+        assert_eq!(status.phase, Some(Phase::Binding));
+        assert_eq!((get(&status, IDENTITY_BOUND).status.as_str(), get(&status, IDENTITY_BOUND).reason.as_str()), ("False", "Binding"));
+        assert_eq!(get(&status, CONNECTIVITY_VALIDATED).reason, "WaitingForIdentity");
+        assert_eq!(get(&status, RECONCILING).status, "True");
+
+        let throttled = Binding::Failed { reason: "ArmThrottled".into(), message: "throttled".into(), transient: true, retry_after: None };
+        let status = compute(None, &Observed { binding: throttled, ..fresh.clone() }, &time(1));
+        assert_eq!((get(&status, STALLED).status.as_str(), get(&status, RECONCILING).reason.as_str()), ("False", "ArmThrottled"));
+
+        let forbidden = Binding::Failed { reason: "ArmForbidden".into(), message: "grant a role".into(), transient: false, retry_after: None };
+        let status = compute(None, &Observed { binding: forbidden.clone(), ..fresh }, &time(1));
+        assert_eq!((status.phase, get(&status, STALLED).reason.as_str()), (Some(Phase::Failed), "ArmForbidden"));
+        assert_eq!(get(&status, READY).reason, "ArmForbidden");
+
+        // Bound: the condition is there and True; nothing to bind: no condition at all.
+        let status = compute(None, &Observed { binding: Binding::Bound { message: "in place".into() }, ..observed() }, &time(1));
+        assert_eq!((get(&status, IDENTITY_BOUND).status.as_str(), get(&status, READY).status.as_str()), ("True", "True"));
+        assert!(compute(None, &observed(), &time(1)).conditions.iter().all(|c| c.type_ != IDENTITY_BOUND));
+        // A running replication whose recheck fails for good is not Ready: a person must act.
+        let status = compute(None, &Observed { binding: forbidden, ..observed() }, &time(1));
+        assert_eq!(get(&status, READY).status, "False");
     }
 }
