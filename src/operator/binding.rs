@@ -10,12 +10,14 @@
 use std::time::{Duration, Instant};
 
 use kube::api::{Api, Patch, PatchParams};
+use kube::core::DeserializeGuard;
 use kube::core::DynamicObject;
+use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
+use super::api::{ReconcileError, call, resource};
 use super::identity::{self, Binding, CredentialStep, FINALIZER, KEEP_ANNOTATION, Recorded, UserStep, Wanted};
-use super::reconcile::{ReconcileError, call, resource};
 use crate::azure::arm::{ArmClient, ArmError};
 use crate::azure::issuer::{self, IssuerError};
 use crate::crd::{AzureBindings, AzureObject, AzureObjectKind, MongoReplication};
@@ -53,6 +55,36 @@ impl AzureAccess {
         tracing::info!(issuer = %issuer, "discovered the cluster's service-account issuer");
         *cached = Some((issuer.clone(), Instant::now()));
         Ok(issuer)
+    }
+}
+
+/// The MongoReplications the operator watches (its controllers' caches). A cluster user is
+/// named by principal alone, so replications may share one: whoever created it lists it, a
+/// replication that finds it listed by another lists it too (co-owner), and the last one that
+/// needs it removes it.
+#[derive(Default)]
+pub struct Peers(std::sync::RwLock<Vec<Store<DeserializeGuard<MongoReplication>>>>);
+
+impl Peers {
+    pub fn watch(&self, store: Store<DeserializeGuard<MongoReplication>>) {
+        self.0.write().unwrap_or_else(|p| p.into_inner()).push(store);
+    }
+
+    /// The other live replications, through `f`, until it returns true.
+    fn any_other(&self, me: &MongoReplication, f: impl Fn(&MongoReplication) -> bool) -> bool {
+        let stores = self.0.read().unwrap_or_else(|p| p.into_inner());
+        stores
+            .iter()
+            .flat_map(|s| s.state())
+            .any(|guard| guard.0.as_ref().ok().is_some_and(|r| r.uid() != me.uid() && r.metadata.deletion_timestamp.is_none() && f(r)))
+    }
+
+    fn want_user(&self, me: &MongoReplication, id: &str) -> bool {
+        self.any_other(me, |r| identity::wanted(r, "", "").users.iter().any(|u| u.id().eq_ignore_ascii_case(id)))
+    }
+
+    fn list_user(&self, me: &MongoReplication, id: &str) -> bool {
+        self.any_other(me, |r| r.status.as_ref().and_then(|s| s.azure.as_ref()).is_some_and(|a| identity::is_recorded(&a.created, id)))
     }
 }
 
@@ -154,8 +186,24 @@ fn keeps_objects(replication: &MongoReplication) -> bool {
 
 /// Step: bind what the spec names (federated credentials for the replicator's service account,
 /// cluster users) and remove what the operator created that it no longer names.
-pub async fn bind(client: &Client, azure: &AzureAccess, replication: &MongoReplication, service_account: &str) -> Result<Binding, ReconcileError> {
+pub async fn bind(
+    client: &Client,
+    azure: &AzureAccess,
+    peers: &Peers,
+    replication: &MongoReplication,
+    service_account: &str,
+) -> Result<Binding, ReconcileError> {
     let mut book = Book::open(client, replication);
+    let binding = bind_all(azure, peers, &mut book, service_account).await?;
+    // Only what was created holds the object: a refused create leaves no finalizer behind.
+    if book.bindings.created.is_empty() {
+        book.finalize(false).await?;
+    }
+    Ok(binding)
+}
+
+async fn bind_all(azure: &AzureAccess, peers: &Peers, book: &mut Book<'_>, service_account: &str) -> Result<Binding, ReconcileError> {
+    let (client, replication) = (book.client, book.replication);
     let issuer = if identity::asks_for_credentials(replication) {
         match azure.issuer(client).await {
             Ok(issuer) => issuer,
@@ -168,7 +216,6 @@ pub async fn bind(client: &Client, azure: &AzureAccess, replication: &MongoRepli
     };
     let wanted = identity::wanted(replication, &issuer, service_account);
     if wanted.is_empty() && book.bindings.created.is_empty() {
-        book.finalize(false).await?;
         return Ok(Binding::NotNeeded);
     }
     let hash = wanted.hash();
@@ -185,7 +232,7 @@ pub async fn bind(client: &Client, azure: &AzureAccess, replication: &MongoRepli
 
     let mut adopted = Vec::new();
     for wanted in &wanted.credentials {
-        match bind_credential(arm, &mut book, wanted).await? {
+        match bind_credential(arm, book, wanted).await? {
             Ok(Some(name)) => adopted.push(format!("credential {name} of {}", wanted.identity.rsplit('/').next().unwrap_or_default())),
             Ok(None) => {}
             Err(binding) => return Ok(binding),
@@ -193,7 +240,7 @@ pub async fn bind(client: &Client, azure: &AzureAccess, replication: &MongoRepli
     }
     let mut in_progress = Vec::new();
     for wanted in &wanted.users {
-        match bind_user(arm, &mut book, wanted).await? {
+        match bind_user(arm, book, peers, wanted).await? {
             Ok(None) => {}
             Ok(Some(message)) => in_progress.push(message),
             Err(binding) => return Ok(binding),
@@ -202,15 +249,12 @@ pub async fn bind(client: &Client, azure: &AzureAccess, replication: &MongoRepli
     if !in_progress.is_empty() {
         return Ok(Binding::InProgress { message: in_progress.join("; ") });
     }
-    if let Err(binding) = release_unwanted(arm, &mut book, &wanted).await? {
+    if let Err(binding) = release_unwanted(arm, book, peers, &wanted).await? {
         return Ok(binding);
     }
     book.bindings.bound_hash = Some(hash);
     book.bindings.checked_at = Some(now());
     book.save().await?;
-    if book.bindings.created.is_empty() {
-        book.finalize(false).await?;
-    }
     Ok(if wanted.is_empty() { Binding::NotNeeded } else { Binding::Bound { message: identity::bound_message(&wanted, &adopted) } })
 }
 
@@ -285,13 +329,22 @@ async fn bind_credential(
 }
 
 /// One cluster user: `Ok(Some(message))` while it is being provisioned.
-async fn bind_user(arm: &ArmClient, book: &mut Book<'_>, wanted: &identity::WantedUser) -> Result<Result<Option<String>, Binding>, ReconcileError> {
+async fn bind_user(
+    arm: &ArmClient,
+    book: &mut Book<'_>,
+    peers: &Peers,
+    wanted: &identity::WantedUser,
+) -> Result<Result<Option<String>, Binding>, ReconcileError> {
     let what = format!("cluster user {} of {}", wanted.principal_id, wanted.cluster);
     let current = match arm.get_cluster_user(&wanted.cluster, &wanted.principal_id).await {
         Ok(current) => current,
         Err(err) => return Ok(Err(failed(&format!("cannot read {what}"), &err))),
     };
     let id = wanted.id();
+    if current.is_some() && !book.lists(&id) && peers.list_user(book.replication, &id) {
+        // Another replication created it: share it, so the last one that needs it removes it.
+        book.list(AzureObjectKind::ClusterUser, id.clone()).await?;
+    }
     let step = identity::user_step(wanted, current.as_ref(), book.lists(&id));
     match step {
         UserStep::InPlace => Ok(Ok(None)),
@@ -325,16 +378,20 @@ async fn bind_user(arm: &ArmClient, book: &mut Book<'_>, wanted: &identity::Want
 
 /// Removes (or, with the keep annotation, forgets) what the record lists but the spec no longer
 /// names.
-async fn release_unwanted(arm: &ArmClient, book: &mut Book<'_>, wanted: &Wanted) -> Result<Result<(), Binding>, ReconcileError> {
+async fn release_unwanted(arm: &ArmClient, book: &mut Book<'_>, peers: &Peers, wanted: &Wanted) -> Result<Result<(), Binding>, ReconcileError> {
     let unwanted: Vec<AzureObject> = book.bindings.created.iter().filter(|o| !wanted.wants(&o.id)).cloned().collect();
-    remove(arm, book, &unwanted).await
+    remove(arm, book, peers, &unwanted).await
 }
 
-/// Deletes each object and unlists it; 404 counts as done. Stops at the first failure.
-async fn remove(arm: &ArmClient, book: &mut Book<'_>, objects: &[AzureObject]) -> Result<Result<(), Binding>, ReconcileError> {
+/// Deletes each object and unlists it; 404 counts as done. A cluster user another replication
+/// still needs is only unlisted. Stops at the first failure.
+async fn remove(arm: &ArmClient, book: &mut Book<'_>, peers: &Peers, objects: &[AzureObject]) -> Result<Result<(), Binding>, ReconcileError> {
     let keep = keeps_objects(book.replication);
     for object in objects {
-        if !keep {
+        let shared = object.kind == AzureObjectKind::ClusterUser && peers.want_user(book.replication, &object.id);
+        if shared {
+            tracing::info!(replication = %book.replication.name_any(), id = %object.id, "leaving a cluster user another replication still needs");
+        } else if !keep {
             let result = match Recorded::parse(object) {
                 Some(Recorded::Credential { identity, name }) => arm.delete_federated_credential(&identity, &name).await,
                 Some(Recorded::User { cluster, principal_id }) => arm.delete_cluster_user(&cluster, &principal_id).await,
@@ -357,12 +414,17 @@ async fn remove(arm: &ArmClient, book: &mut Book<'_>, objects: &[AzureObject]) -
 
 /// Step, for a MongoReplication being deleted: remove every object the record lists, then drop
 /// the finalizer. `Err(binding)` says why it cannot yet.
-pub async fn release(client: &Client, azure: &AzureAccess, replication: &MongoReplication) -> Result<Result<(), Binding>, ReconcileError> {
+pub async fn release(
+    client: &Client,
+    azure: &AzureAccess,
+    peers: &Peers,
+    replication: &MongoReplication,
+) -> Result<Result<(), Binding>, ReconcileError> {
     let mut book = Book::open(client, replication);
     if !book.bindings.created.is_empty() && !keeps_objects(replication) {
         let Some(arm) = azure.arm.as_ref() else { return Ok(Err(no_identity("the Azure objects the operator created must be removed"))) };
         let objects = book.bindings.created.clone();
-        if let Err(binding) = remove(arm, &mut book, &objects).await? {
+        if let Err(binding) = remove(arm, &mut book, peers, &objects).await? {
             return Ok(Err(binding));
         }
     }

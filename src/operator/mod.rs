@@ -7,6 +7,7 @@
 //! replicator). Only the holder of a `coordination.k8s.io` Lease reconciles; a replica that
 //! loses the lease exits, and its successor takes over.
 
+pub mod api;
 pub mod binding;
 pub mod children;
 pub mod config;
@@ -152,6 +153,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         resync: settings.resync,
         stall_after: settings.stall_after,
         azure: AzureAccess::new(arm_client(&settings.azure, &shutdown)?, settings.azure.cluster_issuer.clone()),
+        peers: Default::default(),
     });
     let watch = watcher::Config::default().any_semantic();
     let scopes: Vec<Option<String>> =
@@ -170,6 +172,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     for scope in &scopes {
         let controller = Controller::new(scoped::<DeserializeGuard<MongoReplication>>(&client, scope), watch.clone());
         let store = controller.store();
+        ctx.peers.watch(store.clone());
         let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=mongo-replicator-operator");
         let controller = controller
             .owns(scoped::<Job>(&client, scope), owned.clone())

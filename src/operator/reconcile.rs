@@ -15,15 +15,16 @@ use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Secret, Servic
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
-use kube::core::{DynamicObject, GroupVersionKind, ObjectMeta};
-use kube::discovery::ApiResource;
+use kube::core::{DynamicObject, ObjectMeta};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::binding::{self, AzureAccess};
+pub use super::api::ReconcileError;
+use super::api::{API_TIMEOUT, call, get_opt, resource};
+use super::binding::{self, AzureAccess, Peers};
 use super::children::{self, ChildSettings, FIELD_MANAGER, Names, REPLICATION_LABEL};
 use super::identity::{self, Binding, FINALIZER, IDENTITY_BOUND};
 use super::metrics::OperatorMetrics;
@@ -32,8 +33,6 @@ use crate::crd::{AzureObjectKind, MongoReplication, MongoReplicationStatus};
 use crate::reason::Reason;
 use crate::replicator::namespace::NamespaceMap;
 
-/// Longest wait for one API call; a slow apiserver fails the reconcile, which is retried.
-const API_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often while something is in progress.
 const WHILE_IN_PROGRESS: Duration = Duration::from_secs(5);
 /// Shortest and longest wait before a validation that may pass with time (70021 while a new
@@ -58,49 +57,8 @@ pub struct Context {
     pub stall_after: Duration,
     /// ARM and the cluster's issuer, for identity bindings.
     pub azure: AzureAccess,
-}
-
-/// Why a reconcile failed; the controller retries it with backoff.
-#[derive(Debug, thiserror::Error)]
-pub enum ReconcileError {
-    #[error("the Kubernetes API refused {what}: {source}")]
-    Api {
-        what: String,
-        #[source]
-        source: kube::Error,
-    },
-    #[error("the Kubernetes API did not answer {what} within {} s", API_TIMEOUT.as_secs())]
-    Timeout { what: String },
-    #[error("cannot encode the replicator's configuration: {0}")]
-    Encode(String),
-}
-
-impl ReconcileError {
-    /// Stable label of the `errors` metric.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            ReconcileError::Api { .. } => Reason::KubernetesApiError.as_str(),
-            ReconcileError::Timeout { .. } => Reason::KubernetesApiTimeout.as_str(),
-            ReconcileError::Encode(_) => Reason::ConfigEncodeFailed.as_str(),
-        }
-    }
-}
-
-/// Runs one API call with the per-call timeout.
-pub(super) async fn call<T>(what: impl Into<String>, fut: impl Future<Output = Result<T, kube::Error>>) -> Result<T, ReconcileError> {
-    let what = what.into();
-    match tokio::time::timeout(API_TIMEOUT, fut).await {
-        Ok(result) => result.map_err(|source| ReconcileError::Api { what, source }),
-        Err(_) => Err(ReconcileError::Timeout { what }),
-    }
-}
-
-/// `get`, with 404 as `None`.
-async fn get_opt<K>(api: &Api<K>, name: &str) -> Result<Option<K>, ReconcileError>
-where
-    K: Clone + DeserializeOwned + std::fmt::Debug,
-{
-    call(format!("get {name}"), api.get_opt(name)).await
+    /// Every MongoReplication the operator sees: cluster users may be shared between them.
+    pub peers: Peers,
 }
 
 /// Annotation on every child: a hash of what the operator last applied, so an unchanged child
@@ -150,7 +108,7 @@ async fn reconcile_inner(replication: &MongoReplication, ctx: &Context) -> Resul
     let secrets = observe_secrets(&apis, replication).await?;
     let plan = plan(replication, &secrets, &ctx.children)?;
     let binding = match plan.spec_error {
-        None => binding::bind(&ctx.client, &ctx.azure, replication, &plan.names.replicator).await?,
+        None => binding::bind(&ctx.client, &ctx.azure, &ctx.peers, replication, &plan.names.replicator).await?,
         // A spec that cannot work binds nothing either.
         Some(_) => Binding::NotNeeded,
     };
@@ -208,7 +166,7 @@ async fn release_identities(ctx: &Context, replication: &MongoReplication) -> Re
     if !replication.finalizers().iter().any(|f| f == FINALIZER) {
         return Ok(Action::await_change());
     }
-    match binding::release(&ctx.client, &ctx.azure, replication).await? {
+    match binding::release(&ctx.client, &ctx.azure, &ctx.peers, replication).await? {
         Ok(()) => Ok(Action::await_change()),
         Err(Binding::Failed { reason, message, retry_after, .. }) => {
             let message = format!(
@@ -216,7 +174,8 @@ async fn release_identities(ctx: &Context, replication: &MongoReplication) -> Re
                 identity::KEEP_ANNOTATION
             );
             let old = replication.status.as_ref();
-            let new = status::releasing(old, &reason, &message, &Time(k8s_openapi::jiff::Timestamp::now()));
+            let generation = replication.metadata.generation.unwrap_or_default();
+            let new = status::releasing(old, generation, &reason, &message, &Time(k8s_openapi::jiff::Timestamp::now()));
             if status::differs(old, &new) {
                 let (namespace, name) = (replication.namespace().unwrap_or_default(), replication.name_any());
                 patch_status(&ctx.client, &namespace, &name, &new).await?;
@@ -540,11 +499,6 @@ async fn remove_stale_jobs(jobs: &Api<Job>, replication: &str, current: &str) ->
         delete_job(jobs, &job.name_any()).await?;
     }
     Ok(())
-}
-
-/// The API resource of MongoReplications, for writes that must not depend on the object's shape.
-pub(super) fn resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(crate::crd::GROUP, "v1alpha1", "MongoReplication"), "mongoreplications")
 }
 
 /// One server-side apply of the operator's part of the status (never `progress`, which the

@@ -257,8 +257,13 @@ pub fn compute(old: Option<&MongoReplicationStatus>, observed: &Observed, now: &
 
 /// The status of a MongoReplication being deleted whose Azure objects cannot be removed yet:
 /// the old conditions, with `IdentityBound` and `Ready` saying why it stays.
-pub fn releasing(old: Option<&MongoReplicationStatus>, reason: &str, message: &str, now: &Time) -> MongoReplicationStatus {
+pub fn releasing(old: Option<&MongoReplicationStatus>, generation: i64, reason: &str, message: &str, now: &Time) -> MongoReplicationStatus {
     let mut status = old.cloned().unwrap_or_default();
+    // Deleting bumps the generation: the conditions speak for the object as it is now.
+    status.observed_generation = Some(generation);
+    for condition in &mut status.conditions {
+        condition.observed_generation = Some(generation);
+    }
     status.progress = None;
     status.azure = None;
     for type_ in [IDENTITY_BOUND, READY] {

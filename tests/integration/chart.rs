@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::support::{tempdir, yaml_documents};
 
-const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/mongo-replicator");
+pub(crate) const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/mongo-replicator");
 
 /// Runs `program` with `args`, feeding `stdin`; returns its output whatever its exit status.
 async fn run(program: &Path, args: &[&str], envs: &[(&str, &Path)], stdin: Option<&str>) -> Result<Output> {
@@ -34,24 +34,24 @@ async fn run(program: &Path, args: &[&str], envs: &[(&str, &Path)], stdin: Optio
     Ok(child.wait_with_output().await?)
 }
 
-fn text(output: &Output) -> String {
+pub(crate) fn text(output: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
 }
 
 /// helm with its config, cache and data in a directory of its own, so tests never read or write
 /// the user's helm settings.
-struct Helm {
+pub(crate) struct Helm {
     bin: PathBuf,
     home: tempdir::Dir,
 }
 
 impl Helm {
-    fn new() -> Result<Self> {
+    pub(crate) fn new() -> Result<Self> {
         Ok(Self { bin: mongo_replicator_lab::helm()?, home: tempdir::Dir::new("helm")? })
     }
 
     /// Runs helm with a values file holding `values` (YAML) after `args`.
-    async fn run(&self, args: &[&str], values: &str) -> Result<Output> {
+    pub(crate) async fn run(&self, args: &[&str], values: &str) -> Result<Output> {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let file = self.home.0.join(format!("values-{n}.yaml"));
@@ -62,7 +62,7 @@ impl Helm {
         self.run_without_values(&all).await
     }
 
-    async fn run_without_values(&self, args: &[&str]) -> Result<Output> {
+    pub(crate) async fn run_without_values(&self, args: &[&str]) -> Result<Output> {
         let dirs = [("HELM_CONFIG_HOME", "config"), ("HELM_CACHE_HOME", "cache"), ("HELM_DATA_HOME", "data")];
         let paths: Vec<(&str, PathBuf)> = dirs.iter().map(|(key, dir)| (*key, self.home.0.join(dir))).collect();
         let envs: Vec<(&str, &Path)> = paths.iter().map(|(key, path)| (*key, path.as_path())).collect();

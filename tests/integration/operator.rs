@@ -43,7 +43,8 @@ impl Operator {
 
     async fn start_on(kube: &KubeLab, dir: &Path, namespace: &str, env: &[(&str, &str)]) -> Result<Self> {
         let log = dir.join(format!("operator-{namespace}.log"));
-        let out = std::fs::File::create(&log)?;
+        // Appended: an operator restarted in the same namespace keeps its predecessor's log.
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
         let port = mongo_replicator_lab::process::free_port()?;
         let child = tokio::process::Command::new(REPLICATOR_BIN)
             .arg("operator")
@@ -73,6 +74,12 @@ impl Operator {
 
     pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no drain, no last write.
+    pub(crate) async fn kill(mut self) -> Result<()> {
+        self.child.kill().await?;
+        Ok(())
     }
 
     pub(crate) async fn stop(mut self) -> Result<Option<i32>> {

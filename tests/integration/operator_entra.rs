@@ -3,9 +3,11 @@
 //! tenant ids, ARM ids, connection strings) pointed at the lab, and reaches `Ready=True` with the
 //! data in the target checked by the workload comparer. The pods get their identity from the
 //! real workload identity webhook and exchange the projected token at the Entra double; DocumentDB
-//! clusters are SecantusDB servers behind the lab's MONGODB-OIDC gateway. Until the identity
-//! issue lands, the tests create the federated credentials and cluster users in the ARM double,
-//! for the subject `system:serviceaccount:<namespace>:<name>-replicator`.
+//! clusters are SecantusDB servers behind the lab's MONGODB-OIDC gateway. The operator has its
+//! own workload identity (as the chart gives it) and binds what an example names
+//! (`managedIdentityResourceId`, `clusterUser`) through the ARM double; for the examples that
+//! leave them out, the tests register the federated credentials and cluster users as a user
+//! would, for the subject `system:serviceaccount:<namespace>:<name>-replicator`.
 //!
 //! Then each Entra failure the validator knows, through the operator: its own condition reason,
 //! a message a person can act on, never a token or a trace id.
@@ -18,7 +20,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, ServiceAccount};
 use kube::api::{Api, ListParams, LogParams};
 use mongo_replicator::crd::{MongoReplication, Phase};
 use mongo_replicator::operator::config::{CONFIG_DIR, ENTRA_CA_KEY};
-use mongo_replicator_lab::azure::{AzureLab, LabIdentity};
+use mongo_replicator_lab::azure::{AzureLab, LabIdentity, PodIdentity};
 use mongo_replicator_lab::entra::{EntraOptions, TOKEN_EXCHANGE_AUDIENCE};
 use mongo_replicator_lab::gateway::OidcGateway;
 use mongo_replicator_lab::node::{NODE_ADDRESS, NodeLab, Relay};
@@ -32,16 +34,16 @@ use crate::support::{eventually, install_crd, yaml_documents};
 const REPLICATOR_BIN: &str = env!("CARGO_BIN_EXE_mongo-replicator");
 
 /// The Entra and ARM doubles, reachable from pods on the node's address.
-struct EntraLab {
-    azure: AzureLab,
+pub(crate) struct EntraLab {
+    pub(crate) azure: AzureLab,
     _relay: Relay,
 }
 
 /// An Azure DocumentDB cluster of the lab: SecantusDB behind a login gateway that pods reach.
-struct Cluster {
-    server: SecantusServer,
-    gateway: OidcGateway,
-    id: String,
+pub(crate) struct Cluster {
+    pub(crate) server: SecantusServer,
+    pub(crate) gateway: OidcGateway,
+    pub(crate) id: String,
     _relay: Relay,
 }
 
@@ -53,8 +55,11 @@ impl Cluster {
     }
 }
 
+/// The ServiceAccount the operator runs as (the chart's default name).
+pub(crate) const OPERATOR_SERVICE_ACCOUNT: &str = "mongo-replicator-operator";
+
 impl EntraLab {
-    async fn start(node: &NodeLab) -> Result<Self> {
+    pub(crate) async fn start(node: &NodeLab) -> Result<Self> {
         let azure = AzureLab::start_with_ips(node.kube(), EntraOptions::default(), &[NODE_ADDRESS.into()]).await?;
         let relay = Relay::start(azure.entra.port()).await?;
         Ok(Self { azure, _relay: relay })
@@ -63,13 +68,47 @@ impl EntraLab {
     /// The operator, set up as on a cluster whose pods reach Entra through a private authority
     /// (the webhook's `AZURE_AUTHORITY_HOST` names the public cloud).
     async fn operator(&self, node: &NodeLab, ns: &str) -> Result<Operator> {
-        let authority = format!("https://{NODE_ADDRESS}:{}/", self.azure.entra.port());
-        let ca = self.azure.ca_file().display().to_string();
-        Operator::start_with_env(node, ns, &[("MREP_ENTRA_AUTHORITY_HOST", &authority), ("MREP_ENTRA_CA_FILE", &ca)]).await
+        Ok(self.operator_with_identity(node, ns, &[]).await?.0)
+    }
+
+    /// The operator with its own Azure identity, as `azureWorkloadIdentity` of the chart gives
+    /// it (see [`EntraLab::operator_env`]), and `env` on top.
+    pub(crate) async fn operator_with_identity(&self, node: &NodeLab, ns: &str, env: &[(&str, &str)]) -> Result<(Operator, LabIdentity)> {
+        let (mut all, identity) = self.operator_env(node, ns).await?;
+        all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let refs: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Ok((Operator::start_with_env(node, ns, &refs).await?, identity))
+    }
+
+    /// What an operator process needs to act as its own Azure identity: a managed identity
+    /// trusting the operator's ServiceAccount (created once by an administrator, long before),
+    /// the projected token the webhook would mount, and where ARM and Entra are.
+    pub(crate) async fn operator_env(&self, node: &NodeLab, ns: &str) -> Result<(Vec<(String, String)>, LabIdentity)> {
+        let kube = node.kube();
+        let client = kube.client().await?;
+        let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": OPERATOR_SERVICE_ACCOUNT}}))?;
+        let sas = Api::<ServiceAccount>::namespaced(client, ns);
+        if sas.get_opt(OPERATOR_SERVICE_ACCOUNT).await?.is_none() {
+            sas.create(&Default::default(), &sa).await?;
+        }
+        let identity = self.identity("mongo-replicator-operator");
+        let subject = format!("system:serviceaccount:{ns}:{OPERATOR_SERVICE_ACCOUNT}");
+        self.azure.add_federated_credential(&identity, "operator", kube.issuer(), &subject, TOKEN_EXCHANGE_AUDIENCE).await?;
+        self.azure.arm.backdate_credentials(&identity.resource_id, Duration::from_secs(3600));
+        let token = PodIdentity::mint(kube, self.azure.dir(), ns, OPERATOR_SERVICE_ACCOUNT).await?;
+        let env = vec![
+            ("MREP_ENTRA_AUTHORITY_HOST".to_string(), format!("https://{NODE_ADDRESS}:{}/", self.azure.entra.port())),
+            ("MREP_ENTRA_CA_FILE".to_string(), self.azure.ca_file().display().to_string()),
+            ("MREP_ARM_ENDPOINT".to_string(), self.azure.arm.url()),
+            ("AZURE_CLIENT_ID".to_string(), identity.client_id.clone()),
+            ("AZURE_TENANT_ID".to_string(), self.azure.tenant_id().to_string()),
+            ("AZURE_FEDERATED_TOKEN_FILE".to_string(), token.token_file.display().to_string()),
+        ];
+        Ok((env, identity))
     }
 
     /// A cluster (name: `<prefix>-<random>`) with `users` registered as cluster users.
-    async fn cluster(&self, prefix: &str, users: &[&LabIdentity]) -> Result<Cluster> {
+    pub(crate) async fn cluster(&self, prefix: &str, users: &[&LabIdentity]) -> Result<Cluster> {
         let server = SecantusServer::start(SecantusOptions::default()).await?;
         let id = self.azure.create_cluster(&format!("{prefix}-{}", rand::random::<u16>()));
         for identity in users {
@@ -80,7 +119,7 @@ impl EntraLab {
         Ok(Cluster { server, gateway, id, _relay: relay })
     }
 
-    fn identity(&self, prefix: &str) -> LabIdentity {
+    pub(crate) fn identity(&self, prefix: &str) -> LabIdentity {
         self.azure.create_identity(&format!("{prefix}-{}", rand::random::<u32>()))
     }
 
@@ -92,7 +131,7 @@ impl EntraLab {
 }
 
 /// The Secrets and the MongoReplication of `examples/<file>`.
-fn example(file: &str) -> Result<(Vec<Value>, Value)> {
+pub(crate) fn example(file: &str) -> Result<(Vec<Value>, Value)> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(file);
     let docs = yaml_documents(&std::fs::read_to_string(&path)?).with_context(|| path.display().to_string())?;
     let secrets = docs.iter().filter(|d| d["kind"] == "Secret").cloned().collect();
@@ -102,7 +141,7 @@ fn example(file: &str) -> Result<(Vec<Value>, Value)> {
 
 /// Points an `auth: entra` endpoint of an example at a lab cluster and identity, keeping
 /// everything else (roles, scope, which fields are set).
-fn point_entra(endpoint: &mut Value, cluster: &Cluster, identity: &LabIdentity, tenant: &str) {
+pub(crate) fn point_entra(endpoint: &mut Value, cluster: &Cluster, identity: &LabIdentity, tenant: &str) {
     endpoint["uri"] = json!(cluster.uri_in_pod());
     let entra = &mut endpoint["entra"];
     entra["clientId"] = json!(identity.client_id);
@@ -117,7 +156,7 @@ fn point_entra(endpoint: &mut Value, cluster: &Cluster, identity: &LabIdentity, 
 }
 
 /// The lab node is small: the example's resource requests are scaled down, its shape kept.
-fn fit_to_lab(replication: &mut Value) {
+pub(crate) fn fit_to_lab(replication: &mut Value) {
     if let Some(settings) = replication["spec"].get_mut("replicator").and_then(Value::as_object_mut) {
         settings.remove("resources");
     }
@@ -125,7 +164,7 @@ fn fit_to_lab(replication: &mut Value) {
 
 /// What must never show a token: the operator's log, the object's status, Events, ConfigMaps,
 /// and the logs of every pod in the namespace (validation and replicator).
-async fn assert_no_token_shown(client: &kube::Client, ns: &str, name: &str, operator: &Operator) -> Result<()> {
+pub(crate) async fn assert_no_token_shown(client: &kube::Client, ns: &str, name: &str, operator: &Operator) -> Result<()> {
     let mut shown = vec![("operator log".to_string(), operator.log())];
     let r = Api::<MongoReplication>::namespaced(client.clone(), ns).get(name).await?;
     shown.push(("status".into(), serde_json::to_string(&r.status)?));
@@ -172,8 +211,12 @@ async fn converge_all(src: &mongodb::Client, dst: &mongodb::Client, operator: &O
     eventually(Duration::from_secs(120), || workload::assert_same_all(src, dst)).await.with_context(|| operator.log_tail(15))
 }
 
+/// Propagation delay of new federated credentials in the Entra double: the first validation of
+/// a just-bound replication fails with 70021, as on Azure, and passes when it is rerun.
+const PROPAGATION: Duration = Duration::from_secs(10);
+
 #[tokio::test]
-async fn the_documentdb_disaster_recovery_example_replicates_entra_to_entra() -> Result<()> {
+async fn the_documentdb_disaster_recovery_example_binds_its_identities_and_replicates_entra_to_entra() -> Result<()> {
     let node = NodeLab::shared(Path::new(REPLICATOR_BIN)).await?;
     let kube = node.kube();
     let client = kube.client().await?;
@@ -184,12 +227,11 @@ async fn the_documentdb_disaster_recovery_example_replicates_entra_to_entra() ->
     let (_, mut object) = example("orders-dr.yaml")?;
     let name = object["metadata"]["name"].as_str().context("no name")?.to_string();
 
-    // Two identities: one reads the primary, the other writes the DR cluster.
+    // Two identities, one reads the primary, the other writes the DR cluster; nothing is
+    // registered for them: no federated credential, no cluster user.
     let (reader, writer) = (lab.identity("orders-reader"), lab.identity("orders-dr-writer"));
-    lab.trust(&reader, kube.issuer(), &ns, &name).await?;
-    lab.trust(&writer, kube.issuer(), &ns, &name).await?;
-    let primary = lab.cluster("orders", &[&reader]).await?;
-    let dr = lab.cluster("orders-dr", &[&writer]).await?;
+    let primary = lab.cluster("orders", &[]).await?;
+    let dr = lab.cluster("orders-dr", &[]).await?;
     point_entra(&mut object["spec"]["source"], &primary, &reader, &tenant);
     point_entra(&mut object["spec"]["target"], &dr, &writer, &tenant);
     fit_to_lab(&mut object);
@@ -198,18 +240,48 @@ async fn the_documentdb_disaster_recovery_example_replicates_entra_to_entra() ->
     let spec = WorkloadSpec { seed: 71, initial_docs_per_collection: 200, ..Default::default() };
     workload::seed(&src, &spec).await?;
 
-    let operator = lab.operator(node, &ns).await?;
+    let (operator, _) = lab.operator_with_identity(node, &ns, &[]).await?;
+    lab.azure.entra.set_propagation_delay(PROPAGATION);
     let api: Api<MongoReplication> = Api::namespaced(client.clone(), &ns);
     let applied = Instant::now();
     apply(&api, &object).await?;
+    let bound = wait_condition(&api, &name, "IdentityBound", "True", None, Some(&operator)).await?;
+    let to_bound = applied.elapsed();
     let validated = wait_condition(&api, &name, "ConnectivityValidated", "True", None, Some(&operator)).await?;
     let to_validated = applied.elapsed();
     let ready = wait_condition(&api, &name, "Ready", "True", None, Some(&operator)).await?;
-    eprintln!("orders-dr (Entra -> Entra): apply to ConnectivityValidated {to_validated:.1?}, to Ready {:.1?}", applied.elapsed());
+    eprintln!(
+        "orders-dr (Entra -> Entra, nothing pre-registered, {PROPAGATION:?} propagation): apply to IdentityBound {to_bound:.1?}, to ConnectivityValidated {to_validated:.1?}, to Ready {:.1?}",
+        applied.elapsed()
+    );
     ensure!(condition(&ready, "Stalled").is_some_and(|c| c.status == "False"), "{:?}", ready.status);
     ensure!(validated.status.as_ref().is_some_and(|s| s.observed_generation == validated.metadata.generation));
     let phase = ready.status.as_ref().and_then(|s| s.phase);
     ensure!(matches!(phase, Some(Phase::Streaming | Phase::Snapshotting)), "phase {phase:?}");
+
+    // What the operator created: one credential per identity, exactly as Entra compares it, and
+    // both cluster users with the example's roles; all of it listed in the status.
+    let subject = format!("system:serviceaccount:{ns}:{name}-replicator");
+    for identity in [&reader, &writer] {
+        let credentials = lab.azure.arm.identity(&identity.resource_id).context("identity gone")?.credentials;
+        ensure!(credentials.len() == 1, "{} holds {credentials:?}", identity.name);
+        let c = &credentials[0];
+        ensure!(c.issuer == kube.issuer() && c.subject == subject && c.audiences == [TOKEN_EXCHANGE_AUDIENCE], "{c:?}");
+        ensure!(c.name.starts_with(&format!("mrep-{ns}-{name}-")), "not named as ours: {}", c.name);
+    }
+    ensure!(lab.azure.arm.is_cluster_user(&primary.id, &reader.principal_id) && lab.azure.arm.is_cluster_user(&dr.id, &writer.principal_id));
+    let created = bound.status.as_ref().and_then(|s| s.azure.as_ref()).map(|a| a.created.clone()).unwrap_or_default();
+    ensure!(created.len() == 4, "status.azure.created: {created:?}");
+    ensure!(bound.metadata.finalizers.iter().flatten().any(|f| f == "mongo-replicator.io/azure-cleanup"), "no finalizer");
+    // The first validation ran into the propagation delay and said so.
+    let events = Api::<Event>::namespaced(client.clone(), &ns).list(&ListParams::default()).await?.items;
+    let propagation =
+        events.iter().filter_map(|e| e.message.as_deref()).find(|m| m.contains("NoFederatedCredential") || m.contains("can take a few minutes"));
+    ensure!(
+        propagation.is_some_and(|m| m.contains("the operator created the federated identity credential") && m.contains("retrying")),
+        "no Event explained the propagation delay: {:?}",
+        events.iter().map(|e| (e.reason.clone(), e.message.clone())).collect::<Vec<_>>()
+    );
 
     // The children carry the identity the webhook needs; each endpoint names its own client id.
     let sa = Api::<ServiceAccount>::namespaced(client.clone(), &ns).get(&format!("{name}-replicator")).await?;
@@ -235,6 +307,48 @@ async fn the_documentdb_disaster_recovery_example_replicates_entra_to_entra() ->
     ensure!(s.sasl_start_refused == 0 && t.sasl_start_refused == 0, "refused logins: {s:?} {t:?}");
     ensure!(lab.azure.entra.tokens_issued() >= 2, "one token per identity at least: {}", lab.azure.entra.tokens_issued());
     assert_no_token_shown(&client, &ns, &name, &operator).await?;
+
+    // A second replication under the same identities and cluster users (suspended: it only binds).
+    let copy = format!("{name}-copy");
+    let mut second = object.clone();
+    second["metadata"]["name"] = json!(copy);
+    second["spec"]["suspend"] = json!(true);
+    apply(&api, &second).await?;
+    wait_condition(&api, &copy, "IdentityBound", "True", None, Some(&operator)).await?;
+    for identity in [&reader, &writer] {
+        let n = lab.azure.arm.identity(&identity.resource_id).context("identity gone")?.credentials.len();
+        ensure!(n == 2, "{} holds {n} credentials, not one per replication", identity.name);
+    }
+
+    // Deleting the first removes its credentials, and only those; the cluster users stay while
+    // the copy needs them.
+    api.delete(&name, &Default::default()).await?;
+    eventually(Duration::from_secs(90), || async {
+        ensure!(api.get_opt(&name).await?.is_none(), "{name} is still there");
+        Ok(())
+    })
+    .await
+    .with_context(|| operator.log_tail(20))?;
+    let copy_subject = format!("system:serviceaccount:{ns}:{copy}-replicator");
+    for identity in [&reader, &writer] {
+        let credentials = lab.azure.arm.identity(&identity.resource_id).context("identity gone")?.credentials;
+        ensure!(credentials.len() == 1 && credentials[0].subject == copy_subject, "{} holds {credentials:?}", identity.name);
+    }
+    ensure!(lab.azure.arm.is_cluster_user(&primary.id, &reader.principal_id) && lab.azure.arm.is_cluster_user(&dr.id, &writer.principal_id));
+
+    // The last one out removes the rest.
+    api.delete(&copy, &Default::default()).await?;
+    eventually(Duration::from_secs(90), || async {
+        ensure!(api.get_opt(&copy).await?.is_none(), "{copy} is still there");
+        Ok(())
+    })
+    .await
+    .with_context(|| operator.log_tail(20))?;
+    for identity in [&reader, &writer] {
+        let n = lab.azure.arm.identity(&identity.resource_id).context("identity gone")?.credentials.len();
+        ensure!(n == 0, "{} still holds {n} credentials", identity.name);
+    }
+    ensure!(lab.azure.arm.cluster_users(&primary.id).is_empty() && lab.azure.arm.cluster_users(&dr.id).is_empty(), "cluster users left behind");
     ensure!(!operator.log().contains("panicked"), "the operator panicked:\n{}", operator.log_tail(20));
     Ok(())
 }

@@ -98,6 +98,9 @@ impl ArmDouble {
                 clusters: HashMap::new(),
                 busy: HashSet::new(),
                 throttle: None,
+                failures: None,
+                denied: None,
+                concurrent_conflicts: 0,
                 operations: HashMap::new(),
                 write_latency: options.write_latency,
                 provisioning_delay: options.provisioning_delay,
@@ -177,6 +180,14 @@ impl ArmDouble {
         cluster.users.get(&principal_id.to_ascii_lowercase()).is_some_and(|u| u.deleting_at.is_none() && now >= u.usable_at)
     }
 
+    /// The `(db, role)` pairs of a cluster user, when it exists.
+    pub fn cluster_user_roles(&self, cluster_resource_id: &str, principal_id: &str) -> Option<Vec<(String, String)>> {
+        let state = self.shared.lock();
+        let user = state.clusters.get(&key_of(&normalize_id(cluster_resource_id)))?.users.get(&principal_id.to_ascii_lowercase())?;
+        let roles = user.roles.as_array()?.iter().filter_map(|r| Some((r["db"].as_str()?.to_string(), r["role"].as_str()?.to_string())));
+        Some(roles.collect())
+    }
+
     /// The names of the cluster's users in any provisioning state (creating, succeeded or being
     /// deleted), sorted case-insensitively.
     pub fn cluster_users(&self, cluster_resource_id: &str) -> Vec<String> {
@@ -212,6 +223,44 @@ impl ArmDouble {
     pub fn request_count(&self) -> usize {
         self.shared.requests.load(Ordering::SeqCst)
     }
+
+    /// The next `count` writes get `status` (a 5xx: `InternalServerError`; 409: a conflict, as
+    /// when someone else writes the same resource).
+    pub fn fail_next_writes(&self, count: usize, status: u16) {
+        self.shared.lock().failures = (count > 0).then_some(Failures { remaining: count, status });
+    }
+
+    /// Writes by this principal (the `oid` of its token) get 403 `AuthorizationFailed`, as for
+    /// an identity without a role on the resource; `None` lifts it.
+    pub fn deny_writes_by(&self, principal_id: Option<&str>) {
+        self.shared.lock().denied = principal_id.map(str::to_ascii_lowercase);
+    }
+
+    /// Makes an identity's credentials look `by` older, as if created before a test began (the
+    /// Entra double's propagation delay then no longer applies to them).
+    pub fn backdate_credentials(&self, resource_id: &str, by: Duration) {
+        if let Some(identity) = self.shared.lock().identities.get_mut(&key_of(&normalize_id(resource_id))) {
+            for credential in &mut identity.credentials {
+                credential.created_at = credential.created_at.checked_sub(by).unwrap_or(credential.created_at);
+            }
+        }
+    }
+
+    /// 409s answered because two credential writes under one identity overlapped.
+    pub fn concurrent_write_conflicts(&self) -> usize {
+        self.shared.lock().concurrent_conflicts
+    }
+
+    /// Credential writes in flight now.
+    pub fn writes_in_flight(&self) -> usize {
+        self.shared.lock().busy.len()
+    }
+
+    /// Every identity's credentials, by identity name.
+    pub fn all_credentials(&self) -> Vec<(String, FederatedCredential)> {
+        let state = self.shared.lock();
+        state.identities.values().flat_map(|i| i.credentials.iter().map(|c| (last_segment(&i.resource_id), c.clone()))).collect()
+    }
 }
 
 struct Shared {
@@ -229,6 +278,10 @@ struct State {
     /// Identities (lower-cased ids) with a credential write in flight.
     busy: HashSet<String>,
     throttle: Option<Throttle>,
+    failures: Option<Failures>,
+    /// A principal (lower-cased object id) whose writes are refused with 403.
+    denied: Option<String>,
+    concurrent_conflicts: usize,
     operations: HashMap<String, Operation>,
     write_latency: Duration,
     provisioning_delay: Duration,
@@ -239,6 +292,11 @@ struct State {
 struct Throttle {
     remaining: usize,
     retry_after: u64,
+}
+
+struct Failures {
+    remaining: usize,
+    status: u16,
 }
 
 struct Cluster {
@@ -435,6 +493,12 @@ impl Shared {
         if writes && let Some(refused) = self.take_throttle(&request.path) {
             return refused;
         }
+        if writes && let Some(refused) = self.take_failure(&request.path) {
+            return refused;
+        }
+        if writes && let Some(refused) = self.authorize(request, &method) {
+            return refused;
+        }
         let base = self.base(request);
         match (route, method.as_str()) {
             (Route::Identity { id }, "GET") => self.get_identity(&id),
@@ -477,6 +541,43 @@ impl Shared {
         (self.bearer)(token).map_err(|reason| {
             arm_error(401, "InvalidAuthenticationToken", format!("The access token is invalid: {reason}"))
                 .with_header("www-authenticate", challenge("The access token is invalid."))
+        })
+    }
+
+    fn take_failure(&self, path: &str) -> Option<HttpResponse> {
+        let mut state = self.lock();
+        let failures = state.failures.as_mut()?;
+        failures.remaining -= 1;
+        let status = failures.status;
+        if failures.remaining == 0 {
+            state.failures = None;
+        }
+        Some(match status {
+            409 => arm_error(409, "Conflict", format!("The request for '{path}' conflicts with another operation in progress on the resource.")),
+            _ => arm_error(status, "InternalServerError", "Encountered internal server error. Diagnostic information: timestamp '20261201T000000Z'."),
+        })
+    }
+
+    /// Role-based access: a denied principal may read but not write.
+    fn authorize(&self, request: &HttpRequest, method: &str) -> Option<HttpResponse> {
+        let denied = self.lock().denied.clone()?;
+        let token = request.header("authorization")?.split_once(' ')?.1.trim().to_string();
+        let oid = crate::jwt::decode(&token).ok()?.claims["oid"].as_str()?.to_ascii_lowercase();
+        (oid == denied).then(|| {
+            let action = if request.path.to_ascii_lowercase().contains("/federatedidentitycredentials/") {
+                "Microsoft.ManagedIdentity/userAssignedIdentities/federatedIdentityCredentials"
+            } else {
+                "Microsoft.DocumentDB/mongoClusters/users"
+            };
+            let verb = if method == "DELETE" { "delete" } else { "write" };
+            arm_error(
+                403,
+                "AuthorizationFailed",
+                format!(
+                    "The client '{oid}' with object id '{oid}' does not have authorization to perform action '{action}/{verb}' over scope '{}' or the scope is invalid. If access was recently granted, please refresh your credentials.",
+                    request.path
+                ),
+            )
         })
     }
 
@@ -546,6 +647,7 @@ impl Shared {
         let Some(identity) = state.identities.get(key) else { return Err(Self::identity_not_found(id)) };
         let resource_id = identity.resource_id.clone();
         if !state.busy.insert(key.to_string()) {
+            state.concurrent_conflicts += 1;
             return Err(arm_error(
                 409,
                 "ConcurrentFederatedIdentityCredentialsWritesForSingleManagedIdentity",
@@ -577,8 +679,14 @@ impl Shared {
             Ok(guard) => guard,
             Err(refused) => return refused,
         };
+        // Applied first, answered after the latency: a caller that dies in between (or times
+        // out) has written without knowing it, as with real ARM.
+        let answer = self.apply_credential(key, id, name, issuer, subject, audiences);
         tokio::time::sleep(self.write_latency()).await;
+        answer
+    }
 
+    fn apply_credential(&self, key: &str, id: &str, name: &str, issuer: String, subject: String, audiences: Vec<String>) -> HttpResponse {
         let mut state = self.lock();
         let Some(identity) = state.identities.get_mut(key) else { return Self::identity_not_found(id) };
         if let Some(other) = identity.credentials.iter().find(|c| !c.name.eq_ignore_ascii_case(name) && c.issuer == issuer && c.subject == subject) {
