@@ -47,11 +47,12 @@ pub enum Command {
     /// most 4096 bytes) also goes to the termination-log file when it exists, for the operator's
     /// validation Job. Exit codes: 0 every check passed, 1 a check failed, 3 invalid configuration.
     Validate(ValidateArgs),
-    /// Run the operator: reconcile MongoReplications into validation Jobs and replicator
-    /// Deployments and keep their status true. Runs in a cluster (in-cluster configuration) or
+    /// Run the operator: reconcile MongoReplications into Azure identity bindings (federated
+    /// credentials, DocumentDB cluster users), validation Jobs and replicator Deployments, and
+    /// keep their status true. Runs in a cluster (in-cluster configuration) or
     /// with KUBECONFIG. Exit codes: 0 stopped by SIGTERM/SIGINT, 1 lost the leader lease or
     /// failed, 3 invalid settings.
-    Operator(OperatorArgs),
+    Operator(Box<OperatorArgs>),
 }
 
 /// Arguments of `operator`; each also reads an environment variable (the Helm chart sets them).
@@ -330,7 +331,7 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Command::Replicate(args) => replicate(*args),
         Command::Validate(args) => validate(args),
-        Command::Operator(args) => operator(args),
+        Command::Operator(args) => operator(*args),
     }
 }
 

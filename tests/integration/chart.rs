@@ -329,7 +329,7 @@ async fn the_deployment_drives_the_operators_interface() -> Result<()> {
     assert_eq!(plain("MREP_REPLICATOR_IMAGE_PULL_POLICY").as_deref(), Some("IfNotPresent"));
     assert_eq!(plain("MREP_LEADER_ELECTION").as_deref(), Some("true"));
     assert_eq!(plain("MREP_LEASE_NAME").as_deref(), Some("mongo-replicator-operator"));
-    for unset in ["MREP_ENTRA_AUTHORITY_HOST", "MREP_ENTRA_CA_FILE", "MREP_ARM_ENDPOINT", "RUST_LOG"] {
+    for unset in ["MREP_ENTRA_AUTHORITY_HOST", "MREP_ENTRA_CA_FILE", "MREP_ARM_ENDPOINT", "MREP_CLUSTER_OIDC_ISSUER", "RUST_LOG"] {
         assert!(plain(unset).is_none(), "{unset} is set by default");
     }
     let labels = &spec["template"]["metadata"]["labels"];
@@ -357,6 +357,7 @@ image: {{repository: registry.example/mongo-replicator, tag: \"1.2.3\", pullPoli
 replicator: {{image: registry.example/replicator@sha256:{}, imagePullPolicy: IfNotPresent}}
 entra: {{authorityHost: \"https://login.microsoftonline.us/\"}}
 arm: {{endpoint: \"https://management.usgovcloudapi.net\"}}
+clusterOidcIssuer: \"https://usgovvirginia.oic.prod-aks.azure.us/tenant/cluster/\"
 replicatorExtraCa: {{configMapName: corp-ca}}
 serviceAccount: {{annotations: {{azure.workload.identity/service-account-token-expiration: \"86400\"}}}}
 leaderElection: {{enabled: true, leaseName: other-lease}}
@@ -380,6 +381,7 @@ metrics: {{port: 9090}}
     assert_eq!(plain("MREP_REPLICATOR_IMAGE_PULL_POLICY").as_deref(), Some("IfNotPresent"));
     assert_eq!(plain("MREP_ENTRA_AUTHORITY_HOST").as_deref(), Some("https://login.microsoftonline.us/"));
     assert_eq!(plain("MREP_ARM_ENDPOINT").as_deref(), Some("https://management.usgovcloudapi.net"));
+    assert_eq!(plain("MREP_CLUSTER_OIDC_ISSUER").as_deref(), Some("https://usgovvirginia.oic.prod-aks.azure.us/tenant/cluster/"), "kept exactly");
     assert_eq!(plain("MREP_ENTRA_CA_FILE").as_deref(), Some("/etc/mongo-replicator-operator/entra-ca/ca.crt"));
     assert_eq!(deployment["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"], "corp-ca");
     assert_eq!(plain("MREP_LEASE_NAME").as_deref(), Some("other-lease"));

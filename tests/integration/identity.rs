@@ -423,6 +423,22 @@ async fn ten_replications_sharing_one_identity_bind_with_their_writes_serialised
     Ok(())
 }
 
+#[tokio::test]
+async fn the_issuer_setting_wins_over_discovery_and_is_kept_exactly() -> Result<()> {
+    let (node, client, ns, lab) = setup("bind-issuer").await?;
+    // As an AKS user passes oidcIssuerProfile.issuerURL: with its trailing slash.
+    let aks = "https://westus2.oic.prod-aks.azure.com/3f2c4a1e/0c2d6c8e-lab/";
+    let (operator, _) = lab.operator_with_identity(node, &ns, &[("MREP_CLUSTER_OIDC_ISSUER", aks)]).await?;
+    let api: Api<MongoReplication> = Api::namespaced(client.clone(), &ns);
+    let identity = lab.identity("aks");
+    apply(&api, &binding_only("aks", &identity, Some(&identity.resource_id), None)).await?;
+    wait_condition(&api, "aks", "IdentityBound", "True", None, Some(&operator)).await?;
+    let credentials = lab.azure.arm.identity(&identity.resource_id).context("identity gone")?.credentials;
+    ensure!(credentials.len() == 1 && credentials[0].issuer == aks, "{credentials:?}");
+    ensure!(node.kube().issuer() != aks, "the lab's own issuer would not show which one won");
+    Ok(())
+}
+
 /// The path a user takes: `helm install` with `azureWorkloadIdentity`, the real webhook gives the
 /// operator pod its identity, the operator binds a migration into DocumentDB, and data arrives.
 #[tokio::test]
