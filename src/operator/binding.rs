@@ -16,7 +16,7 @@ use kube::runtime::reflector::Store;
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
-use super::api::{ReconcileError, call, resource};
+use super::api::{ReconcileError, call, get_opt, resource};
 use super::identity::{self, Binding, CredentialStep, FINALIZER, KEEP_ANNOTATION, Recorded, UserStep, Wanted};
 use crate::azure::arm::{ArmClient, ArmError};
 use crate::azure::issuer::{self, IssuerError};
@@ -129,6 +129,19 @@ impl<'a> Book<'a> {
         Self { client, replication, bindings, has_finalizer: replication.finalizers().iter().any(|f| f == FINALIZER) }
     }
 
+    /// Reads the record from the apiserver, not the watch cache: the record is written whole,
+    /// so a stale copy (a requeue can run before the watch delivers the last write) would
+    /// forget what was created.
+    async fn refresh(&mut self) -> Result<(), ReconcileError> {
+        let (namespace, name) = (self.replication.namespace().unwrap_or_default(), self.replication.name_any());
+        let api: Api<MongoReplication> = Api::namespaced(self.client.clone(), &namespace);
+        if let Some(live) = get_opt(&api, &name).await? {
+            self.bindings = live.status.as_ref().and_then(|s| s.azure.clone()).unwrap_or_default();
+            self.has_finalizer = live.finalizers().iter().any(|f| f == FINALIZER);
+        }
+        Ok(())
+    }
+
     fn lists(&self, id: &str) -> bool {
         identity::is_recorded(&self.bindings.created, id)
     }
@@ -229,6 +242,7 @@ async fn bind_all(azure: &AzureAccess, peers: &Peers, book: &mut Book<'_>, servi
             "the spec asks the operator to bind Azure identities"
         }));
     };
+    book.refresh().await?;
 
     let mut adopted = Vec::new();
     for wanted in &wanted.credentials {
@@ -421,6 +435,7 @@ pub async fn release(
     replication: &MongoReplication,
 ) -> Result<Result<(), Binding>, ReconcileError> {
     let mut book = Book::open(client, replication);
+    book.refresh().await?;
     if !book.bindings.created.is_empty() && !keeps_objects(replication) {
         let Some(arm) = azure.arm.as_ref() else { return Ok(Err(no_identity("the Azure objects the operator created must be removed"))) };
         let objects = book.bindings.created.clone();
