@@ -3,8 +3,11 @@
 //! - `mrep-lab demo` (the README's main job) starts the control plane with a real node, installs
 //!   the CRD and the operator with the Helm chart (the lab's image), applies a MongoReplication
 //!   between two SecantusDB servers and shows it the way a user sees it: Ready, progress, Events,
-//!   data in the target; then the same replication by hand with `mongo-replicator replicate`, and
-//!   a Microsoft Entra login to a DocumentDB double (`validate`, then `replicate`).
+//!   data in the target; then the operator binding Azure identities itself for the Entra → Entra
+//!   example (its own workload identity from `helm upgrade`, federated credentials and cluster
+//!   users created and removed through the ARM double); then the same replication by hand with
+//!   `mongo-replicator replicate`, and a Microsoft Entra login to a DocumentDB double (`validate`,
+//!   then `replicate`).
 //! - `mrep-lab up` starts the control plane with a real node (kubelet, containerd, runc, CNI
 //!   bridge, kube-proxy, kube-scheduler, the workload identity webhook) and a SecantusDB server,
 //!   prints how to reach them and waits for Ctrl-C. The node needs a network namespace of its
@@ -213,6 +216,7 @@ spec:
         .run(&["get", "mrep", "missing-secret", "-n", "demo", "-o", "jsonpath={.status.conditions[?(@.type==\"Stalled\")].message}{\"\\n\"}"])
         .await?;
 
+    identity_demo(&node, &kubectl, &helm, &chart).await?;
     replicate_demo(&operator).await?;
     entra_demo(lab, &operator).await?;
 
@@ -223,6 +227,101 @@ spec:
         tokio::signal::ctrl_c().await?;
     }
     step("stopping the lab");
+    Ok(())
+}
+
+/// The operator binds Azure identities itself: `helm upgrade` gives it its own workload identity
+/// (the webhook mutates its pod), and `examples/orders-dr.yaml`, pointed at the lab's Entra and
+/// ARM doubles and two DocumentDB login gateways, gets its federated credentials and cluster users
+/// from the operator, with nothing registered beforehand. Deleting it removes them.
+async fn identity_demo(node: &NodeLab, kubectl: &Kubectl, helm: &Path, chart: &Path) -> Result<()> {
+    use mongo_replicator_lab::azure::AzureLab;
+    use mongo_replicator_lab::entra::{EntraOptions, TOKEN_EXCHANGE_AUDIENCE};
+    use mongodb::bson::{Document, doc};
+    let lab = node.kube();
+    step("Azure: Entra and ARM doubles, two DocumentDB clusters (login gateways), three managed identities, nothing registered");
+    let azure = AzureLab::start_with_ips(lab, EntraOptions::default(), &[NODE_ADDRESS.into()]).await?;
+    let arm_port: u16 = azure.arm.url().rsplit(':').next().and_then(|p| p.parse().ok()).context("ARM double without a port")?;
+    let _relays = (Relay::start(azure.entra.port()).await?, Relay::start(arm_port).await?);
+    let own = azure.create_identity("mongo-replicator-operator");
+    let operator_sa = "system:serviceaccount:mrep-system:mrep-mongo-replicator";
+    azure.add_federated_credential(&own, "operator", lab.issuer(), operator_sa, TOKEN_EXCHANGE_AUDIENCE).await?;
+    println!("   the operator's own identity {} trusts {operator_sa} (a one-time setup)", own.name);
+    let (reader, writer) = (azure.create_identity("orders-reader"), azure.create_identity("orders-dr-writer"));
+    let (primary, dr) = (SecantusServer::start(SecantusOptions::default()).await?, SecantusServer::start(SecantusOptions::default()).await?);
+    let (primary_id, dr_id) = (azure.create_cluster("orders"), azure.create_cluster("orders-dr"));
+    let (primary_gw, dr_gw) = (azure.gateway(&primary, &primary_id).await?, azure.gateway(&dr, &dr_id).await?);
+    let _gateway_relays = (Relay::start(primary_gw.port()).await?, Relay::start(dr_gw.port()).await?);
+    let orders = primary.admin_client().await?.database("orders").collection::<Document>("items");
+    orders.insert_many((0..5_000).map(|i| doc! {"_id": i, "sku": format!("sku-{i}")})).await?;
+
+    let ca = azure.ca_file().display().to_string();
+    kubectl.run(&["create", "configmap", "azure-ca", "-n", "mrep-system", &format!("--from-file=ca.crt={ca}")]).await?;
+    let settings = format!(
+        "azureWorkloadIdentity.enabled=true,azureWorkloadIdentity.clientId={},azureWorkloadIdentity.tenantId={},arm.endpoint=https://{NODE_ADDRESS}:{arm_port}/,entra.authorityHost=https://{NODE_ADDRESS}:{}/,replicatorExtraCa.configMapName=azure-ca",
+        own.client_id,
+        azure.tenant_id(),
+        azure.entra.port()
+    );
+    step(&format!("helm upgrade mrep charts/mongo-replicator -n mrep-system --reuse-values --set {settings} --wait"));
+    let status = Command::new(helm)
+        .args(["upgrade", "mrep", &chart.display().to_string(), "-n", "mrep-system", "--reuse-values", "--skip-crds", "--wait", "--timeout", "120s"])
+        .args(["--set", &settings])
+        .env("KUBECONFIG", lab.kubeconfig())
+        .env("HELM_CACHE_HOME", node.dir().join("helm-cache"))
+        .env("HELM_CONFIG_HOME", node.dir().join("helm-config"))
+        .env("HELM_DATA_HOME", node.dir().join("helm-data"))
+        .status()
+        .await?;
+    if !status.success() {
+        bail!("helm upgrade failed ({status})");
+    }
+
+    // The example as written, its endpoints pointed at the lab.
+    let gateway_uri =
+        |port: u16| format!("mongodb://{NODE_ADDRESS}:{port}/?directConnection=true&tls=true&tlsCAFile=/etc/mongo-replicator/entra-ca.crt");
+    let example = std::fs::read_to_string(repo_root().join("examples/orders-dr.yaml"))?;
+    let manifest = [
+        ("mongodb+srv://orders.global.mongocluster.cosmos.azure.com/?tls=true", gateway_uri(primary_gw.port())),
+        ("mongodb+srv://orders-dr.global.mongocluster.cosmos.azure.com/?tls=true", gateway_uri(dr_gw.port())),
+        ("11111111-1111-1111-1111-111111111111", reader.client_id.clone()),
+        ("66666666-6666-6666-6666-666666666666", writer.client_id.clone()),
+        ("33333333-3333-3333-3333-333333333333", reader.principal_id.clone()),
+        ("77777777-7777-7777-7777-777777777777", writer.principal_id.clone()),
+        ("22222222-2222-2222-2222-222222222222", azure.tenant_id().to_string()),
+        ("/subscriptions/44444444-4444-4444-4444-444444444444/resourceGroups/data-rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/orders-replicator", reader.resource_id.clone()),
+        ("/subscriptions/44444444-4444-4444-4444-444444444444/resourceGroups/dr-rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/orders-dr-writer", writer.resource_id.clone()),
+        ("/subscriptions/44444444-4444-4444-4444-444444444444/resourceGroups/data-rg/providers/Microsoft.DocumentDB/mongoClusters/orders", primary_id.clone()),
+        ("/subscriptions/44444444-4444-4444-4444-444444444444/resourceGroups/dr-rg/providers/Microsoft.DocumentDB/mongoClusters/orders-dr", dr_id.clone()),
+        ("workers: 8", "workers: 2".to_string()),
+    ]
+    .iter()
+    .fold(example, |text, (from, to)| text.replace(from, to));
+    step("kubectl apply -n demo -f examples/orders-dr.yaml (Entra -> Entra; endpoints pointed at the lab)");
+    let applied = std::time::Instant::now();
+    kubectl.run_with_input(&["apply", "-n", "demo", "-f", "-"], manifest.as_bytes()).await?;
+    kubectl.run(&["wait", "--for=condition=IdentityBound", "mrep/orders-dr", "-n", "demo", "--timeout=120s"]).await?;
+    println!("   IdentityBound {:.1?} after kubectl apply", applied.elapsed());
+    kubectl.run(&["wait", "--for=condition=Ready", "mrep/orders-dr", "-n", "demo", "--timeout=240s"]).await?;
+    println!("   Ready {:.1?} after kubectl apply", applied.elapsed());
+    wait_for(&dr.admin_client().await?.database("orders").collection::<Document>("items"), 5_000, doc! {"_id": 4_999}).await?;
+    println!("   target orders.items: 5000 documents, copied by pods logging in to both clusters with Entra tokens");
+    step("what the operator created in Azure: kubectl get mrep orders-dr -o jsonpath='{.status.azure.created}'");
+    kubectl.run(&["get", "mrep", "orders-dr", "-n", "demo", "-o", "jsonpath={range .status.azure.created[*]}{.kind}  {.id}{\"\\n\"}{end}"]).await?;
+    for identity in [&reader, &writer] {
+        let held = azure.arm.identity(&identity.resource_id).map(|i| i.credentials.len()).unwrap_or_default();
+        println!("   ARM: {} holds {held} federated credential(s)", identity.name);
+    }
+    step("kubectl delete mrep orders-dr -n demo: the operator removes what it created, then lets it go");
+    kubectl.run(&["delete", "mrep", "orders-dr", "-n", "demo", "--timeout=120s"]).await?;
+    for identity in [&reader, &writer] {
+        let held = azure.arm.identity(&identity.resource_id).map(|i| i.credentials.len()).unwrap_or_default();
+        println!("   ARM: {} holds {held} federated credential(s)", identity.name);
+        if held != 0 {
+            bail!("the operator left a federated credential on {}", identity.name);
+        }
+    }
+    println!("   cluster users left: {}", azure.arm.cluster_users(&primary_id).len() + azure.arm.cluster_users(&dr_id).len());
     Ok(())
 }
 
