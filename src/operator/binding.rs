@@ -208,9 +208,13 @@ pub async fn bind(
 ) -> Result<Binding, ReconcileError> {
     let mut book = Book::open(client, replication);
     let binding = bind_all(azure, peers, &mut book, service_account).await?;
-    // Only what was created holds the object: a refused create leaves no finalizer behind.
-    if book.bindings.created.is_empty() {
-        book.finalize(false).await?;
+    // Only what was created holds the object: a refused create leaves no finalizer behind. The
+    // cache may lag the record (finalizer first, record second), so the apiserver decides.
+    if book.bindings.created.is_empty() && book.has_finalizer {
+        book.refresh().await?;
+        if book.bindings.created.is_empty() {
+            book.finalize(false).await?;
+        }
     }
     Ok(binding)
 }
