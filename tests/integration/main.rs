@@ -6,6 +6,7 @@ mod chart;
 mod crd_api;
 mod crd_drift;
 mod entra;
+mod history;
 mod node;
 mod operator;
 mod operator_entra;
