@@ -19,7 +19,7 @@ use crate::auth::oidc::{self, TokenError, TokenSources};
 use crate::auth::{AuthError, AuthMethod, ConnectionString, EndpointConfig, EndpointRole, Login, entra_identity};
 use crate::reason::Reason;
 use crate::replicator::config::ReplicatorConfig;
-use crate::replicator::namespace::{NamespaceMap, StreamScope};
+use crate::replicator::namespace::{NamespaceMap, SYSTEM_DATABASES, StreamScope};
 use crate::replicator::{classify, history};
 
 /// Where Kubernetes reads a container's termination message from, by default.
@@ -289,7 +289,10 @@ async fn list_collections(client: &Client, scope: &StreamScope, scrub: &impl Fn(
     let databases: Vec<String> = match scope {
         StreamScope::Collection(ns) => vec![ns.db.clone()],
         StreamScope::Database(db) => vec![db.clone()],
-        StreamScope::Cluster => client.list_database_names().await.map_err(server)?,
+        // As the replicator, which never reads them (a readWriteAnyDatabase user may not list `local`).
+        StreamScope::Cluster => {
+            client.list_database_names().await.map_err(server)?.into_iter().filter(|db| !SYSTEM_DATABASES.contains(&db.as_str())).collect()
+        }
     };
     let mut count = 0;
     for db in &databases {
