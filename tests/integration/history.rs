@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use mongo_replicator_lab::workload;
-use mongo_replicator_lab::{SecantusOptions, SecantusServer};
+use mongo_replicator_lab::{ScramUser, SecantusOptions, SecantusServer};
 use mongodb::bson::{Document, doc};
 
-use crate::support::{ReplicatorProcess, eventually};
+use crate::support::{ReplicatorProcess, eventually, tempdir, validate_with_env};
 
 /// The source's oplog keeps this many entries; the test writes five times as many while the
 /// replicator is frozen.
@@ -53,8 +53,7 @@ async fn fall_behind(extra: &[&str]) -> Result<(SecantusServer, SecantusServer, 
     for start in (40..40 + WRITTEN_WHILE_FROZEN).step_by(100) {
         coll.insert_many((start..start + 100).map(|i| doc! {"_id": i, "phase": "while frozen"})).await?;
     }
-    let oldest: Document = src.database("local").collection::<Document>("oplog.rs").find_one(doc! {}).await?.context("empty oplog")?;
-    eprintln!("oldest retained oplog entry after the writes: {}", oldest.get("ts").map(|t| t.to_string()).unwrap_or_default());
+    eprintln!("oldest retained oplog entry after the writes: {:?}", source.oldest_retained().await?);
     replicator.resume()?;
     Ok((source, target, replicator, port))
 }
@@ -83,5 +82,42 @@ async fn a_replicator_frozen_past_the_oplog_resyncs_and_converges() -> Result<()
     ensure!(count == 40 + WRITTEN_WHILE_FROZEN as u64, "target holds {count} documents");
     ensure!(replicator.log().contains("copying the data again"), "converged without a resync; log ends with:\n{}", replicator.log_tail(15));
     assert_eq!(replicator.terminate(Duration::from_secs(30)).await?, Some(0), "{}", replicator.log_tail(10));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_source_whose_oplog_cannot_be_read_replicates_unguarded_and_says_so_once() -> Result<()> {
+    // readWriteAnyDatabase may watch the cluster but not read `local` (as on mongod).
+    let admin = ScramUser::new("admin", "adm1n-pw", &[("admin", "root")]);
+    let reader = ScramUser::new("reader", "r3ader-pw", &[("admin", "readWriteAnyDatabase")]);
+    let source = SecantusServer::start(SecantusOptions { users: vec![admin, reader.clone()], ..Default::default() }).await?;
+    let target = SecantusServer::start(SecantusOptions::default()).await?;
+    let (src, dst) = (source.admin_client().await?, target.admin_client().await?);
+    let coll = src.database("app").collection::<Document>("events");
+    coll.insert_many((0..20).map(|i| doc! {"_id": i})).await?;
+    let env = [("SRC_URI", source.uri_for(&reader)), ("DST_URI", target.uri())];
+
+    let dir = tempdir::Dir::new("history-unguarded")?;
+    let config = dir.0.join("replicator.yaml");
+    std::fs::write(
+        &config,
+        "name: unguarded\nsource: {auth: connectionString, uriEnv: SRC_URI}\ntarget: {auth: connectionString, uriEnv: DST_URI}\nmetricsAddress: null\n",
+    )?;
+    let (code, verdict, _) = validate_with_env(&config, &env).await?;
+    ensure!(code == Some(0) && verdict["passed"] == true, "validate failed: {verdict:#}");
+    let guard = verdict["endpoints"][0]["checks"].as_array().context("no checks")?.iter().find(|c| c["name"] == "historyGuard").cloned();
+    let guard = guard.with_context(|| format!("no historyGuard check: {verdict:#}"))?;
+    ensure!(guard["passed"] == true && guard["warning"] == true, "{guard:#}");
+    ensure!(guard["message"].as_str().is_some_and(|m| m.contains("the history guard is off")), "{guard:#}");
+
+    let mut replicator = ReplicatorProcess::start(&["--config".to_string(), config.display().to_string()], &env)?;
+    eventually(Duration::from_secs(60), || workload::assert_same_all(&src, &dst)).await.with_context(|| replicator.log_tail(15))?;
+    coll.insert_many((20..40).map(|i| doc! {"_id": i})).await?;
+    eventually(Duration::from_secs(60), || workload::assert_same_all(&src, &dst)).await.with_context(|| replicator.log_tail(15))?;
+    assert_eq!(replicator.terminate(Duration::from_secs(30)).await?, Some(0), "{}", replicator.log_tail(10));
+    let log = replicator.log();
+    let said: Vec<&str> = log.lines().filter(|l| l.contains("the history guard is off")).collect();
+    ensure!(said.len() == 1 && said[0].contains(r#""level":"WARN""#), "expected one warning that the guard is off, got {said:#?}");
+    ensure!(!log.contains("r3ader-pw"), "the password reached the log");
     Ok(())
 }
