@@ -176,9 +176,13 @@ impl Streamer {
             Err(err) if is_transient(&err) => return Err(StreamError::Source(err)),
             other => {
                 self.guard_off.store(true, Ordering::Relaxed);
-                let error = other.err().map_or_else(|| "it holds no entry".to_string(), |e| describe(&e));
+                let (error, reason) = match other {
+                    Err(err) => (describe(&err), super::classify::reason(&err)),
+                    Ok(_) => ("it holds no entry".to_string(), Reason::EndpointError),
+                };
                 tracing::warn!(
                     error = %error,
+                    reason = %reason,
                     "cannot read the source's oplog (local.oplog.rs): the history guard is off, and the replicator relies on the \
                      source to fail a change stream that falls off its history"
                 );
