@@ -170,6 +170,8 @@ pub struct Metrics {
     /// Serialises phase changes so concurrent callers cannot leave two phases at 1.
     current_phase: Mutex<String>,
     last_checkpoint: Arc<Mutex<Option<Instant>>>,
+    /// Absent until the history guard first compares (and where the source's oplog is unreadable).
+    history_headroom: Arc<Mutex<Option<f64>>>,
     /// Since when writes to the target have failed and been retried; `None` once one succeeds.
     failing_since: Mutex<Option<std::time::SystemTime>>,
 }
@@ -196,6 +198,7 @@ impl Metrics {
             phase: Family::default(),
             current_phase: Mutex::new(String::new()),
             last_checkpoint: Arc::new(Mutex::new(None)),
+            history_headroom: Arc::new(Mutex::new(None)),
             failing_since: Mutex::new(None),
             // Filled in below: the metrics are registered as clones sharing their values.
             registry: Registry::default(),
@@ -247,6 +250,7 @@ impl Metrics {
             metrics.phase.clone(),
         );
         registry.register_collector(Box::new(CheckpointAge(metrics.last_checkpoint.clone())));
+        registry.register_collector(Box::new(HistoryHeadroom(metrics.history_headroom.clone())));
         // Zero series from the start, so rate() and alerts work before the first event or retry.
         for operation in ["insert", "update", "replace", "delete", "ddl"] {
             metrics.events_applied(operation, 0);
@@ -279,6 +283,12 @@ impl Metrics {
     /// are reported as 0.
     pub fn set_lag_seconds(&self, s: f64) {
         self.lag.set(s.max(0.0));
+    }
+
+    /// Sets how much change history the source keeps behind the last change read: the last read
+    /// cluster time minus the oldest one the source retains.
+    pub fn set_source_history_headroom_seconds(&self, s: f64) {
+        *lock(&self.history_headroom) = Some(s);
     }
 
     /// The lag last set, in seconds.
@@ -361,6 +371,28 @@ impl Collector for CheckpointAge {
             age.metric_type(),
         )?;
         age.encode(metric)
+    }
+}
+
+/// `source_history_headroom_seconds`, omitted until known: a 0 would fire a "falling off the
+/// history" alert where the source's oplog cannot be read at all.
+#[derive(Debug)]
+struct HistoryHeadroom(Arc<Mutex<Option<f64>>>);
+
+impl Collector for HistoryHeadroom {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(seconds) = *lock(&self.0) else { return Ok(()) };
+        let headroom = ConstGauge::new(seconds);
+        let metric = encoder.encode_descriptor(
+            "source_history_headroom",
+            "Seconds of change history the source still keeps behind the last change the stream read \
+             (that change's cluster time minus the oldest entry of the source's oplog). At 0 the next \
+             stall loses history and the replication stops or copies again (onHistoryLost): alert well \
+             before, and grow the source's oplog or speed up the target. Absent where the oplog cannot be read",
+            Some(&Unit::Seconds),
+            headroom.metric_type(),
+        )?;
+        headroom.encode(metric)
     }
 }
 
@@ -562,6 +594,16 @@ mod tests {
         assert_eq!(value_of(&text, r#"mongo_replicator_phase{phase="paused"}"#), Some(0.0));
         assert_eq!(value_of(&text, r#"mongo_replicator_phase{phase="starting"}"#), Some(0.0));
         assert_eq!(value_of(&text, r#"mongo_replicator_phase{phase="stream"}"#), Some(1.0));
+    }
+
+    #[test]
+    fn history_headroom_is_absent_until_the_guard_compares() {
+        let metrics = Metrics::new();
+        assert!(!metrics.encode().contains("source_history_headroom"));
+        metrics.set_source_history_headroom_seconds(420.0);
+        let text = metrics.encode();
+        assert_eq!(value_of(&text, "mongo_replicator_source_history_headroom_seconds"), Some(420.0));
+        assert!(text.contains("# TYPE mongo_replicator_source_history_headroom_seconds gauge"), "{text}");
     }
 
     #[tokio::test]

@@ -18,9 +18,9 @@ use serde::Serialize;
 use crate::auth::oidc::{self, TokenError, TokenSources};
 use crate::auth::{AuthError, AuthMethod, ConnectionString, EndpointConfig, EndpointRole, Login, entra_identity};
 use crate::reason::Reason;
-use crate::replicator::classify;
 use crate::replicator::config::ReplicatorConfig;
-use crate::replicator::namespace::{NamespaceMap, StreamScope};
+use crate::replicator::namespace::{NamespaceMap, SYSTEM_DATABASES, StreamScope};
+use crate::replicator::{classify, history};
 
 /// Where Kubernetes reads a container's termination message from, by default.
 pub const TERMINATION_LOG: &str = "/dev/termination-log";
@@ -43,6 +43,9 @@ pub struct Check {
     pub reason: Option<Reason>,
     /// What was found, or what went wrong and what to do about it. Never holds a secret.
     pub message: String,
+    /// Passed, but with something the user should know (e.g. the history guard is off).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub warning: bool,
 }
 
 /// The checks of one endpoint.
@@ -121,7 +124,11 @@ impl Verdict {
         for endpoint in &self.endpoints {
             out.push_str(&format!("{} ({}):\n", endpoint.role, endpoint.auth));
             for check in &endpoint.checks {
-                let mark = if check.passed { "ok  " } else { "FAIL" };
+                let mark = match (check.passed, check.warning) {
+                    (false, _) => "FAIL",
+                    (true, true) => "warn",
+                    (true, false) => "ok  ",
+                };
                 let reason = check.reason.map(|r| format!(" [{r}]")).unwrap_or_default();
                 out.push_str(&format!("  {mark} {:<16} {:>6} ms  {}{reason}\n", check.name, check.millis, check.message));
             }
@@ -191,8 +198,8 @@ where
     let result = tokio::time::timeout(CHECK_TIMEOUT, check).await.unwrap_or(Err(CheckFailure::Timeout(CHECK_TIMEOUT)));
     let millis = started.elapsed().as_millis() as u64;
     match result {
-        Ok(message) => Check { name, passed: true, millis, reason: None, message },
-        Err(failure) => Check { name, passed: false, millis, reason: Some(failure.reason()), message: failure.to_string() },
+        Ok(message) => Check { name, passed: true, millis, reason: None, message, warning: false },
+        Err(failure) => Check { name, passed: false, millis, reason: Some(failure.reason()), message: failure.to_string(), warning: false },
     }
 }
 
@@ -268,6 +275,7 @@ async fn validate_endpoint(
         EndpointRole::Source => {
             report.checks.push(timed("listCollections", list_collections(&client, scope, &scrub)).await);
             report.checks.push(timed("changeStream", open_change_stream(&client, scope, &scrub)).await);
+            report.checks.push(history_guard(&client, &scrub).await);
         }
         EndpointRole::Target => {
             report.checks.push(timed("write", write_probe(&client.database(&config.checkpoint_database), &config.name, &scrub)).await);
@@ -281,7 +289,10 @@ async fn list_collections(client: &Client, scope: &StreamScope, scrub: &impl Fn(
     let databases: Vec<String> = match scope {
         StreamScope::Collection(ns) => vec![ns.db.clone()],
         StreamScope::Database(db) => vec![db.clone()],
-        StreamScope::Cluster => client.list_database_names().await.map_err(server)?,
+        // As the replicator, which never reads them (a readWriteAnyDatabase user may not list `local`).
+        StreamScope::Cluster => {
+            client.list_database_names().await.map_err(server)?.into_iter().filter(|db| !SYSTEM_DATABASES.contains(&db.as_str())).collect()
+        }
     };
     let mut count = 0;
     for db in &databases {
@@ -308,6 +319,34 @@ async fn open_change_stream(client: &Client, scope: &StreamScope, scrub: &impl F
     Ok(format!("opened a change stream on {at}{}", if resumable { " with a resume token" } else { "" }))
 }
 
+/// Whether the replicator can prove its stream skips no pruned history: it reads the source's
+/// oldest retained change. Where it cannot, replication still works, guarded by the server alone:
+/// a warning, not a failure.
+async fn history_guard(client: &Client, scrub: &impl Fn(String) -> String) -> Check {
+    let mut off = false;
+    let mut check = timed("historyGuard", async {
+        Ok(match history::read_floor(client).await {
+            Ok(history::Floor { oldest: Some(oldest), read_at }) => {
+                let window = read_at.map(|now| format!(", {} s of history", history::headroom_seconds(now, oldest))).unwrap_or_default();
+                format!(
+                    "read the oldest retained change in local.oplog.rs{window}: the replicator checks that its change stream skips nothing pruned"
+                )
+            }
+            other => {
+                off = true;
+                let why = other.err().map_or_else(|| "it holds no entry".to_string(), |e| scrub(classify::describe(&e)));
+                format!(
+                    "cannot read local.oplog.rs ({why}): the history guard is off, and the replicator relies on the source to fail a \
+                     change stream that falls off its history"
+                )
+            }
+        })
+    })
+    .await;
+    check.warning = off;
+    check
+}
+
 async fn write_probe(db: &Database, name: &str, scrub: &impl Fn(String) -> String) -> Result<String, CheckFailure> {
     let server = |e: mongodb::error::Error| CheckFailure::server(&e, scrub);
     let probes = db.collection::<Document>(PROBE_COLLECTION);
@@ -322,7 +361,7 @@ mod tests {
     use super::*;
 
     fn check(name: &'static str, passed: bool, message: &str) -> Check {
-        Check { name, passed, millis: 3, reason: (!passed).then_some(Reason::LoginFailed), message: message.into() }
+        Check { name, passed, millis: 3, reason: (!passed).then_some(Reason::LoginFailed), message: message.into(), warning: false }
     }
 
     #[test]

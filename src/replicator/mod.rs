@@ -9,6 +9,7 @@ pub mod classify;
 pub mod config;
 pub mod context;
 pub mod event;
+pub mod history;
 pub mod namespace;
 pub mod report;
 pub mod sink;

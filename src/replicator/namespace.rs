@@ -9,7 +9,7 @@ use super::config::NamespaceRules;
 use crate::reason::Reason;
 
 /// Databases MongoDB keeps for itself: never read from, never written to.
-const SYSTEM_DATABASES: [&str; 3] = ["admin", "local", "config"];
+pub const SYSTEM_DATABASES: [&str; 3] = ["admin", "local", "config"];
 
 /// Characters a database pattern may not hold: what the CRD's pattern rule refuses, so a filter
 /// given on the command line is held to the same rules as one given in a `Replication`.

@@ -4,6 +4,7 @@
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use mongodb::Client;
@@ -18,6 +19,7 @@ use super::checkpoint::Checkpoint;
 use super::classify::{ErrorClass, classify, describe, is_transient};
 use super::context::Context;
 use super::event::{Action, Ddl, DocWrite, DocWriteKind, MalformedEvent, cluster_time, map_event, operation_label};
+use super::history::{self, HistoryGuard, Pruned, WindowTimes};
 use super::namespace::StreamScope;
 use super::sink::SinkError;
 use super::snapshot::{Copier, SnapshotError};
@@ -48,6 +50,17 @@ impl std::fmt::Display for StartPoint {
     }
 }
 
+/// How the source's change history was found lost.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryLoss {
+    /// The server refused to go on (286 ChangeStreamHistoryLost).
+    #[error(transparent)]
+    Server(mongodb::error::Error),
+    /// The history guard found the oldest retained change after the last one read.
+    #[error(transparent)]
+    Pruned(#[from] Pruned),
+}
+
 /// Why streaming stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
@@ -57,7 +70,7 @@ pub enum StreamError {
         "the source no longer has the change history the checkpoint needs (its oplog was truncated past the saved resume token); \
          set onHistoryLost: Resync to copy the data again, or grow the source's oplog"
     )]
-    HistoryLost(#[source] mongodb::error::Error),
+    HistoryLost(#[source] HistoryLoss),
     #[error("the source does not support change streams here: {}", describe(.0))]
     Unsupported(#[source] mongodb::error::Error),
     #[error(transparent)]
@@ -95,7 +108,7 @@ impl StreamError {
 
     pub(super) fn from_source(err: mongodb::error::Error) -> Self {
         match classify(&err) {
-            ErrorClass::HistoryLost => StreamError::HistoryLost(err),
+            ErrorClass::HistoryLost => StreamError::HistoryLost(HistoryLoss::Server(err)),
             ErrorClass::ChangeStreamsUnsupported => StreamError::Unsupported(err),
             _ => StreamError::Source(err),
         }
@@ -134,7 +147,7 @@ pub async fn open(
 struct Window {
     actions: Vec<(Action, &'static str)>,
     token: Option<ResumeToken>,
-    newest: Option<Timestamp>,
+    times: WindowTimes,
 }
 
 /// Follows the change stream until cancelled or a permanent error. It uses the copier for
@@ -142,11 +155,51 @@ struct Window {
 pub struct Streamer {
     ctx: Arc<Context>,
     copier: Copier,
+    /// The source's oplog could not be read: the guard is off for this process (said once).
+    guard_off: AtomicBool,
 }
 
 impl Streamer {
     pub fn new(ctx: Arc<Context>, copier: Copier) -> Self {
-        Self { ctx, copier }
+        Self { ctx, copier, guard_off: AtomicBool::new(false) }
+    }
+
+    /// A history guard for a stream from `start`, or `None` where the source's oplog cannot be
+    /// read (permissions, Azure DocumentDB): then the server alone must fail a stream that falls
+    /// off its history, which is said once per process.
+    async fn history_guard(&self, start: &StartPoint) -> Result<Option<HistoryGuard>, StreamError> {
+        if self.guard_off.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let probe = match history::read_floor(&self.ctx.source).await {
+            Ok(floor) if floor.oldest.is_some() => floor,
+            Err(err) if is_transient(&err) => return Err(StreamError::Source(err)),
+            other => {
+                self.guard_off.store(true, Ordering::Relaxed);
+                let (error, reason) = match other {
+                    Err(err) => (describe(&err), super::classify::reason(&err)),
+                    Ok(_) => ("it holds no entry".to_string(), Reason::EndpointError),
+                };
+                tracing::warn!(
+                    error = %error,
+                    reason = %reason,
+                    "cannot read the source's oplog (local.oplog.rs): the history guard is off, and the replicator relies on the \
+                     source to fail a change stream that falls off its history"
+                );
+                return Ok(None);
+            }
+        };
+        let start_time = match start {
+            StartPoint::ResumeAfter(token) | StartPoint::StartAfter(token) => history::token_cluster_time(token),
+            StartPoint::AtClusterTime(ts) => Some(*ts),
+            StartPoint::Now => None,
+        };
+        if let (Some(last_read), Some(oldest)) = (start_time, probe.oldest)
+            && !history::history_kept(last_read, oldest)
+        {
+            return Err(StreamError::HistoryLost(Pruned { last_read, oldest }.into()));
+        }
+        Ok(Some(HistoryGuard::new(start_time, &probe)))
     }
 
     /// Streams from `start`, saving progress into `checkpoint` (at least once a second under
@@ -155,13 +208,15 @@ impl Streamer {
         let ctx = &self.ctx;
         let scope = ctx.map.stream_scope();
         let max_await = ctx.settings.flush_interval.max(Duration::from_millis(100));
+        // Read before the stream opens, so every getMore comes after it.
+        let guard = self.history_guard(&start).await?;
         let stream = open(&ctx.source, &scope, &start, max_await, ctx.settings.batch_size as u32).await?;
-        tracing::info!(scope = ?scope, start = %start, "streaming");
+        tracing::info!(scope = ?scope, start = %start, history_guard = guard.is_some(), "streaming");
         self.ctx.metrics.set_phase("stream");
 
         // The reader fills windows while the writers apply the previous one.
         let (tx, mut rx) = mpsc::channel::<Result<Window, StreamError>>(2);
-        let reader = Reader { ctx: ctx.clone(), scope, max_await };
+        let reader = Reader { ctx: ctx.clone(), scope, max_await, guard };
         let reader_task = tokio::spawn(reader.run(stream, tx));
 
         let mut last_save = Instant::now();
@@ -177,7 +232,7 @@ impl Streamer {
             }
             let count = window.actions.len() as i64;
             checkpoint.events_applied += count;
-            if let Some(ts) = window.newest {
+            if let Some(ts) = window.times.newest {
                 checkpoint.last_applied_cluster_time = Some(ts);
                 let lag = (DateTime::now().timestamp_millis() / 1000 - i64::from(ts.time)).max(0);
                 self.ctx.metrics.set_lag_seconds(lag as f64);
@@ -273,15 +328,20 @@ struct Reader {
     ctx: Arc<Context>,
     scope: StreamScope,
     max_await: Duration,
+    guard: Option<HistoryGuard>,
 }
 
 impl Reader {
-    async fn run(self, mut stream: ChangeStream<Document>, tx: mpsc::Sender<Result<Window, StreamError>>) {
+    async fn run(mut self, mut stream: ChangeStream<Document>, tx: mpsc::Sender<Result<Window, StreamError>>) {
         loop {
             if self.ctx.cancel.is_cancelled() {
                 return;
             }
-            let window = self.read_window(&mut stream).await;
+            let window = match self.read_window(&mut stream).await {
+                // Not applied (so not checkpointed) until proven to follow what was read before.
+                Ok((window, reopen)) => self.prove(&window.times).await.map(|()| (window, reopen)),
+                Err(err) => Err(err),
+            };
             let reopen = match &window {
                 Ok((_, Some(token))) => Some(token.clone()),
                 _ => None,
@@ -302,24 +362,61 @@ impl Reader {
         }
     }
 
+    /// Checks with the source's oldest retained change that nothing between the last window and
+    /// this one was pruned; sets the headroom gauge and warns (rate limited) when it is low.
+    async fn prove(&mut self, times: &WindowTimes) -> Result<(), StreamError> {
+        let Some(guard) = self.guard.as_mut() else { return Ok(()) };
+        let now = Instant::now();
+        if !guard.wants_check(times, now) {
+            return Ok(());
+        }
+        let floor = history::read_floor(&self.ctx.source).await.map_err(StreamError::from_source)?;
+        match guard.check(times, &floor, now) {
+            Err(pruned) => {
+                tracing::warn!(
+                    last_read = %format_args!("{}.{}", pruned.last_read.time, pruned.last_read.increment),
+                    oldest_retained = %format_args!("{}.{}", pruned.oldest.time, pruned.oldest.increment),
+                    "the source pruned change history the stream had not read"
+                );
+                Err(StreamError::HistoryLost(pruned.into()))
+            }
+            Ok(Some(headroom)) => {
+                self.ctx.metrics.set_source_history_headroom_seconds(headroom as f64);
+                if guard.should_warn(headroom, now) {
+                    tracing::warn!(
+                        headroom_seconds = headroom,
+                        "the source keeps only {headroom} s of change history behind the replicator: grow its oplog, or the next \
+                         stall may lose history"
+                    );
+                }
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+        }
+    }
+
     /// Reads until the window is full, the flush interval passes or the server's batch runs
     /// dry. Returns the window and, after an invalidate, the token to reopen after.
     async fn read_window(&self, stream: &mut ChangeStream<Document>) -> Result<(Window, Option<ResumeToken>), StreamError> {
         let deadline = Instant::now() + self.ctx.settings.flush_interval;
         let mut actions = Vec::new();
-        let mut newest = None;
+        let mut times = WindowTimes::default();
         loop {
             // Not raced against cancellation: a cancelled getMore leaves the driver's cursor
             // unusable (LAB-NOTES); it returns within max_await anyway.
-            let Some(event) = stream.next_if_any().await.map_err(StreamError::from_source)? else { break };
+            let Some(event) = stream.next_if_any().await.map_err(StreamError::from_source)? else {
+                times.caught_up = true;
+                break;
+            };
             if let Some(ts) = cluster_time(&event) {
-                newest = Some(ts);
+                times.first.get_or_insert(ts);
+                times.newest = Some(ts);
             }
             let operation = operation_label(&event);
             let action = map_event(event, &self.ctx.map)?;
             if action == Action::Invalidate {
                 let token = stream.resume_token();
-                return Ok((Window { actions, token: token.clone(), newest }, token));
+                return Ok((Window { actions, token: token.clone(), times }, token));
             }
             if action != Action::Skip {
                 actions.push((action, operation));
@@ -328,6 +425,6 @@ impl Reader {
                 break;
             }
         }
-        Ok((Window { actions, token: stream.resume_token(), newest }, None))
+        Ok((Window { actions, token: stream.resume_token(), times }, None))
     }
 }

@@ -104,7 +104,7 @@ async fn entra_login_validates_and_replicates_a_workload_through_the_gateway() -
     ensure!(code == Some(0) && verdict["passed"] == true, "validate failed: {verdict:#}");
     ensure!(termination == verdict, "the termination message differs from the verdict");
     let checks: Vec<&str> = verdict["endpoints"][0]["checks"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
-    assert_eq!(checks, ["token", "login", "listCollections", "changeStream"]);
+    assert_eq!(checks, ["token", "login", "listCollections", "changeStream", "historyGuard"]);
     let token = std::fs::read_to_string(&wi.pod.token_file)?;
     ensure!(!verdict.to_string().contains(&token[..40]) && !verdict.to_string().contains("eyJ"), "a token reached the verdict");
 

@@ -6,6 +6,7 @@ mod chart;
 mod crd_api;
 mod crd_drift;
 mod entra;
+mod history;
 mod identity;
 mod node;
 mod operator;

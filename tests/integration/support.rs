@@ -110,6 +110,23 @@ impl ReplicatorProcess {
         self.wait(timeout).await
     }
 
+    /// SIGSTOP: the process is frozen (as by a long GC pause or a starved node) until [`Self::resume`].
+    pub fn pause(&self) -> Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// SIGCONT after [`Self::pause`].
+    pub fn resume(&self) -> Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> Result<()> {
+        let pid = self.child.id().context("mongo-replicator has exited")?;
+        let status = std::process::Command::new("kill").arg(signal).arg(pid.to_string()).status()?;
+        anyhow::ensure!(status.success(), "kill {signal} {pid} failed");
+        Ok(())
+    }
+
     /// Waits for the process to exit by itself.
     pub async fn wait(&mut self, timeout: Duration) -> Result<Option<i32>> {
         match tokio::time::timeout(timeout, self.child.wait()).await {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use mongodb::bson::doc;
+use mongodb::bson::{Bson, Document, Timestamp, doc};
 use mongodb::options::ClientOptions;
 
 use crate::pki::LabCa;
@@ -219,6 +219,23 @@ impl SecantusServer {
         options.server_selection_timeout = Some(Duration::from_secs(2));
         options.connect_timeout = Some(Duration::from_secs(2));
         Ok(mongodb::Client::with_options(options)?)
+    }
+
+    /// The oldest change the server still holds: the first entry of `local.oplog.rs` in natural
+    /// order (`None` when the oplog is empty).
+    pub async fn oldest_retained(&self) -> Result<Option<Timestamp>> {
+        let client = self.admin_client().await?;
+        let first = client.database("local").collection::<Document>("oplog.rs").find_one(doc! {}).await?;
+        Ok(first.and_then(|entry| match entry.get("ts") {
+            Some(Bson::Timestamp(ts)) => Some(*ts),
+            _ => None,
+        }))
+    }
+
+    /// The server's cluster time now (the `operationTime` of a ping).
+    pub async fn cluster_time(&self) -> Result<Timestamp> {
+        let reply = self.admin_client().await?.database("admin").run_command(doc! {"ping": 1}).await?;
+        reply.get_timestamp("operationTime").with_context(|| format!("a ping without operationTime: {reply}"))
     }
 
     /// The log file of the current (or last) run.

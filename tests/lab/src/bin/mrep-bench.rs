@@ -6,7 +6,14 @@
 //! writes the source as fast as it can, the replicator's CPU-seconds per 100k events, and the
 //! ratios snapshot/ceiling and stream/ceiling.
 //!
-//! Usage: mrep-bench [--docs N] [--events N] [--batch-size N] [--workers 1,2,4,8]
+//! The source's oplog is capped for what a run writes, and each run ends by checking that the
+//! source still holds the run's whole history (its oldest retained change is not after the run's
+//! start): SecantusDB's open change streams skip pruned entries silently (LAB-NOTES), so a figure
+//! from a run that outran the oplog measures a replication that lost data. Such a figure is
+//! discarded, loudly, and the benchmark exits non-zero.
+//!
+//! Usage: mrep-bench [--docs N] [--events N] [--batch-size N] [--workers 1,2,4,8] [--oplog-max-entries N]
+//! (`--oplog-max-entries` overrides the cap, e.g. to see a lossy run discarded)
 //! (build the replicator first: `cargo build --release`; MONGO_REPLICATOR_BIN overrides its path)
 
 use std::path::PathBuf;
@@ -23,10 +30,20 @@ struct Args {
     events: usize,
     batch_size: usize,
     workers: Vec<usize>,
+    oplog_max_entries: Option<u64>,
+}
+
+impl Args {
+    /// The source's oplog cap: every entry of a run (the snapshot's documents, the stream's
+    /// events) plus a margin for DDL and the server's own entries, so no figure depends on how
+    /// far the replicator lags.
+    fn oplog_cap(&self) -> u64 {
+        self.oplog_max_entries.unwrap_or((self.docs + self.events) as u64 + 10_000)
+    }
 }
 
 fn parse_args() -> Result<Args> {
-    let mut args = Args { docs: 200_000, events: 200_000, batch_size: 1000, workers: vec![1, 2, 4, 8] };
+    let mut args = Args { docs: 200_000, events: 200_000, batch_size: 1000, workers: vec![1, 2, 4, 8], oplog_max_entries: None };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
@@ -35,6 +52,7 @@ fn parse_args() -> Result<Args> {
             "--events" => args.events = value.parse()?,
             "--batch-size" => args.batch_size = value.parse()?,
             "--workers" => args.workers = value.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            "--oplog-max-entries" => args.oplog_max_entries = Some(value.parse()?),
             _ => bail!("unknown flag {flag}"),
         }
     }
@@ -112,11 +130,17 @@ impl Replicator {
     }
 }
 
-async fn wait_for_count(client: &Client, db: &str, expected: u64, timeout: Duration) -> Result<()> {
+/// Waits until the target holds `expected` documents; fails early when the replicator exits
+/// (e.g. with 5, history lost).
+async fn wait_for_count(client: &Client, db: &str, expected: u64, timeout: Duration, replicator: Option<&mut Replicator>) -> Result<()> {
     let deadline = Instant::now() + timeout;
+    let mut replicator = replicator;
     while count(client, db).await? < expected {
         if Instant::now() > deadline {
             bail!("target has {} of {expected} documents after {timeout:?}", count(client, db).await?);
+        }
+        if let Some(status) = replicator.as_mut().map(|r| r.0.try_wait()).transpose()?.flatten() {
+            bail!("the replicator exited with {status} while the target has {} of {expected} documents", count(client, db).await?);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -136,14 +160,17 @@ async fn main() -> Result<()> {
         args.batch_size,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
+    println!("source oplog capped at {} entries; a run whose source pruned its own history is discarded", args.oplog_cap());
     println!(
         "{:>7} {:>12} {:>12} {:>12} {:>14} {:>10} {:>10}",
         "workers", "ceiling/s", "snapshot/s", "stream/s", "cpu-s/100k", "snap/ceil", "strm/ceil"
     );
+    let mut discarded = Vec::new();
     for &workers in &args.workers {
-        let source = SecantusServer::start(SecantusOptions::default()).await?;
+        let source = SecantusServer::start(SecantusOptions { oplog_max_entries: Some(args.oplog_cap()), ..Default::default() }).await?;
         let target = SecantusServer::start(SecantusOptions::default()).await?;
         let (src, dst) = (source.admin_client().await?, target.admin_client().await?);
+        let run_start = source.cluster_time().await?;
 
         // Ceiling: the target's raw bulk insert at the replicator's batch size and concurrency.
         let ceiling = bulk_insert(&dst, "ceiling", args.docs, args.batch_size, workers, 0).await?;
@@ -158,13 +185,13 @@ async fn main() -> Result<()> {
             bail!("snapshot replicator exited with {status}");
         }
         let snapshot_rate = args.docs as f64 / started.elapsed().as_secs_f64();
-        wait_for_count(&dst, "bench", args.docs as u64, Duration::from_secs(5)).await?;
+        wait_for_count(&dst, "bench", args.docs as u64, Duration::from_secs(5), None).await?;
 
         // Stream: a caught-up replicator follows a source written as fast as another process can.
         dst.database("bench").drop().await?;
         dst.database("mongo_replicator").drop().await?;
         src.database("bench").drop().await?;
-        let stream = Replicator::start(&source, &target, "stream-only", workers, args.batch_size, "bench-stream", args.docs)?;
+        let mut stream = Replicator::start(&source, &target, "stream-only", workers, args.batch_size, "bench-stream", args.docs)?;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let cpu_before = cpu_seconds(stream.pid())?;
         let started = Instant::now();
@@ -173,11 +200,28 @@ async fn main() -> Result<()> {
             let (events, batch) = (args.events, args.batch_size);
             async move { bulk_insert(&src, "bench", events, batch, 2, 10_000_000).await }
         });
-        wait_for_count(&dst, "bench", args.events as u64, Duration::from_secs(600)).await?;
+        let streamed = wait_for_count(&dst, "bench", args.events as u64, Duration::from_secs(600), Some(&mut stream)).await;
         let stream_rate = args.events as f64 / started.elapsed().as_secs_f64();
-        let cpu = cpu_seconds(stream.pid())? - cpu_before;
+        let cpu = cpu_seconds(stream.pid()).unwrap_or(f64::NAN) - cpu_before;
         load.await??;
         drop(stream);
+
+        // The whole run's history must still be on the source, or the figures are a lossy run's.
+        let oldest = source.oldest_retained().await?;
+        if oldest.is_none_or(|oldest| oldest > run_start) {
+            let shown = |ts: Option<mongodb::bson::Timestamp>| ts.map_or("none".to_string(), |t| format!("{}.{}", t.time, t.increment));
+            eprintln!(
+                "\n!!! DISCARDED ({workers} workers): the source pruned history written during the run (oldest retained change {}, run started at {}.{}, oplog cap {}); its figures measure a replication that lost changes. Raise --oplog-max-entries.\n",
+                shown(oldest),
+                run_start.time,
+                run_start.increment,
+                args.oplog_cap()
+            );
+            println!("{workers:>7} {:>12} (discarded: the source's oplog did not hold the whole run)", "-");
+            discarded.push(workers);
+            continue;
+        }
+        streamed?;
 
         println!(
             "{:>7} {:>12.0} {:>12.0} {:>12.0} {:>14.2} {:>10.2} {:>10.2}",
@@ -189,6 +233,9 @@ async fn main() -> Result<()> {
             snapshot_rate / ceiling,
             stream_rate / ceiling
         );
+    }
+    if !discarded.is_empty() {
+        bail!("figures discarded for {discarded:?} workers: the source's oplog did not hold the whole run");
     }
     Ok(())
 }

@@ -1,0 +1,123 @@
+//! The history guard: a replicator that falls behind a source's oplog while its change stream is
+//! open stops with the history-lost reason (or copies again), and never runs on with documents
+//! missing. SecantusDB's open streams skip pruned entries without an error (LAB-NOTES), so only
+//! the replicator's own check stands between this test and a silent loss.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use mongo_replicator_lab::workload;
+use mongo_replicator_lab::{ScramUser, SecantusOptions, SecantusServer};
+use mongodb::bson::{Document, doc};
+
+use crate::support::{ReplicatorProcess, eventually, tempdir, validate_with_env};
+
+/// The source's oplog keeps this many entries; the test writes five times as many while the
+/// replicator is frozen.
+const OPLOG_CAP: u64 = 1000;
+const WRITTEN_WHILE_FROZEN: i64 = 5000;
+
+/// A replicator streaming from a small-oplog source, caught up with a few documents, then frozen
+/// while the source writes far more than its oplog keeps, then thawed.
+async fn fall_behind(extra: &[&str]) -> Result<(SecantusServer, SecantusServer, ReplicatorProcess, u16)> {
+    let source = SecantusServer::start(SecantusOptions { oplog_max_entries: Some(OPLOG_CAP), ..Default::default() }).await?;
+    let target = SecantusServer::start(SecantusOptions::default()).await?;
+    let (src, dst) = (source.admin_client().await?, target.admin_client().await?);
+    let coll = src.database("app").collection::<Document>("events");
+    coll.insert_many((0..20).map(|i| doc! {"_id": i, "phase": "before"})).await?;
+
+    let port = mongo_replicator_lab::process::free_port()?;
+    let mut args: Vec<String> = ["--name", "history", "--metrics-address", &format!("127.0.0.1:{port}")].iter().map(|s| s.to_string()).collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let env = [("MREP_SOURCE_URI", source.uri()), ("MREP_TARGET_URI", target.uri())];
+    let replicator = ReplicatorProcess::start(&args, &env)?;
+    eventually(Duration::from_secs(60), || async {
+        let metrics = mongo_replicator_lab::process::http_get(port, "/metrics").await?;
+        ensure!(metrics.contains("mongo_replicator_phase{phase=\"stream\"} 1"), "not streaming yet");
+        Ok(())
+    })
+    .await
+    .with_context(|| replicator.log_tail(15))?;
+    // Streaming and caught up: these documents arrive through the change stream.
+    coll.insert_many((20..40).map(|i| doc! {"_id": i, "phase": "streamed"})).await?;
+    eventually(Duration::from_secs(60), || workload::assert_same_all(&src, &dst)).await.with_context(|| replicator.log_tail(15))?;
+    eventually(Duration::from_secs(10), || async {
+        let metrics = mongo_replicator_lab::process::http_get(port, "/metrics").await?;
+        let headroom = metrics.lines().find_map(|l| l.strip_prefix("mongo_replicator_source_history_headroom_seconds ")?.trim().parse::<f64>().ok());
+        ensure!(headroom.is_some_and(|h| h >= 0.0), "no headroom gauge yet:\n{metrics}");
+        Ok(())
+    })
+    .await?;
+
+    replicator.pause()?;
+    for start in (40..40 + WRITTEN_WHILE_FROZEN).step_by(100) {
+        coll.insert_many((start..start + 100).map(|i| doc! {"_id": i, "phase": "while frozen"})).await?;
+    }
+    eprintln!("oldest retained oplog entry after the writes: {:?}", source.oldest_retained().await?);
+    replicator.resume()?;
+    Ok((source, target, replicator, port))
+}
+
+#[tokio::test]
+async fn a_replicator_frozen_past_the_oplog_stops_with_history_lost() -> Result<()> {
+    let (_source, target, mut replicator, _) = fall_behind(&[]).await?;
+    let code = replicator.wait(Duration::from_secs(60)).await?;
+    let log = replicator.log();
+    ensure!(code == Some(5), "exit {code:?}, expected 5 (history lost); log ends with:\n{}", replicator.log_tail(15));
+    ensure!(log.contains("the source no longer has the change history"), "no plain message; log ends with:\n{}", replicator.log_tail(15));
+    ensure!(log.contains(r#""reason":"ChangeStreamHistoryLost""#), "no reason; log ends with:\n{}", replicator.log_tail(15));
+    // No window after the gap was applied: the target holds what was streamed before the freeze.
+    let dst = target.admin_client().await?;
+    let held = dst.database("app").collection::<Document>("events").count_documents(doc! {}).await?;
+    ensure!(held == 40, "the target holds {held} documents, expected the 40 streamed before the freeze");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_replicator_frozen_past_the_oplog_resyncs_and_converges() -> Result<()> {
+    let (source, target, mut replicator, _) = fall_behind(&["--on-history-lost", "resync"]).await?;
+    let (src, dst) = (source.admin_client().await?, target.admin_client().await?);
+    eventually(Duration::from_secs(120), || workload::assert_same_all(&src, &dst)).await.with_context(|| replicator.log_tail(15))?;
+    let count = dst.database("app").collection::<Document>("events").count_documents(doc! {}).await?;
+    ensure!(count == 40 + WRITTEN_WHILE_FROZEN as u64, "target holds {count} documents");
+    ensure!(replicator.log().contains("copying the data again"), "converged without a resync; log ends with:\n{}", replicator.log_tail(15));
+    assert_eq!(replicator.terminate(Duration::from_secs(30)).await?, Some(0), "{}", replicator.log_tail(10));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_source_whose_oplog_cannot_be_read_replicates_unguarded_and_says_so_once() -> Result<()> {
+    // readWriteAnyDatabase may watch the cluster but not read `local` (as on mongod).
+    let admin = ScramUser::new("admin", "adm1n-pw", &[("admin", "root")]);
+    let reader = ScramUser::new("reader", "r3ader-pw", &[("admin", "readWriteAnyDatabase")]);
+    let source = SecantusServer::start(SecantusOptions { users: vec![admin, reader.clone()], ..Default::default() }).await?;
+    let target = SecantusServer::start(SecantusOptions::default()).await?;
+    let (src, dst) = (source.admin_client().await?, target.admin_client().await?);
+    let coll = src.database("app").collection::<Document>("events");
+    coll.insert_many((0..20).map(|i| doc! {"_id": i})).await?;
+    let env = [("SRC_URI", source.uri_for(&reader)), ("DST_URI", target.uri())];
+
+    let dir = tempdir::Dir::new("history-unguarded")?;
+    let config = dir.0.join("replicator.yaml");
+    std::fs::write(
+        &config,
+        "name: unguarded\nsource: {auth: connectionString, uriEnv: SRC_URI}\ntarget: {auth: connectionString, uriEnv: DST_URI}\nmetricsAddress: null\n",
+    )?;
+    let (code, verdict, _) = validate_with_env(&config, &env).await?;
+    ensure!(code == Some(0) && verdict["passed"] == true, "validate failed: {verdict:#}");
+    let guard = verdict["endpoints"][0]["checks"].as_array().context("no checks")?.iter().find(|c| c["name"] == "historyGuard").cloned();
+    let guard = guard.with_context(|| format!("no historyGuard check: {verdict:#}"))?;
+    ensure!(guard["passed"] == true && guard["warning"] == true, "{guard:#}");
+    ensure!(guard["message"].as_str().is_some_and(|m| m.contains("the history guard is off")), "{guard:#}");
+
+    let mut replicator = ReplicatorProcess::start(&["--config".to_string(), config.display().to_string()], &env)?;
+    eventually(Duration::from_secs(60), || workload::assert_same_all(&src, &dst)).await.with_context(|| replicator.log_tail(15))?;
+    coll.insert_many((20..40).map(|i| doc! {"_id": i})).await?;
+    eventually(Duration::from_secs(60), || workload::assert_same_all(&src, &dst)).await.with_context(|| replicator.log_tail(15))?;
+    assert_eq!(replicator.terminate(Duration::from_secs(30)).await?, Some(0), "{}", replicator.log_tail(10));
+    let log = replicator.log();
+    let said: Vec<&str> = log.lines().filter(|l| l.contains("the history guard is off")).collect();
+    ensure!(said.len() == 1 && said[0].contains(r#""level":"WARN""#), "expected one warning that the guard is off, got {said:#?}");
+    ensure!(!log.contains("r3ader-pw"), "the password reached the log");
+    Ok(())
+}
