@@ -39,6 +39,11 @@ pub struct Checkpoint {
     /// Source cluster time of the newest applied change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_applied_cluster_time: Option<Timestamp>,
+    /// Source cluster time up to which the stream provably read all history (the history
+    /// guard's position when `token` was saved; for a start point, the source's time just before
+    /// it was taken): where a resumed stream's guard starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_read_to: Option<Timestamp>,
     #[serde(default)]
     pub docs_copied: i64,
     #[serde(default)]

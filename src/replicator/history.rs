@@ -22,9 +22,12 @@ use super::checkpoint::token_data;
 pub const LOW_HEADROOM_SECONDS: i64 = 300;
 /// At most one low-headroom warning this often: a lagging replicator checks after every window.
 pub const LOW_HEADROOM_WARNING_EVERY: Duration = Duration::from_secs(60);
-/// Windows without events are checked at most this often: their check only moves the proven
-/// position forward (see [`HistoryGuard::check`]), and an idle stream reads a window per 100 ms.
-pub const IDLE_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// The oplog is read at most this often, and at most a tenth of the time (a floor read costs
+/// O(1) on mongod's capped oplog, O(entries) on some servers). Windows read in between are
+/// applied unproven: the next check covers them all (the oplog is pruned oldest first, so a floor
+/// not after the last proven position proves every window since), and the checkpoint records only
+/// the proven position, so a gap found late still stops the replicator — on restart too.
+pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// What one read of the source's oplog found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,10 +71,9 @@ pub fn headroom_seconds(last_read: Timestamp, oldest: Timestamp) -> i64 {
     i64::from(last_read.time) - i64::from(oldest.time)
 }
 
-/// The cluster time a resume token names, in the token formats known here: mongod's (hex
-/// `_data` starting with the KeyString timestamp type 0x82, then the timestamp's 8 big-endian
-/// bytes) and SecantusDB's (hex of a BSON document whose `t` is the timestamp). Other tokens give
-/// `None`; the first event read then gives the position.
+/// The cluster time a resume token names, in mongod's format (hex `_data` starting with the
+/// KeyString timestamp type 0x82, then the timestamp's 8 big-endian bytes). Tokens are opaque
+/// elsewhere: other formats give `None` (the checkpoint records the position of its own tokens).
 pub fn token_cluster_time(token: &ResumeToken) -> Option<Timestamp> {
     let bytes = hex_bytes(&token_data(token)?)?;
     match bytes.split_first()? {
@@ -80,7 +82,7 @@ pub fn token_cluster_time(token: &ResumeToken) -> Option<Timestamp> {
             let increment = u32::from_be_bytes(rest[4..8].try_into().ok()?);
             Some(Timestamp { time, increment })
         }
-        _ => mongodb::bson::RawDocument::from_bytes(&bytes).ok()?.get_timestamp("t").ok(),
+        _ => None,
     }
 }
 
@@ -120,12 +122,16 @@ pub struct HistoryGuard {
     floor_read_at: Option<Timestamp>,
     last_check: Option<Instant>,
     last_warning: Option<Instant>,
+    /// The windows read since the last check, merged.
+    pending: Option<WindowTimes>,
+    /// How long the last floor read took.
+    floor_cost: Duration,
 }
 
 impl HistoryGuard {
     /// A guard for a stream starting at `start` (when known), after a floor read at `probe`.
     pub fn new(start: Option<Timestamp>, probe: &Floor) -> Self {
-        Self { read_to: start, floor_read_at: probe.read_at, last_check: None, last_warning: None }
+        Self { read_to: start, floor_read_at: probe.read_at, last_check: None, last_warning: None, pending: None, floor_cost: Duration::ZERO }
     }
 
     /// The cluster time everything up to which the stream has provably read.
@@ -133,10 +139,22 @@ impl HistoryGuard {
         self.read_to
     }
 
-    /// Whether a window needs a floor read: always when it holds events (they are applied only
-    /// once proven), at most every [`IDLE_CHECK_EVERY`] when it holds none.
-    pub fn wants_check(&self, window: &WindowTimes, now: Instant) -> bool {
-        window.newest.is_some() || self.last_check.is_none_or(|at| now.duration_since(at) >= IDLE_CHECK_EVERY)
+    /// Notes a window read; it is proven by the next [`HistoryGuard::check`].
+    pub fn note(&mut self, window: &WindowTimes) {
+        self.pending = Some(match self.pending.take() {
+            None => *window,
+            Some(p) => WindowTimes { first: p.first.or(window.first), newest: p.newest.max(window.newest), caught_up: window.caught_up },
+        });
+    }
+
+    /// Whether it is time for a floor read: [`CHECK_EVERY`], or ten times what the last one took.
+    pub fn wants_check(&self, now: Instant) -> bool {
+        self.last_check.is_none_or(|at| now.duration_since(at) >= CHECK_EVERY.max(self.floor_cost * 10))
+    }
+
+    /// Records how long a floor read took, to pace the next ones.
+    pub fn floor_read_took(&mut self, cost: Duration) {
+        self.floor_cost = cost;
     }
 
     /// Judges a window by the floor read after it. Returns the headroom in seconds when there is
@@ -147,6 +165,8 @@ impl HistoryGuard {
     /// newest event, and when the stream ran dry also to the previous floor read's time: the
     /// server then had nothing more for the stream up to a getMore that came after that read.
     pub fn check(&mut self, window: &WindowTimes, floor: &Floor, now: Instant) -> Result<Option<i64>, Pruned> {
+        self.note(window);
+        let window = &self.pending.take().unwrap_or_default();
         self.last_check = Some(now);
         let Some(oldest) = floor.oldest else {
             // Nothing retained at all: nothing to prove with; keep the position as it was.
@@ -211,12 +231,12 @@ mod tests {
     }
 
     #[test]
-    fn mongod_and_secantus_tokens_name_their_cluster_time_and_others_do_not() {
+    fn mongod_tokens_name_their_cluster_time_and_others_do_not() {
         let mongod = token_from_data("8263A1B2C3000000072B022C0100296E5A1004").unwrap();
         assert_eq!(token_cluster_time(&mongod), Some(ts(0x63A1_B2C3, 7)));
         // SecantusDB's: hex BSON {s: 23, t: Timestamp(1796123531, 26), n: "", k: {}}.
         let secantus = token_from_data("2B00000012730017000000000000001174001A0000008BAB0E6B026E000100000000036B00050000000000").unwrap();
-        assert_eq!(token_cluster_time(&secantus), Some(ts(1_796_123_531, 26)));
+        assert_eq!(token_cluster_time(&secantus), None, "opaque outside mongod's format");
         for other in ["82AB", "0A0B", "xyz", ""] {
             assert_eq!(token_cluster_time(&token_from_data(other).unwrap()), None, "{other}");
         }
@@ -275,16 +295,27 @@ mod tests {
     }
 
     #[test]
-    fn idle_windows_are_checked_at_most_every_second_and_busy_ones_always() {
+    fn checks_are_paced_and_one_check_proves_every_window_since_the_last() {
         let start = Instant::now();
         let mut guard = HistoryGuard::new(Some(ts(1, 0)), &floor(Some(ts(1, 0)), ts(1, 0)));
         let idle = WindowTimes { caught_up: true, ..Default::default() };
-        let busy = WindowTimes { first: Some(ts(2, 0)), newest: Some(ts(2, 0)), caught_up: false };
-        assert!(guard.wants_check(&idle, start));
+        assert!(guard.wants_check(start));
         guard.check(&idle, &floor(Some(ts(1, 0)), ts(2, 0)), start).unwrap();
-        assert!(!guard.wants_check(&idle, start + Duration::from_millis(500)));
-        assert!(guard.wants_check(&busy, start + Duration::from_millis(1)));
-        assert!(guard.wants_check(&idle, start + IDLE_CHECK_EVERY));
+        assert!(!guard.wants_check(start + Duration::from_millis(500)));
+        assert!(guard.wants_check(start + CHECK_EVERY));
+        guard.floor_read_took(Duration::from_millis(300));
+        assert!(!guard.wants_check(start + CHECK_EVERY), "a costly floor read is done less often");
+        assert!(guard.wants_check(start + Duration::from_secs(3)));
+        // Three windows, then one check: the position moves to the newest of them.
+        guard.note(&WindowTimes { first: Some(ts(3, 0)), newest: Some(ts(3, 9)), caught_up: false });
+        guard.note(&WindowTimes { first: Some(ts(4, 0)), newest: Some(ts(4, 9)), caught_up: false });
+        let last = WindowTimes { first: Some(ts(5, 0)), newest: Some(ts(5, 9)), caught_up: false };
+        assert_eq!(guard.check(&last, &floor(Some(ts(1, 0)), ts(6, 0)), start + Duration::from_secs(3)), Ok(Some(4)));
+        assert_eq!(guard.read_to(), Some(ts(5, 9)));
+        // A gap anywhere in windows applied unproven is still found by the next check.
+        guard.note(&WindowTimes { first: Some(ts(9, 0)), newest: Some(ts(9, 5)), caught_up: false });
+        let pruned = guard.check(&WindowTimes::default(), &floor(Some(ts(7, 0)), ts(10, 0)), start + Duration::from_secs(6));
+        assert_eq!(pruned, Err(Pruned { last_read: ts(5, 9), oldest: ts(7, 0) }));
     }
 
     #[test]

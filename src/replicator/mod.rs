@@ -290,6 +290,7 @@ impl Replication {
                 start_token: None,
                 token: None,
                 last_applied_cluster_time: None,
+                history_read_to: None,
                 docs_copied: 0,
                 events_applied: 0,
                 saved_at: DateTime::now(),
@@ -335,6 +336,7 @@ impl Replication {
             if checkpoint.start_token.is_none() {
                 // The stream's start point is taken before anything is copied, so every change made
                 // during the copy is replayed afterwards.
+                checkpoint.history_read_to = self.source_time().await;
                 checkpoint.start_token = Some(self.start_token(&StartPoint::Now).await?);
                 save(checkpoint).await?;
             }
@@ -362,6 +364,7 @@ impl Replication {
             (None, Some(StartAt::ResumeToken(data))) => StartPoint::ResumeAfter(token_from_data(data).ok_or(ReplicatorError::InvalidStartToken)?),
             (None, None) => {
                 // Saved first, so a crash before the first change does not move the start to "later".
+                checkpoint.history_read_to = self.source_time().await;
                 let token = self.start_token(&StartPoint::Now).await?;
                 checkpoint.token = Some(token.clone());
                 save(checkpoint).await?;
@@ -376,6 +379,13 @@ impl Replication {
     }
 
     /// Opens the stream at `start` and returns the token it starts from.
+    /// The source's cluster time now (a ping's `operationTime`), read before a start point is
+    /// taken: every change after that start point is later, so the history guard may start there.
+    async fn source_time(&self) -> Option<mongodb::bson::Timestamp> {
+        let reply = self.ctx.source.database("admin").run_command(doc! {"ping": 1}).await.ok()?;
+        reply.get_timestamp("operationTime").ok()
+    }
+
     async fn start_token(&self, start: &StartPoint) -> Result<mongodb::change_stream::event::ResumeToken, ReplicatorError> {
         let ctx = &self.ctx;
         let mut stream =
@@ -405,6 +415,7 @@ impl Replication {
         checkpoint.phase = CheckpointPhase::Snapshot;
         checkpoint.start_token = None;
         checkpoint.token = None;
+        checkpoint.history_read_to = None;
         checkpoint.saved_at = DateTime::now();
         ctx.store.save(checkpoint).await.map_err(ReplicatorError::Checkpoint)
     }
@@ -435,6 +446,7 @@ mod tests {
             start_token: None,
             token: None,
             last_applied_cluster_time: Some(mongodb::bson::Timestamp { time: 1767225600, increment: 3 }),
+            history_read_to: None,
             docs_copied: 1200,
             events_applied: 45,
             saved_at: DateTime::from_millis(1767225601000),

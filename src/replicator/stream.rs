@@ -148,6 +148,8 @@ struct Window {
     actions: Vec<(Action, &'static str)>,
     token: Option<ResumeToken>,
     times: WindowTimes,
+    /// The guard's position once this window is proven; saved with `token`.
+    read_to: Option<Timestamp>,
 }
 
 /// Follows the change stream until cancelled or a permanent error. It uses the copier for
@@ -167,7 +169,7 @@ impl Streamer {
     /// A history guard for a stream from `start`, or `None` where the source's oplog cannot be
     /// read (permissions, Azure DocumentDB): then the server alone must fail a stream that falls
     /// off its history, which is said once per process.
-    async fn history_guard(&self, start: &StartPoint) -> Result<Option<HistoryGuard>, StreamError> {
+    async fn history_guard(&self, start: &StartPoint, checkpoint: &Checkpoint) -> Result<Option<HistoryGuard>, StreamError> {
         if self.guard_off.load(Ordering::Relaxed) {
             return Ok(None);
         }
@@ -189,8 +191,12 @@ impl Streamer {
                 return Ok(None);
             }
         };
+        // Where the checkpoint's own token stands, the checkpoint says; a token from elsewhere
+        // (`startAt.resumeToken`) names its time only in mongod's format.
         let start_time = match start {
-            StartPoint::ResumeAfter(token) | StartPoint::StartAfter(token) => history::token_cluster_time(token),
+            StartPoint::ResumeAfter(token) | StartPoint::StartAfter(token) => {
+                checkpoint.history_read_to.filter(|_| checkpoint.token.as_ref() == Some(token)).or_else(|| history::token_cluster_time(token))
+            }
             StartPoint::AtClusterTime(ts) => Some(*ts),
             StartPoint::Now => None,
         };
@@ -209,7 +215,7 @@ impl Streamer {
         let scope = ctx.map.stream_scope();
         let max_await = ctx.settings.flush_interval.max(Duration::from_millis(100));
         // Read before the stream opens, so every getMore comes after it.
-        let guard = self.history_guard(&start).await?;
+        let guard = self.history_guard(&start, checkpoint).await?;
         let stream = open(&ctx.source, &scope, &start, max_await, ctx.settings.batch_size as u32).await?;
         tracing::info!(scope = ?scope, start = %start, history_guard = guard.is_some(), "streaming");
         self.ctx.metrics.set_phase("stream");
@@ -242,6 +248,7 @@ impl Streamer {
             }
             if window.token.is_some() {
                 checkpoint.token = window.token.clone();
+                checkpoint.history_read_to = window.read_to.or(checkpoint.history_read_to);
             }
             if checkpoint.token != saved_token && last_save.elapsed() >= Duration::from_secs(1) {
                 self.save(checkpoint).await?;
@@ -338,8 +345,11 @@ impl Reader {
                 return;
             }
             let window = match self.read_window(&mut stream).await {
-                // Not applied (so not checkpointed) until proven to follow what was read before.
-                Ok((window, reopen)) => self.prove(&window.times).await.map(|()| (window, reopen)),
+                // Proven in batches (history::CHECK_EVERY); the checkpoint keeps the proven position only.
+                Ok((mut window, reopen)) => self.prove(&window.times).await.map(|()| {
+                    window.read_to = self.guard.as_ref().and_then(HistoryGuard::read_to);
+                    (window, reopen)
+                }),
                 Err(err) => Err(err),
             };
             let reopen = match &window {
@@ -367,10 +377,12 @@ impl Reader {
     async fn prove(&mut self, times: &WindowTimes) -> Result<(), StreamError> {
         let Some(guard) = self.guard.as_mut() else { return Ok(()) };
         let now = Instant::now();
-        if !guard.wants_check(times, now) {
+        if !guard.wants_check(now) {
+            guard.note(times);
             return Ok(());
         }
         let floor = history::read_floor(&self.ctx.source).await.map_err(StreamError::from_source)?;
+        guard.floor_read_took(now.elapsed());
         match guard.check(times, &floor, now) {
             Err(pruned) => {
                 tracing::warn!(
@@ -416,7 +428,7 @@ impl Reader {
             let action = map_event(event, &self.ctx.map)?;
             if action == Action::Invalidate {
                 let token = stream.resume_token();
-                return Ok((Window { actions, token: token.clone(), times }, token));
+                return Ok((Window { actions, token: token.clone(), times, read_to: None }, token));
             }
             if action != Action::Skip {
                 actions.push((action, operation));
@@ -425,6 +437,6 @@ impl Reader {
                 break;
             }
         }
-        Ok((Window { actions, token: stream.resume_token(), times }, None))
+        Ok((Window { actions, token: stream.resume_token(), times, read_to: None }, None))
     }
 }

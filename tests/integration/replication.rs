@@ -108,7 +108,7 @@ async fn sigkill_in_snapshot_and_stream_never_loses_a_write_or_recopies_a_finish
     let (mut kills, mut kills_in_snapshot, mut kills_in_stream) = (0, 0, 0);
     // At least five kills, and at least one while copying and one while streaming.
     while kills < 5 || kills_in_snapshot == 0 || kills_in_stream == 0 {
-        ensure!(kills < 20, "20 kills and still not one in each phase ({kills_in_snapshot} in the snapshot)");
+        ensure!(kills < 20, "20 kills and still not one in each phase ({kills_in_snapshot} in the snapshot); log:\n{}", replicator.log_tail(20));
         eprintln!("kill {kills}: {kills_in_snapshot} in the snapshot, {kills_in_stream} in the stream so far");
         // Short waits while copying, so the copy cannot finish before the first kills.
         let wait = if kills_in_snapshot == 0 { 150..600 } else { 300..1500 };
