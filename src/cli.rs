@@ -208,6 +208,10 @@ pub struct ReplicateArgs {
     /// When the source's history no longer reaches the checkpoint: fail, or copy again.
     #[arg(long, value_enum, default_value = "fail")]
     pub on_history_lost: HistoryFlag,
+    /// The stream counts as caught up (mongo_replicator_caught_up_seconds, ready for a cutover)
+    /// while its lag is at most this many seconds and writes succeed.
+    #[arg(long, default_value_t = config_file::DEFAULT_CAUGHT_UP_LAG_SECONDS)]
+    pub caught_up_lag_seconds: u64,
 
     /// Address of /metrics, /healthz and /readyz (overrides the config file); `none` turns it off.
     #[arg(long, value_name = "ADDR")]
@@ -297,6 +301,7 @@ impl ReplicateArgs {
                 config.batch_size = self.batch_size;
                 config.partition_documents = self.partition_documents;
                 config.checkpoint_database = self.checkpoint_database.clone();
+                config.caught_up_lag_seconds = self.caught_up_lag_seconds;
                 config.on_history_lost = match self.on_history_lost {
                     HistoryFlag::Fail => OnHistoryLost::Fail,
                     HistoryFlag::Resync => OnHistoryLost::Resync,

@@ -36,6 +36,7 @@ pub const DOCUMENTDB_SCOPE: &str = "https://ossrdbms-aad.database.windows.net/.d
     printcolumn(name = "Source Auth", type_ = "string", json_path = ".spec.source.auth", description = "How the replicator logs in to the source"),
     printcolumn(name = "Target Auth", type_ = "string", json_path = ".spec.target.auth", description = "How the replicator logs in to the target"),
     printcolumn(name = "Lag", type_ = "integer", json_path = ".status.progress.lagSeconds", description = "Seconds between the newest source change and the newest applied one"),
+    printcolumn(name = "Caught Up", type_ = "string", json_path = ".status.conditions[?(@.type==\"CaughtUp\")].status", description = "Whether the lag has stayed low long enough for a cutover"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("self.metadata.name.size() <= 50")
         .message("metadata.name must be at most 50 characters: the operator derives names of child objects (ServiceAccount, Job, Deployment) from it"),
@@ -75,6 +76,40 @@ pub struct MongoReplicationSpec {
     /// How the replicator pods run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicator: Option<ReplicatorSettings>,
+
+    /// When the replication counts as caught up, ready for a cutover: the `CaughtUp` condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cutover: Option<Cutover>,
+}
+
+/// Cutover readiness: `CaughtUp` is True once the lag has stayed at most `maxLagSeconds` (with
+/// writes succeeding) for `sustainSeconds`. Then stop writes to the source, wait until
+/// `status.progress.lastAppliedClusterTime` passes the moment they stopped, and switch clients.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Cutover {
+    #[doc = concat!("Most seconds of lag that count as caught up. Default ", crate::default_caught_up_lag_seconds!(), ".")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub max_lag_seconds: Option<i32>,
+
+    #[doc = concat!("How long the lag must stay at most `maxLagSeconds` before `CaughtUp` is True. Default ", crate::default_caught_up_sustain_seconds!(), ".")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub sustain_seconds: Option<i32>,
+}
+
+impl Cutover {
+    /// `sustainSeconds` with its default.
+    pub fn sustain(cutover: Option<&Cutover>) -> std::time::Duration {
+        let seconds = cutover.and_then(|c| c.sustain_seconds).map_or(crate::default_caught_up_sustain_seconds!(), |s| s.max(0) as u64);
+        std::time::Duration::from_secs(seconds)
+    }
+
+    /// `maxLagSeconds` with its default.
+    pub fn max_lag(cutover: Option<&Cutover>) -> u64 {
+        cutover.and_then(|c| c.max_lag_seconds).map_or(crate::default_caught_up_lag_seconds!(), |s| s.max(0) as u64)
+    }
 }
 
 /// One side of a replication: where it is and how to log in to it.
@@ -516,6 +551,10 @@ pub struct Progress {
     /// they succeed. Long enough, and the replication is `Stalled` (`CheckpointNotAdvancing`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub writes_failing_since: Option<String>,
+    /// Since when the stream has been caught up (lag at most `spec.cutover.maxLagSeconds`,
+    /// writes succeeding; RFC 3339); absent while it is not. Long enough, and `CaughtUp` is True.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caught_up_since: Option<String>,
 }
 
 /// The CRD, with descriptions reflowed for `kubectl explain`.

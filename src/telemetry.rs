@@ -174,6 +174,8 @@ pub struct Metrics {
     history_headroom: Arc<Mutex<Option<f64>>>,
     /// Since when writes to the target have failed and been retried; `None` once one succeeds.
     failing_since: Mutex<Option<std::time::SystemTime>>,
+    /// Since when the stream has been caught up (cutover readiness); `None` while it is not.
+    caught_up_since: Arc<Mutex<Option<std::time::SystemTime>>>,
 }
 
 impl Default for Metrics {
@@ -200,6 +202,7 @@ impl Metrics {
             last_checkpoint: Arc::new(Mutex::new(None)),
             history_headroom: Arc::new(Mutex::new(None)),
             failing_since: Mutex::new(None),
+            caught_up_since: Arc::new(Mutex::new(None)),
             // Filled in below: the metrics are registered as clones sharing their values.
             registry: Registry::default(),
         };
@@ -251,6 +254,7 @@ impl Metrics {
         );
         registry.register_collector(Box::new(CheckpointAge(metrics.last_checkpoint.clone())));
         registry.register_collector(Box::new(HistoryHeadroom(metrics.history_headroom.clone())));
+        registry.register_collector(Box::new(CaughtUp(metrics.caught_up_since.clone())));
         // Zero series from the start, so rate() and alerts work before the first event or retry.
         for operation in ["insert", "update", "replace", "delete", "ddl"] {
             metrics.events_applied(operation, 0);
@@ -292,6 +296,22 @@ impl Metrics {
     }
 
     /// The lag last set, in seconds.
+    /// Whether the stream is caught up now (lag within the threshold, writes succeeding); the
+    /// time it became so is kept until it no longer is.
+    pub fn set_caught_up(&self, caught_up: bool) {
+        let mut since = lock(&self.caught_up_since);
+        match (caught_up, *since) {
+            (true, None) => *since = Some(std::time::SystemTime::now()),
+            (false, _) => *since = None,
+            (true, Some(_)) => {}
+        }
+    }
+
+    /// Since when the stream has been caught up, if it is.
+    pub fn caught_up_since(&self) -> Option<std::time::SystemTime> {
+        *lock(&self.caught_up_since)
+    }
+
     pub fn lag_seconds(&self) -> f64 {
         self.lag.get()
     }
@@ -371,6 +391,26 @@ impl Collector for CheckpointAge {
             age.metric_type(),
         )?;
         age.encode(metric)
+    }
+}
+
+/// `caught_up_seconds`: how long the stream has been caught up, 0 while it is not.
+#[derive(Debug)]
+struct CaughtUp(Arc<Mutex<Option<std::time::SystemTime>>>);
+
+impl Collector for CaughtUp {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let seconds = lock(&self.0).and_then(|since| since.elapsed().ok()).map_or(0.0, |d| d.as_secs_f64());
+        let gauge = ConstGauge::new(seconds);
+        let metric = encoder.encode_descriptor(
+            "caught_up",
+            "Seconds the stream has been caught up: lag at most caughtUpLagSeconds and writes succeeding; 0 \
+             while it is not. Cut over once it has held long enough: stop writes to the source, wait for the \
+             last applied cluster time to pass that moment, then switch clients to the target",
+            Some(&Unit::Seconds),
+            gauge.metric_type(),
+        )?;
+        gauge.encode(metric)
     }
 }
 

@@ -65,6 +65,9 @@ pub fn replicator_config(replication: &MongoReplication, entra: &EntraDefaults) 
             };
         }
     }
+    if let Some(max_lag) = spec.cutover.as_ref().and_then(|c| c.max_lag_seconds) {
+        config.caught_up_lag_seconds = max_lag.max(0) as u64;
+    }
     config
 }
 

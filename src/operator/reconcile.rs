@@ -137,6 +137,13 @@ async fn reconcile_inner(replication: &MongoReplication, ctx: &Context) -> Resul
         // Look again when failing writes would cross the threshold: nothing else may trigger it.
         requeue = requeue.min(ctx.stall_after - failing + Duration::from_secs(1));
     }
+    if let Some(c) = &observed.caught_up
+        && let Some((held, _)) = &c.caught_up_for
+        && *held < c.sustain
+    {
+        // Likewise when being caught up will have held long enough.
+        requeue = requeue.min(c.sustain - *held + Duration::from_secs(1));
+    }
     Ok(Action::requeue(if in_progress { requeue.min(WHILE_IN_PROGRESS) } else { requeue }))
 }
 
@@ -385,6 +392,18 @@ fn observe_all(
         .and_then(|p| p.writes_failing_since.as_deref())
         .and_then(|since| since.parse::<k8s_openapi::jiff::Timestamp>().ok())
         .map(|since| Duration::from_secs(k8s_openapi::jiff::Timestamp::now().duration_since(since).as_secs().max(0) as u64));
+    let streams = replication.spec.mode != crate::crd::ReplicationMode::SnapshotOnly && !replication.spec.suspend;
+    let caught_up = progress.as_ref().filter(|_| progress_current && streams && replicator == Replicator::Running).map(|p| {
+        let cutover = replication.spec.cutover.as_ref();
+        let since = p.caught_up_since.as_deref().and_then(|s| Some((s.parse::<k8s_openapi::jiff::Timestamp>().ok()?, s.to_string())));
+        status::CaughtUp {
+            snapshotting: p.phase.as_deref() == Some("Snapshot"),
+            caught_up_for: since
+                .map(|(t, s)| (Duration::from_secs(k8s_openapi::jiff::Timestamp::now().duration_since(t).as_secs().max(0) as u64), s)),
+            sustain: crate::crd::Cutover::sustain(cutover),
+            max_lag_seconds: crate::crd::Cutover::max_lag(cutover),
+        }
+    });
     let observed = Observed {
         generation: replication.metadata.generation.unwrap_or_default(),
         spec_error: plan.spec_error,
@@ -395,6 +414,7 @@ fn observe_all(
         progress,
         progress_current,
         writes_stuck_for: failing_for.filter(|f| *f >= stall_after),
+        caught_up,
     };
     (observed, failing_for)
 }
@@ -553,6 +573,7 @@ pub async fn report_invalid(ctx: &Context, metadata: &ObjectMeta, error: &str) -
         progress: None,
         progress_current: false,
         writes_stuck_for: None,
+        caught_up: None,
     };
     let new = status::compute(None, &observed, &Time(k8s_openapi::jiff::Timestamp::now()));
     patch_status(&ctx.client, namespace, name, &new).await?;

@@ -15,6 +15,7 @@ pub const REPLICATING: &str = "Replicating";
 pub const RECONCILING: &str = "Reconciling";
 pub const STALLED: &str = "Stalled";
 pub const READY: &str = "Ready";
+pub const CAUGHT_UP: &str = "CaughtUp";
 /// Ends the message of a validation failure that may pass with time and is being retried.
 const RETRYING: &str = " (retrying: this can pass with time, e.g. while a new federated credential propagates)";
 
@@ -63,6 +64,19 @@ pub struct Observed {
     /// How long the replicator's writes to the target have been failing, once that is longer
     /// than the operator's stall threshold.
     pub writes_stuck_for: Option<std::time::Duration>,
+    /// Cutover readiness, while the replicator runs and reports for this configuration.
+    pub caught_up: Option<CaughtUp>,
+}
+
+/// Where the stream stands against `spec.cutover`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaughtUp {
+    /// The replicator is still copying.
+    pub snapshotting: bool,
+    /// How long it has been caught up, and since when (RFC 3339); `None` while it is not.
+    pub caught_up_for: Option<(std::time::Duration, String)>,
+    pub sustain: std::time::Duration,
+    pub max_lag_seconds: u64,
 }
 
 /// The new status, from the old one (for transition times and the replicator's progress) and
@@ -199,6 +213,28 @@ pub fn compute(old: Option<&MongoReplicationStatus>, observed: &Observed, now: &
         }
     };
 
+    // CaughtUp: messages name times, not counts, so an unchanged state is not rewritten.
+    if let Some(c) = observed.caught_up.as_ref().filter(|_| replicating) {
+        let (caught_up, reason, message) = match &c.caught_up_for {
+            _ if c.snapshotting => (false, "Snapshotting", "the existing data is being copied; the stream follows it".to_string()),
+            Some((since, at)) if *since >= c.sustain => (
+                true,
+                "CaughtUp",
+                format!(
+                    "the lag has stayed at most {} s since {at}: to cut over, stop writes to the source, wait until status.progress.lastAppliedClusterTime passes the moment they stopped, then switch clients to the target",
+                    c.max_lag_seconds
+                ),
+            ),
+            Some((_, at)) => (
+                false,
+                "CatchingUp",
+                format!("the lag has been at most {} s since {at}; CaughtUp once that has held for {} s", c.max_lag_seconds, c.sustain.as_secs()),
+            ),
+            None => (false, "CatchingUp", format!("the lag is above {} s, or writes to the target are failing", c.max_lag_seconds)),
+        };
+        conditions.push(condition(CAUGHT_UP, caught_up, reason, message));
+    }
+
     let ready = validated && (replicating || observed.suspended) && stalled.is_none();
     match &reconciling {
         Some((reason, message)) if stalled.is_none() => conditions.push(condition(RECONCILING, true, reason, message.clone())),
@@ -330,6 +366,7 @@ mod tests {
             progress: Some(Progress { phase: Some("Stream".into()), ..Default::default() }),
             progress_current: true,
             writes_stuck_for: None,
+            caught_up: None,
         }
     }
 
@@ -431,5 +468,32 @@ mod tests {
         // A running replication whose recheck fails for good is not Ready: a person must act.
         let status = compute(None, &Observed { binding: forbidden, ..observed() }, &time(1));
         assert_eq!(get(&status, READY).status, "False");
+    }
+
+    #[test]
+    fn caught_up_once_low_lag_has_held_long_enough_with_messages_that_do_not_tick() {
+        let at = "2026-01-01T00:00:00Z".to_string();
+        let cutover = |held: Option<u64>| CaughtUp {
+            snapshotting: false,
+            caught_up_for: held.map(|s| (std::time::Duration::from_secs(s), at.clone())),
+            sustain: std::time::Duration::from_secs(60),
+            max_lag_seconds: 5,
+        };
+        let get_caught_up = |c: CaughtUp| {
+            let status = compute(None, &Observed { caught_up: Some(c), ..observed() }, &time(1));
+            let c = get(&status, CAUGHT_UP).clone();
+            (c.status, c.reason, c.message)
+        };
+        let (status, reason, message) = get_caught_up(cutover(Some(61)));
+        assert_eq!((status.as_str(), reason.as_str()), ("True", "CaughtUp"));
+        assert!(message.contains("stop writes to the source") && message.contains(&at), "{message}");
+        assert_eq!(get_caught_up(cutover(Some(30))).1, "CatchingUp");
+        assert_eq!(get_caught_up(cutover(Some(30))).2, get_caught_up(cutover(Some(31))).2, "the message must not tick");
+        assert_eq!(get_caught_up(cutover(None)).1, "CatchingUp");
+        assert_eq!(get_caught_up(CaughtUp { snapshotting: true, ..cutover(None) }).1, "Snapshotting");
+        // Not Ready-relevant, and absent when the replicator does not report for this configuration.
+        let status = compute(None, &Observed { caught_up: Some(cutover(None)), ..observed() }, &time(1));
+        assert_eq!(get(&status, READY).status, "True");
+        assert!(compute(None, &observed(), &time(1)).conditions.iter().all(|c| c.type_ != CAUGHT_UP));
     }
 }

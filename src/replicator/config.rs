@@ -37,6 +37,20 @@ macro_rules! default_batch_size {
 }
 #[doc(hidden)]
 #[macro_export]
+macro_rules! default_caught_up_lag_seconds {
+    () => {
+        5
+    };
+}
+#[doc(hidden)]
+#[macro_export]
+macro_rules! default_caught_up_sustain_seconds {
+    () => {
+        60
+    };
+}
+#[doc(hidden)]
+#[macro_export]
 macro_rules! default_checkpoint_database {
     () => {
         "mongo_replicator"
@@ -57,6 +71,8 @@ pub const DEFAULT_PARTITION_DOCUMENTS: u64 = 200_000;
 pub const DEFAULT_METRICS_PORT: u16 = 9090;
 /// How long SIGTERM may take to drain, checkpoint and exit.
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECONDS: u64 = 30;
+/// Most seconds of lag that count as caught up (cutover readiness).
+pub const DEFAULT_CAUGHT_UP_LAG_SECONDS: u64 = default_caught_up_lag_seconds!();
 
 /// Which namespaces to replicate, and under which names.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -170,6 +186,10 @@ pub struct ReplicatorConfig {
     /// How long SIGTERM may take to drain, checkpoint and exit.
     #[serde(default = "default_shutdown_timeout_seconds")]
     pub shutdown_timeout_seconds: u64,
+    /// The stream counts as caught up (`caughtUpSince`, `mongo_replicator_caught_up_seconds`)
+    /// while its lag is at most this many seconds and writes succeed.
+    #[serde(default = "default_caught_up_lag_seconds")]
+    pub caught_up_lag_seconds: u64,
     /// The MongoReplication whose `status.progress` the replicator keeps up to date (the
     /// operator sets it); omitted: no status is written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -207,6 +227,9 @@ fn default_metrics_address() -> Option<SocketAddr> {
 }
 fn default_shutdown_timeout_seconds() -> u64 {
     DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
+}
+fn default_caught_up_lag_seconds() -> u64 {
+    DEFAULT_CAUGHT_UP_LAG_SECONDS
 }
 fn source_endpoint<'de, D: Deserializer<'de>>(deserializer: D) -> Result<EndpointConfig, D::Error> {
     EndpointConfig::deserialize_as(deserializer, EndpointRole::Source)
@@ -269,6 +292,7 @@ impl ReplicatorConfig {
             partition_documents: default_partition_documents(),
             metrics_address: default_metrics_address(),
             shutdown_timeout_seconds: default_shutdown_timeout_seconds(),
+            caught_up_lag_seconds: default_caught_up_lag_seconds(),
             status_report: None,
         }
     }

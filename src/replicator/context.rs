@@ -24,6 +24,8 @@ pub struct Settings {
     pub partition_documents: u64,
     /// Longest a change waits before it is written.
     pub flush_interval: Duration,
+    /// Most lag that counts as caught up.
+    pub caught_up_lag_seconds: u64,
 }
 
 impl Settings {
@@ -33,6 +35,7 @@ impl Settings {
             batch_size: config.batch_size,
             partition_documents: config.partition_documents,
             flush_interval: config.flush_interval(),
+            caught_up_lag_seconds: config.caught_up_lag_seconds,
         }
     }
 

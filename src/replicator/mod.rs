@@ -170,6 +170,7 @@ pub fn progress(checkpoint: &Checkpoint, lag_seconds: Option<i64>, config_hash: 
         ),
         config_hash: config_hash.map(str::to_string),
         writes_failing_since: None,
+        caught_up_since: None,
     }
 }
 

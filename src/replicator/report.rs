@@ -73,8 +73,11 @@ pub fn spawn(target: StatusReport, ctx: Arc<Context>) {
                     None => continue,
                 },
             };
-            progress.writes_failing_since =
-                ctx.metrics.failing_since().map(|t| k8s_openapi::jiff::Timestamp::try_from(t).map(|t| t.to_string()).unwrap_or_default());
+            let rfc3339 = |t: std::time::SystemTime| k8s_openapi::jiff::Timestamp::try_from(t).map(|t| t.to_string()).unwrap_or_default();
+            progress.writes_failing_since = ctx.metrics.failing_since().map(rfc3339);
+            if progress.phase.as_deref() == Some("Stream") {
+                progress.caught_up_since = ctx.metrics.caught_up_since().map(rfc3339);
+            }
             if last.as_ref().is_some_and(|last| !worth_writing(last, &progress)) {
                 continue;
             }

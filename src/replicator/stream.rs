@@ -238,14 +238,17 @@ impl Streamer {
             }
             let count = window.actions.len() as i64;
             checkpoint.events_applied += count;
-            if let Some(ts) = window.times.newest {
-                checkpoint.last_applied_cluster_time = Some(ts);
-                let lag = (DateTime::now().timestamp_millis() / 1000 - i64::from(ts.time)).max(0);
-                self.ctx.metrics.set_lag_seconds(lag as f64);
-            } else {
+            let lag = match window.times.newest {
+                Some(ts) => {
+                    checkpoint.last_applied_cluster_time = Some(ts);
+                    (DateTime::now().timestamp_millis() / 1000 - i64::from(ts.time)).max(0)
+                }
                 // An empty window means the stream is caught up with the source.
-                self.ctx.metrics.set_lag_seconds(0.0);
-            }
+                None => 0,
+            };
+            self.ctx.metrics.set_lag_seconds(lag as f64);
+            let caught_up = lag as u64 <= self.ctx.settings.caught_up_lag_seconds && self.ctx.metrics.failing_since().is_none();
+            self.ctx.metrics.set_caught_up(caught_up);
             if window.token.is_some() {
                 checkpoint.token = window.token.clone();
                 checkpoint.history_read_to = window.read_to.or(checkpoint.history_read_to);

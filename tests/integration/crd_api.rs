@@ -291,7 +291,9 @@ async fn printer_columns_show_in_the_table_form() -> Result<()> {
     let status = json!({
         "apiVersion": "mongo-replicator.io/v1alpha1",
         "kind": "MongoReplication",
-        "status": {"phase": "Streaming", "progress": {"lagSeconds": 3}}
+        "status": {"phase": "Streaming", "progress": {"lagSeconds": 3}, "conditions": [
+            {"type": "CaughtUp", "status": "True", "reason": "CaughtUp", "message": "m", "lastTransitionTime": "2026-01-01T00:00:00Z"}
+        ]}
     });
     api.patch_status("orders-dr", &PatchParams::apply(TEST_MANAGER).force(), &Patch::Apply(&status)).await?;
 
@@ -301,13 +303,14 @@ async fn printer_columns_show_in_the_table_form() -> Result<()> {
         .body(Vec::new())?;
     let table: Value = client.request(request).await?;
     let columns: Vec<&str> = table["columnDefinitions"].as_array().context("no columns")?.iter().filter_map(|c| c["name"].as_str()).collect();
-    assert_eq!(columns, ["Name", "Phase", "Source Auth", "Target Auth", "Lag", "Age"]);
+    assert_eq!(columns, ["Name", "Phase", "Source Auth", "Target Auth", "Lag", "Caught Up", "Age"]);
     let cells = &table["rows"][0]["cells"];
     assert_eq!(cells[0], "orders-dr");
     assert_eq!(cells[1], "Streaming");
     assert_eq!(cells[2], "entra");
     assert_eq!(cells[3], "connectionString");
     assert_eq!(cells[4], 3);
+    assert_eq!(cells[5], "True");
     Ok(())
 }
 

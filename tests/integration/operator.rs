@@ -199,7 +199,9 @@ async fn a_mongo_replication_becomes_validated_running_replication_with_honest_s
     let operator = Operator::start(node, &ns).await?;
     let api: Api<MongoReplication> = Api::namespaced(client.clone(), &ns);
     let applied = Instant::now();
-    let object = replication("orders", connection_string_spec());
+    let mut spec_with_cutover = connection_string_spec();
+    spec_with_cutover["cutover"] = json!({"sustainSeconds": 5});
+    let object = replication("orders", spec_with_cutover);
     apply(&api, &object).await?;
 
     // Ready only once validated and the replicator reported progress for this configuration.
@@ -223,6 +225,11 @@ async fn a_mongo_replication_becomes_validated_running_replication_with_honest_s
     })
     .await
     .context("the replicator did not report streamed events in status.progress")?;
+    // Idle and applied: caught up, and after sustainSeconds the condition says how to cut over.
+    let caught_up = wait_condition(&api, "orders", "CaughtUp", "True", Some("CaughtUp"), Some(&operator)).await?;
+    let message = &condition(&caught_up, "CaughtUp").context("no CaughtUp")?.message;
+    ensure!(message.contains("stop writes to the source"), "{message}");
+    ensure!(caught_up.status.as_ref().and_then(|s| s.progress.as_ref()).and_then(|p| p.caught_up_since.as_ref()).is_some());
 
     // Killing the replicator pod mid-stream loses nothing: its successor resumes from the checkpoint.
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
