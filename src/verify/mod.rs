@@ -462,17 +462,21 @@ impl Pass {
             }
         }
         self.spawn_watchers(streams, &pairs);
+        tracing::info!(namespaces = pairs.len(), "verify: change streams open");
 
         let (planned, skipped) = self.scan(&pairs, &mut record).await?;
         let scan_end = record.scan_end.unwrap_or_else(now_millis);
         let allowance = self.options.lag_allowance.as_millis() as Millis;
         let limits = Limits { allowance, max_generations: self.options.max_generations, deadline: scan_end.max(now_millis()) + self.options.max_live.as_millis() as Millis };
+        tracing::info!("verify: scan finished");
         let mut generation = record.generation;
         let mut ran_at = now_millis();
         let step = loop {
             self.check_streams()?;
             self.publish();
-            match next_step(&lock(&self.ledger), generation, ran_at, scan_end, limits) {
+            // The guard must not live through the match: a generation locks the ledger.
+            let step = next_step(&lock(&self.ledger), generation, ran_at, scan_end, limits);
+            match step {
                 Step::RecheckAt(at) => {
                     let wait = Duration::from_millis((at - now_millis()).max(0) as u64);
                     tokio::select! {
@@ -485,7 +489,10 @@ impl Pass {
                     record.generation = generation;
                     self.store.save_pass(&record).await.map_err(VerifyError::State)?;
                 }
-                other => break other,
+                other => {
+                    tracing::info!(generation, step = ?other, "verify: live phase finished");
+                    break other;
+                }
             }
         };
         self.metrics.set_generation(generation);
@@ -736,6 +743,9 @@ impl Pass {
             let merged = merge(&mut s_buf, &mut t_buf, s_more, t_more, self.options.comparison);
             if !merged.mismatches.is_empty() {
                 let now = now_millis();
+                for m in &merged.mismatches {
+                    tracing::debug!(%ns, id = %id_text(&m.id), kind = m.kind.as_str(), "verify: scan mismatch");
+                }
                 let entries: Vec<live::Entry> = {
                     let mut ledger = lock(&self.ledger);
                     merged

@@ -14,3 +14,4 @@ mod reasons;
 mod replication;
 mod secantus;
 mod support;
+mod verify;
