@@ -97,12 +97,9 @@ pub fn compare_values(a: &Bson, b: &Bson) -> Ordering {
             }
             x.len().cmp(&y.len())
         }
-        (Bson::Binary(x), Bson::Binary(y)) => x
-            .bytes
-            .len()
-            .cmp(&y.bytes.len())
-            .then(u8::from(x.subtype).cmp(&u8::from(y.subtype)))
-            .then_with(|| x.bytes.cmp(&y.bytes)),
+        (Bson::Binary(x), Bson::Binary(y)) => {
+            x.bytes.len().cmp(&y.bytes.len()).then(u8::from(x.subtype).cmp(&u8::from(y.subtype))).then_with(|| x.bytes.cmp(&y.bytes))
+        }
         (Bson::ObjectId(x), Bson::ObjectId(y)) => x.bytes().cmp(&y.bytes()),
         (Bson::Boolean(x), Bson::Boolean(y)) => x.cmp(y),
         (Bson::DateTime(x), Bson::DateTime(y)) => x.timestamp_millis().cmp(&y.timestamp_millis()),
@@ -385,7 +382,11 @@ mod tests {
         let kinds: Vec<(Bson, MismatchKind)> = merged.mismatches.iter().map(|m| (m.id.clone(), m.kind)).collect();
         assert_eq!(
             kinds,
-            vec![(Bson::Int64(2), MismatchKind::MissingInTarget), (Bson::Int64(3), MismatchKind::ExtraInTarget), (Bson::Int64(4), MismatchKind::Different)]
+            vec![
+                (Bson::Int64(2), MismatchKind::MissingInTarget),
+                (Bson::Int64(3), MismatchKind::ExtraInTarget),
+                (Bson::Int64(4), MismatchKind::Different)
+            ]
         );
         assert_eq!(merged.compared, 2);
         // 6 waits: the target may still hold it in its next batch.

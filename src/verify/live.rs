@@ -100,10 +100,14 @@ impl Ledger {
     pub fn found(&mut self, ns: &str, id: &Bson, kind: MismatchKind, now: Millis) {
         let key = DocKey::new(ns, id);
         let last_change = self.changes.get(&key).map(|c| c.at);
-        self.entries
-            .entry(key)
-            .and_modify(|e| e.kind = kind)
-            .or_insert(Entry { ns: ns.to_string(), id: id.clone(), kind, first_seen: now, last_change, settled: false });
+        self.entries.entry(key).and_modify(|e| e.kind = kind).or_insert(Entry {
+            ns: ns.to_string(),
+            id: id.clone(),
+            kind,
+            first_seen: now,
+            last_change,
+            settled: false,
+        });
     }
 
     /// The documents due for a recheck at `now`: unsettled mismatches and changes whose

@@ -43,9 +43,11 @@ use crate::replicator::sink::Sink;
 use crate::retry::{Decision, Failure, Policy, retry};
 
 /// Waiting for an endpoint to answer at start.
-const CONNECT_RETRY: Policy = Policy { first_delay: Duration::from_millis(500), max_delay: Duration::from_secs(10), max_attempts: None, budget: Some(Duration::from_secs(60)) };
+const CONNECT_RETRY: Policy =
+    Policy { first_delay: Duration::from_millis(500), max_delay: Duration::from_secs(10), max_attempts: None, budget: Some(Duration::from_secs(60)) };
 /// Retrying one partition or one recheck after a transient failure.
-const READ_RETRY: Policy = Policy { first_delay: Duration::from_millis(200), max_delay: Duration::from_secs(10), max_attempts: Some(8), budget: None };
+const READ_RETRY: Policy =
+    Policy { first_delay: Duration::from_millis(200), max_delay: Duration::from_secs(10), max_attempts: Some(8), budget: None };
 /// Ids per `$in` lookup of a recheck.
 const RECHECK_CHUNK: usize = 256;
 /// A side's buffer of the merge holds at most this many bytes (documents reach 16 MB).
@@ -149,7 +151,9 @@ impl VerifyError {
             VerifyError::Endpoint { reason, .. } => *reason,
             VerifyError::Read { role: EndpointRole::Source, source, .. } => server(source, Reason::SourceReadFailed),
             VerifyError::Read { role: EndpointRole::Target, source, .. } => server(source, Reason::TargetCommandFailed),
-            VerifyError::Stream { source, .. } if classify::classify(source) == ErrorClass::ChangeStreamsUnsupported => Reason::ChangeStreamsUnsupported,
+            VerifyError::Stream { source, .. } if classify::classify(source) == ErrorClass::ChangeStreamsUnsupported => {
+                Reason::ChangeStreamsUnsupported
+            }
             VerifyError::Stream { source, .. } => server(source, Reason::SourceStreamFailed),
             VerifyError::State(e) => server(e, Reason::VerificationStateUnusable),
             VerifyError::Cancelled => Reason::Cancelled,
@@ -467,7 +471,11 @@ impl Pass {
         let (planned, skipped) = self.scan(&pairs, &mut record).await?;
         let scan_end = record.scan_end.unwrap_or_else(now_millis);
         let allowance = self.options.lag_allowance.as_millis() as Millis;
-        let limits = Limits { allowance, max_generations: self.options.max_generations, deadline: scan_end.max(now_millis()) + self.options.max_live.as_millis() as Millis };
+        let limits = Limits {
+            allowance,
+            max_generations: self.options.max_generations,
+            deadline: scan_end.max(now_millis()) + self.options.max_live.as_millis() as Millis,
+        };
         tracing::info!("verify: scan finished");
         let mut generation = record.generation;
         let mut ran_at = now_millis();
@@ -484,6 +492,8 @@ impl Pass {
                         _ = self.cancel.cancelled() => return Err(VerifyError::Cancelled),
                     }
                     generation += 1;
+                    self.progress.generation.store(generation, Ordering::Relaxed);
+                    self.metrics.set_generation(generation);
                     ran_at = now_millis();
                     self.generation(ran_at, allowance).await?;
                     record.generation = generation;
@@ -550,7 +560,12 @@ impl Pass {
         Ok((record, streams))
     }
 
-    async fn open_streams(&self, pairs: &[Pair], source_token: Option<ResumeToken>, target_token: Option<ResumeToken>) -> Result<Streams, VerifyError> {
+    async fn open_streams(
+        &self,
+        pairs: &[Pair],
+        source_token: Option<ResumeToken>,
+        target_token: Option<ResumeToken>,
+    ) -> Result<Streams, VerifyError> {
         let target_dbs: std::collections::BTreeSet<&str> = pairs.iter().map(|p| p.target.db.as_str()).collect();
         let target_scope = match target_dbs.iter().next() {
             Some(db) if target_dbs.len() == 1 => StreamScope::Database(db.to_string()),
@@ -582,7 +597,12 @@ impl Pass {
     }
 
     /// Records every change a stream reports until the pass ends.
-    async fn watch(&self, role: EndpointRole, mut stream: ChangeStream<ChangeStreamEvent<Document>>, reverse: Option<Arc<HashMap<Namespace, Namespace>>>) {
+    async fn watch(
+        &self,
+        role: EndpointRole,
+        mut stream: ChangeStream<ChangeStreamEvent<Document>>,
+        reverse: Option<Arc<HashMap<Namespace, Namespace>>>,
+    ) {
         loop {
             if self.cancel.is_cancelled() {
                 return;
@@ -636,8 +656,7 @@ impl Pass {
             return Ok((total, skipped));
         }
         tracing::info!(partitions = total, skipped, "verify: comparing");
-        let todo: Vec<(Pair, PartitionRecord)> =
-            saved.into_iter().filter(|p| !p.done).map(|p| ((*known[&p.partition.ns]).clone(), p)).collect();
+        let todo: Vec<(Pair, PartitionRecord)> = saved.into_iter().filter(|p| !p.done).map(|p| ((*known[&p.partition.ns]).clone(), p)).collect();
         let mut results = futures::stream::iter(todo)
             .map(|(pair, partition)| {
                 let pass = self.clone();
@@ -686,7 +705,8 @@ impl Pass {
 
     async fn compare_partition(&self, pair: &Pair, mut record: PartitionRecord) -> Result<(), VerifyError> {
         let attempt = || async { self.compare_partition_once(pair, &record.partition).await };
-        let (source_docs, target_docs) = with_retry(&self.cancel, &format!("partition {} of {}", record.partition.index, pair.source), attempt).await?;
+        let (source_docs, target_docs) =
+            with_retry(&self.cancel, &format!("partition {} of {}", record.partition.index, pair.source), attempt).await?;
         record.done = true;
         record.source_docs = source_docs;
         record.target_docs = target_docs;
@@ -789,16 +809,25 @@ impl Pass {
                 }
             }
         }
-        let changed = {
+        // Only mismatches that appeared, changed or went away are written to the store.
+        let writes: Vec<(usize, Option<live::Entry>)> = {
             let mut ledger = lock(&self.ledger);
-            let before: Vec<live::DocKey> = due.docs.iter().map(|(ns, id)| live::DocKey::new(ns, id)).collect();
+            let keys: Vec<live::DocKey> = due.docs.iter().map(|(ns, id)| live::DocKey::new(ns, id)).collect();
+            let before: Vec<Option<live::Entry>> = keys.iter().map(|k| ledger.entries.get(k).cloned()).collect();
             ledger.rechecked(&due.docs, &mismatched, now, allowance);
-            before.into_iter().map(|key| (key.clone(), ledger.entries.get(&key).cloned())).collect::<Vec<_>>()
+            keys.iter()
+                .zip(before)
+                .enumerate()
+                .filter_map(|(i, (key, before))| {
+                    let after = ledger.entries.get(key).cloned();
+                    (after != before).then_some((i, after))
+                })
+                .collect()
         };
-        for ((_, entry), (ns, id)) in changed.iter().zip(&due.docs) {
+        for (i, entry) in writes {
             match entry {
-                Some(entry) => self.store.save_mismatch(entry).await.map_err(VerifyError::State)?,
-                None => self.store.forget_mismatch(ns, id).await.map_err(VerifyError::State)?,
+                Some(entry) => self.store.save_mismatch(&entry).await.map_err(VerifyError::State)?,
+                None => self.store.forget_mismatch(&due.docs[i].0, &due.docs[i].1).await.map_err(VerifyError::State)?,
             }
         }
         Ok(())
@@ -868,7 +897,14 @@ impl Pass {
         };
         for pair in pairs {
             let (ns, target_ns) = (pair.source.to_string(), pair.target.to_string());
-            let report = |kind, index: Option<String>| MismatchReport { ns: ns.clone(), target_ns: target_ns.clone(), kind, id: None, index, first_seen: rfc3339(now) };
+            let report = |kind, index: Option<String>| MismatchReport {
+                ns: ns.clone(),
+                target_ns: target_ns.clone(),
+                kind,
+                id: None,
+                index,
+                first_seen: rfc3339(now),
+            };
             let src_err = |e| VerifyError::Read { role: EndpointRole::Source, what: format!("the indexes of {ns}"), source: e };
             let dst_err = |e| VerifyError::Read { role: EndpointRole::Target, what: format!("the indexes of {target_ns}"), source: e };
             let source_indexes = Sink::list_indexes(&self.source, &pair.source).await.map_err(src_err)?;
@@ -888,8 +924,13 @@ impl Pass {
             if !changed_namespaces.contains(&ns) {
                 let src: Collection<Document> = self.source.database(&pair.source.db).collection(&pair.source.coll);
                 let dst: Collection<Document> = self.target.database(&pair.target.db).collection(&pair.target.coll);
-                let s = src.count_documents(doc! {}).await.map_err(|e| VerifyError::Read { role: EndpointRole::Source, what: ns.clone(), source: e })?;
-                let t = dst.count_documents(doc! {}).await.map_err(|e| VerifyError::Read { role: EndpointRole::Target, what: target_ns.clone(), source: e })?;
+                let s =
+                    src.count_documents(doc! {}).await.map_err(|e| VerifyError::Read { role: EndpointRole::Source, what: ns.clone(), source: e })?;
+                let t = dst.count_documents(doc! {}).await.map_err(|e| VerifyError::Read {
+                    role: EndpointRole::Target,
+                    what: target_ns.clone(),
+                    source: e,
+                })?;
                 if s != t {
                     reports.push(report(MismatchKind::CountDifferent, None));
                 }
@@ -1002,7 +1043,13 @@ fn reverse_map(pairs: &[Pair]) -> HashMap<Namespace, Namespace> {
 
 /// Notes a change event in the ledger under its source namespace; `reverse` maps a target
 /// event's namespace back (events outside the verified namespaces are ignored).
-fn record_event(ledger: &mut Ledger, map: &NamespaceMap, reverse: Option<&HashMap<Namespace, Namespace>>, event: &ChangeStreamEvent<Document>, at: Millis) {
+fn record_event(
+    ledger: &mut Ledger,
+    map: &NamespaceMap,
+    reverse: Option<&HashMap<Namespace, Namespace>>,
+    event: &ChangeStreamEvent<Document>,
+    at: Millis,
+) {
     let Some(ns) = &event.ns else { return };
     let Some(coll) = &ns.coll else { return };
     let seen = Namespace::new(ns.db.clone(), coll.clone());

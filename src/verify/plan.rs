@@ -68,10 +68,7 @@ mod tests {
     fn samples_become_contiguous_ranges() {
         let parts = partitions("d.c", Some(&Bson::Int64(0)), Some(&Bson::Int64(99)), vec![Bson::Int64(50), Bson::Int32(25), Bson::Int64(50)]);
         let bounds: Vec<(Option<Bson>, Option<Bson>)> = parts.iter().map(|p| (p.lower.clone(), p.upper.clone())).collect();
-        assert_eq!(
-            bounds,
-            vec![(None, Some(Bson::Int32(25))), (Some(Bson::Int32(25)), Some(Bson::Int64(50))), (Some(Bson::Int64(50)), None)]
-        );
+        assert_eq!(bounds, vec![(None, Some(Bson::Int32(25))), (Some(Bson::Int32(25)), Some(Bson::Int64(50))), (Some(Bson::Int64(50)), None)]);
         assert_eq!(parts.iter().map(|p| p.index).collect::<Vec<_>>(), vec![0, 1, 2]);
     }
 

@@ -123,11 +123,7 @@ impl VerificationStore {
             "sourceDocs": record.source_docs as i64,
             "targetDocs": record.target_docs as i64,
         };
-        self.coll
-            .replace_one(doc! {"_id": self.partition_id(p)}, d)
-            .with_options(ReplaceOptions::builder().upsert(true).build())
-            .await
-            .map(drop)
+        self.coll.replace_one(doc! {"_id": self.partition_id(p)}, d).with_options(ReplaceOptions::builder().upsert(true).build()).await.map(drop)
     }
 
     pub async fn partitions(&self) -> mongodb::error::Result<Vec<PartitionRecord>> {
