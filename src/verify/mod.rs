@@ -459,9 +459,10 @@ impl Pass {
             },
             None => self.new_pass(&pairs, settings).await?,
         };
+        let saved_mismatches = self.store.mismatches().await.map_err(VerifyError::State)?;
         {
             let mut ledger = lock(&self.ledger);
-            for entry in self.store.mismatches().await.map_err(VerifyError::State)? {
+            for entry in saved_mismatches {
                 ledger.entries.insert(live::DocKey::new(&entry.ns, &entry.id), entry);
             }
         }
