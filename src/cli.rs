@@ -47,6 +47,18 @@ pub enum Command {
     /// most 4096 bytes) also goes to the termination-log file when it exists, for the operator's
     /// validation Job. Exit codes: 0 every check passed, 1 a check failed, 3 invalid configuration.
     Validate(ValidateArgs),
+    /// Prove the target equals the source: every included namespace against its (renamed)
+    /// target namespace, document by document as raw BSON bytes (field order, numeric types
+    /// and -0.0 matter; --ignore-field-order sorts keys first), plus indexes, collection
+    /// options and counts. Runs while replication runs: documents changed during the pass are
+    /// rechecked until each difference is older than --lag-allowance-seconds. Progress and
+    /// mismatches are kept in the target's checkpoint database (collection `verification`), so
+    /// a rerun resumes.
+    ///
+    /// Exit codes: 0 equal, 1 mismatches, 3 invalid configuration, 4 an endpoint failed
+    /// (unreachable, login refused, a read or the progress save failed), 5 no verdict (documents
+    /// kept changing past the live phase's limits), 6 stopped by SIGTERM/SIGINT (a rerun resumes).
+    Verify(Box<VerifyArgs>),
     /// Run the operator: reconcile MongoReplications into Azure identity bindings (federated
     /// credentials, DocumentDB cluster users), validation Jobs and replicator Deployments, and
     /// keep their status true. Runs in a cluster (in-cluster configuration) or
@@ -135,6 +147,71 @@ pub struct ValidateArgs {
     /// Log level for the diagnostics written to stderr.
     #[arg(long, default_value = "warn")]
     pub log_level: String,
+}
+
+/// Arguments of `verify`.
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// The replicator's configuration file (YAML or JSON), as for `replicate --config`.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// `_id` ranges compared at once.
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+    /// Documents per read batch of each side.
+    #[arg(long, default_value_t = 1000)]
+    pub batch_size: usize,
+    /// A collection gets one `_id` range per this many documents (at most 4 per worker).
+    #[arg(long, default_value_t = 50_000)]
+    pub partition_documents: u64,
+    /// Most source documents read per second (scan and rechecks); default: no limit.
+    #[arg(long, value_name = "N")]
+    pub max_docs_per_second: Option<u64>,
+    /// Compare documents with their keys sorted at every depth (for targets that reorder
+    /// fields); numeric types and -0.0 still matter.
+    #[arg(long)]
+    pub ignore_field_order: bool,
+    /// How far the target may trail the source: a difference is reported once it is still
+    /// there this long after the document last changed (0 for a target nobody writes).
+    #[arg(long, default_value_t = 30)]
+    pub lag_allowance_seconds: u64,
+    /// Give up (exit 5) after this many recheck generations...
+    #[arg(long, default_value_t = 1000)]
+    pub max_generations: u32,
+    /// ...or this many seconds of rechecks after the scan.
+    #[arg(long, default_value_t = 600)]
+    pub max_live_seconds: u64,
+    /// Start a new pass even when an unfinished one is saved.
+    #[arg(long)]
+    pub restart: bool,
+    /// Address of /metrics (mongo_replicator_verify_*); default: none.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_address: Option<SocketAddr>,
+    /// Output: a progress line and a report on a terminal, JSON lines otherwise.
+    #[arg(long, value_enum)]
+    pub output: Option<LogFormatFlag>,
+    /// Where Kubernetes reads a container's termination message; written only when it exists.
+    #[arg(long, value_name = "FILE", default_value = crate::validate::TERMINATION_LOG)]
+    pub termination_log: PathBuf,
+    /// Log level for the diagnostics written to stderr.
+    #[arg(long, default_value = "warn")]
+    pub log_level: String,
+}
+
+impl VerifyArgs {
+    pub fn options(&self) -> crate::verify::VerifyOptions {
+        crate::verify::VerifyOptions {
+            workers: self.workers.max(1),
+            batch_size: self.batch_size.max(1),
+            partition_documents: self.partition_documents,
+            max_docs_per_second: self.max_docs_per_second.filter(|n| *n > 0),
+            comparison: crate::verify::compare::Comparison { ignore_field_order: self.ignore_field_order },
+            lag_allowance: std::time::Duration::from_secs(self.lag_allowance_seconds),
+            max_generations: self.max_generations,
+            max_live: std::time::Duration::from_secs(self.max_live_seconds),
+            restart: self.restart,
+        }
+    }
 }
 
 /// Arguments of `replicate`: a config file, or flags for a quick run.
@@ -336,6 +413,7 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Command::Replicate(args) => replicate(*args),
         Command::Validate(args) => validate(args),
+        Command::Verify(args) => verify(*args),
         Command::Operator(args) => operator(*args),
     }
 }
@@ -371,6 +449,70 @@ fn validate(args: ValidateArgs) -> ExitCode {
     let _ = std::io::stdout().lock().write_all(shown.as_bytes());
     write_termination_log(&args.termination_log, &verdict.termination_message(crate::validate::TERMINATION_MESSAGE_LIMIT));
     if verdict.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+fn verify(args: VerifyArgs) -> ExitCode {
+    use std::io::IsTerminal;
+    let text = match args.output {
+        Some(LogFormatFlag::Text) => true,
+        Some(LogFormatFlag::Json) => false,
+        None => std::io::stdout().is_terminal(),
+    };
+    if let Err(code) = start_logging(&args.log_level, None) {
+        return code;
+    }
+    let fail = |reason: crate::reason::Reason, message: String, code: u8| {
+        let verdict = serde_json::json!({"outcome": "Failed", "equal": false, "reason": reason, "message": message}).to_string();
+        let shown = if text { format!("verification FAILED: {message} [{reason}]\n") } else { format!("{verdict}\n") };
+        let _ = std::io::stdout().lock().write_all(shown.as_bytes());
+        write_termination_log(&args.termination_log, &verdict);
+        ExitCode::from(code)
+    };
+    let config = match ReplicatorConfig::from_file(&args.config) {
+        Ok(config) => config,
+        Err(err) => return fail(err.reason(), err.to_string(), 3),
+    };
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    runtime.block_on(async {
+        let metrics = Arc::new(crate::verify::metrics::VerifyMetrics::new());
+        let cancel = CancellationToken::new();
+        if let Some(addr) = args.metrics_address {
+            match telemetry::bind(addr).await {
+                Ok((listener, _)) => {
+                    let health = Arc::new(Health::new());
+                    health.set_ready(true);
+                    tokio::spawn(telemetry::serve_listener(listener, metrics.clone(), health, cancel.child_token()));
+                }
+                Err(err) => return fail(err.reason(), err.to_string(), 3),
+            }
+        }
+        let progress = Arc::new(crate::verify::metrics::Progress::default());
+        let printer = tokio::spawn(crate::verify::print_progress(progress.clone(), text, cancel.child_token()));
+        let tokens = TokenSources::new(EntraMetrics::new());
+        let options = args.options();
+        let run = crate::verify::run(&config, &options, &tokens, metrics, progress, cancel.clone());
+        let result = tokio::select! {
+            result = run => result,
+            signal = shutdown_signal() => {
+                tracing::warn!(signal, "stopping; a rerun resumes this pass");
+                Err(crate::verify::VerifyError::Cancelled)
+            }
+        };
+        cancel.cancel();
+        let _ = printer.await;
+        match result {
+            Ok(verdict) => {
+                let shown = if text { verdict.to_text() } else { format!("{}\n", verdict.to_json()) };
+                let _ = std::io::stdout().lock().write_all(shown.as_bytes());
+                write_termination_log(&args.termination_log, &verdict.termination_message(crate::validate::TERMINATION_MESSAGE_LIMIT));
+                ExitCode::from(verdict.outcome.exit_code())
+            }
+            Err(err) => fail(err.reason(), err.to_string(), err.exit_code()),
+        }
+    })
 }
 
 /// Writes the verdict where Kubernetes reads the termination message, when that file exists

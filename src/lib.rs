@@ -17,3 +17,4 @@ pub mod replicator;
 pub mod retry;
 pub mod telemetry;
 pub mod validate;
+pub mod verify;

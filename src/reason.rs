@@ -216,6 +216,13 @@ reasons! {
     ClusterUserRolesDiffer,
     /// The DocumentDB cluster does not allow Microsoft Entra ID sign-in.
     EntraNotAllowedOnCluster,
+    // --- Verification -----------------------------------------------------------------------
+    /// Verification found documents, indexes, collection options or counts in the target that differ from the source.
+    TargetDiffers,
+    /// Documents kept changing until the verification's live-phase limits passed; no verdict for them.
+    VerificationNotConverged,
+    /// The verification's progress cannot be read from or saved in the target's checkpoint database.
+    VerificationStateUnusable,
 }
 
 impl fmt::Display for Reason {

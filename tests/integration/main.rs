@@ -15,3 +15,4 @@ mod reasons;
 mod replication;
 mod secantus;
 mod support;
+mod verify;
