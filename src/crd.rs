@@ -37,6 +37,7 @@ pub const DOCUMENTDB_SCOPE: &str = "https://ossrdbms-aad.database.windows.net/.d
     printcolumn(name = "Target Auth", type_ = "string", json_path = ".spec.target.auth", description = "How the replicator logs in to the target"),
     printcolumn(name = "Lag", type_ = "integer", json_path = ".status.progress.lagSeconds", description = "Seconds between the newest source change and the newest applied one"),
     printcolumn(name = "Caught Up", type_ = "string", json_path = ".status.conditions[?(@.type==\"CaughtUp\")].status", description = "Whether the lag has stayed low long enough for a cutover"),
+    printcolumn(name = "Verified", type_ = "string", json_path = ".status.conditions[?(@.type==\"Verified\")].reason", description = "The last verification's verdict (Equal, TargetDiffers, ...)"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("self.metadata.name.size() <= 50")
         .message("metadata.name must be at most 50 characters: the operator derives names of child objects (ServiceAccount, Job, Deployment) from it"),
@@ -80,6 +81,46 @@ pub struct MongoReplicationSpec {
     /// When the replication counts as caught up, ready for a cutover: the `CaughtUp` condition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cutover: Option<Cutover>,
+
+    /// Whether and when the operator proves that the target equals the source
+    /// (`mongo-replicator verify` in a Job, while replication runs): the `Verified` condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<VerificationSettings>,
+}
+
+/// Verification runs: a Job under the replication's ServiceAccount compares every replicated
+/// namespace document by document (and indexes, options), rechecking what changes meanwhile.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VerificationSettings {
+    /// `Off` (default); `OnDemand`: a run each time the annotation `mongo-replicator.io/verify`
+    /// takes a new value (`kubectl annotate mrep NAME mongo-replicator.io/verify="$(date +%s)"
+    /// --overwrite`); `Continuous`: a run every `intervalMinutes`.
+    #[serde(default)]
+    pub mode: VerificationMode,
+
+    #[doc = concat!("Minutes between two runs in `Continuous` mode. Default ", crate::default_verification_interval_minutes!(), ".")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 5, max = 10080))]
+    pub interval_minutes: Option<i32>,
+
+    /// Most source documents a run reads per second, so the source's load stays what you allow.
+    /// Default: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000000))]
+    pub max_docs_per_second: Option<i32>,
+}
+
+/// When verification runs.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VerificationMode {
+    /// Never.
+    #[default]
+    Off,
+    /// When the annotation `mongo-replicator.io/verify` takes a new value.
+    OnDemand,
+    /// Every `intervalMinutes`.
+    Continuous,
 }
 
 /// Cutover readiness: `CaughtUp` is True once the lag has stayed at most `maxLagSeconds` (with

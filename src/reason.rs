@@ -216,6 +216,8 @@ reasons! {
     ClusterUserRolesDiffer,
     /// The DocumentDB cluster does not allow Microsoft Entra ID sign-in.
     EntraNotAllowedOnCluster,
+    /// A verification Job ended without a verdict (deadline passed, the pod could not start).
+    VerificationFailed,
     // --- Verification -----------------------------------------------------------------------
     /// Verification found documents, indexes, collection options or counts in the target that differ from the source.
     TargetDiffers,

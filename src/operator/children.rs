@@ -70,6 +70,8 @@ pub struct Children {
     pub role_binding: RoleBinding,
     pub job: Job,
     pub deployment: Deployment,
+    /// `mongo-replicator verify` under the replication's ServiceAccount, when a run is wanted.
+    pub verification: Option<Job>,
 }
 
 /// What the children are built from.
@@ -82,6 +84,8 @@ pub struct Inputs<'a> {
     pub settings: &'a ChildSettings,
     /// Whether the replicator runs: validated for this hash and not suspended.
     pub run_replicator: bool,
+    /// The verification Job to build, when a run is wanted: its name.
+    pub verification_job: Option<&'a str>,
 }
 
 /// A short hex hash of the configuration file, the data of the referenced Secrets and the
@@ -249,6 +253,28 @@ pub fn build(inputs: &Inputs<'_>) -> Children {
         status: None,
     };
 
+    let verification = inputs.verification_job.map(|job_name| {
+        let mut args = vec!["verify".to_string(), "--config".into(), config_path.clone(), "--output".into(), "json".into()];
+        let rate = replication.spec.verification.as_ref().and_then(|v| v.max_docs_per_second);
+        if let Some(rate) = rate {
+            args.extend(["--max-docs-per-second".to_string(), rate.to_string()]);
+        }
+        Job {
+            metadata: meta(job_name, "verification"),
+            spec: Some(JobSpec {
+                backoff_limit: Some(0),
+                active_deadline_seconds: Some(super::verification::DEADLINE_SECONDS),
+                template: pod(
+                    "verification",
+                    args,
+                    PodExtras { restart_policy: "Never", api_access: false, env: Vec::new(), ..PodExtras::default() },
+                ),
+                ..Default::default()
+            }),
+            status: None,
+        }
+    });
+
     let probe = |path: &str, period: i32, failures: i32| Probe {
         http_get: Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::String("metrics".into()), ..Default::default() }),
         period_seconds: Some(period),
@@ -295,7 +321,7 @@ pub fn build(inputs: &Inputs<'_>) -> Children {
         },
         status: None,
     };
-    Children { service_account, config_map, role, role_binding, job, deployment }
+    Children { service_account, config_map, role, role_binding, job, deployment, verification }
 }
 
 /// What differs between the validation pod and the replicator pod.
@@ -410,7 +436,14 @@ spec:
     }
 
     fn children(r: &MongoReplication, run: bool) -> Children {
-        build(&Inputs { replication: r, config_yaml: "version: 1\n", hash: "abcdef0123456789", settings: &settings(), run_replicator: run })
+        build(&Inputs {
+            replication: r,
+            config_yaml: "version: 1\n",
+            hash: "abcdef0123456789",
+            settings: &settings(),
+            run_replicator: run,
+            verification_job: Some("orders-dr-verify-abc123"),
+        })
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod identity;
 pub mod metrics;
 pub mod reconcile;
 pub mod status;
+pub mod verification;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

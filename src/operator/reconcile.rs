@@ -29,6 +29,7 @@ use super::children::{self, ChildSettings, FIELD_MANAGER, Names, REPLICATION_LAB
 use super::identity::{self, Binding, FINALIZER, IDENTITY_BOUND};
 use super::metrics::OperatorMetrics;
 use super::status::{self, Observed, Replicator, Validation};
+use super::verification::{self, Verification};
 use crate::crd::{AzureObjectKind, MongoReplication, MongoReplicationStatus};
 use crate::reason::Reason;
 use crate::replicator::namespace::NamespaceMap;
@@ -125,7 +126,9 @@ async fn reconcile_inner(replication: &MongoReplication, ctx: &Context) -> Resul
         validation
     };
     let replicator = observe_replicator(&apis, &replication.name_any(), &plan.names.replicator, &plan.hash).await?;
-    let (observed, failing_for) = observe_all(replication, plan, binding, validation, replicator, ctx.stall_after);
+    let (verification, next_run) = verify_when_asked(&apis, replication, &plan, &replicator, &ctx.children).await?;
+    let (mut observed, failing_for) = observe_all(replication, plan, binding, validation, replicator, ctx.stall_after);
+    observed.verification = verification;
     let new = write_status(ctx, replication, &observed).await?;
     if let Binding::Failed { retry_after, .. } = &observed.binding {
         // Not the in-progress pace: a failing ARM call is tried again with backoff.
@@ -136,6 +139,9 @@ async fn reconcile_inner(replication: &MongoReplication, ctx: &Context) -> Resul
     if let Some(failing) = failing_for.filter(|f| *f < ctx.stall_after) {
         // Look again when failing writes would cross the threshold: nothing else may trigger it.
         requeue = requeue.min(ctx.stall_after - failing + Duration::from_secs(1));
+    }
+    if let Some(next) = next_run {
+        requeue = requeue.min(next + Duration::from_secs(1));
     }
     if let Some(c) = &observed.caught_up
         && let Some((held, _)) = &c.caught_up_for
@@ -360,7 +366,14 @@ async fn apply_children(
     settings: &ChildSettings,
 ) -> Result<(), ReconcileError> {
     let run_replicator = *validation == Validation::Passed && !replication.spec.suspend;
-    let built = children::build(&children::Inputs { replication, config_yaml: &plan.config_yaml, hash: &plan.hash, settings, run_replicator });
+    let built = children::build(&children::Inputs {
+        replication,
+        config_yaml: &plan.config_yaml,
+        hash: &plan.hash,
+        settings,
+        run_replicator,
+        verification_job: None,
+    });
     let (client, namespace) = (&apis.client, apis.namespace.as_str());
     apply(&Api::<ServiceAccount>::namespaced(client.clone(), namespace), &built.service_account).await?;
     apply(&Api::<ConfigMap>::namespaced(client.clone(), namespace), &built.config_map).await?;
@@ -374,6 +387,70 @@ async fn apply_children(
     remove_stale_jobs(&apis.jobs, &replication.name_any(), &plan.names.job).await?;
     apply(&apis.deployments, &built.deployment).await?;
     Ok(())
+}
+
+/// Step: the verification run the spec asks for (on demand, or one per interval). Its Job starts
+/// once the replicator streams the current configuration (verifying a copy in progress says
+/// nothing); Jobs of other runs go. Returns where the run is and, in `Continuous` mode, how long
+/// until the next one.
+async fn verify_when_asked(
+    apis: &Apis,
+    replication: &MongoReplication,
+    plan: &Plan,
+    replicator: &Replicator,
+    settings: &ChildSettings,
+) -> Result<(Verification, Option<Duration>), ReconcileError> {
+    let name = replication.name_any();
+    let unix_now = k8s_openapi::jiff::Timestamp::now().as_second().max(0) as u64;
+    let wanted = verification::wanted_run(replication, unix_now);
+    let current = wanted.as_ref().map(|(key, _)| verification::job_name(&name, key));
+    let labels = format!("{REPLICATION_LABEL}={name},app.kubernetes.io/component=verification");
+    let list = call(format!("list verification Jobs of {name}"), apis.jobs.list(&ListParams::default().labels(&labels))).await?;
+    for job in list.items.iter().filter(|j| j.metadata.name != current) {
+        delete_job(&apis.jobs, &job.name_any()).await?;
+    }
+    let (Some((_, next)), Some(job_name)) = (wanted, current) else { return Ok((Verification::NotAsked, None)) };
+    if let Some(job) = list.items.into_iter().find(|j| j.metadata.name.as_deref() == Some(job_name.as_str())) {
+        let status = job.status.clone().unwrap_or_default();
+        let succeeded = status.succeeded.unwrap_or(0) > 0;
+        let failed = status.failed.unwrap_or(0) > 0 || status.conditions.iter().flatten().any(|c| c.type_ == "Failed" && c.status == "True");
+        if !succeeded && !failed {
+            return Ok((Verification::Running, next));
+        }
+        let message = termination_message(&apis.pods, &job_name).await?;
+        return Ok((verification::finished(succeeded, message.as_deref(), &job_name), next));
+    }
+    let streaming = *replicator == Replicator::Running
+        && replication
+            .status
+            .as_ref()
+            .and_then(|s| s.progress.as_ref())
+            .is_some_and(|p| p.config_hash.as_deref() == Some(plan.hash.as_str()) && p.phase.as_deref() == Some("Stream"));
+    if !streaming {
+        return Ok((Verification::Waiting, next));
+    }
+    let built = children::build(&children::Inputs {
+        replication,
+        config_yaml: &plan.config_yaml,
+        hash: &plan.hash,
+        settings,
+        run_replicator: true,
+        verification_job: Some(&job_name),
+    });
+    if let Some(job) = &built.verification {
+        apply(&apis.jobs, job).await?;
+    }
+    Ok((Verification::Running, next))
+}
+
+/// The termination message a Job's pod left, if any.
+async fn termination_message(pods: &Api<Pod>, job: &str) -> Result<Option<String>, ReconcileError> {
+    let list =
+        call(format!("list pods of Job {job}"), pods.list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job}")))).await?;
+    Ok(list.items.iter().find_map(|pod| {
+        let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+        statuses.iter().find_map(|s| s.state.as_ref()?.terminated.as_ref()?.message.clone())
+    }))
 }
 
 /// Everything the status is computed from, and how long the replicator's writes have been failing.
@@ -415,6 +492,7 @@ fn observe_all(
         progress_current,
         writes_stuck_for: failing_for.filter(|f| *f >= stall_after),
         caught_up,
+        verification: Verification::NotAsked,
     };
     (observed, failing_for)
 }
@@ -447,12 +525,7 @@ async fn observe_validation(job: &Job, pods: &Api<Pod>) -> Result<Validation, Re
         return Ok(Validation::Running);
     }
     let name = job.name_any();
-    let list =
-        call(format!("list pods of Job {name}"), pods.list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={name}")))).await?;
-    let message = list.items.iter().find_map(|pod| {
-        let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
-        statuses.iter().find_map(|s| s.state.as_ref()?.terminated.as_ref()?.message.clone())
-    });
+    let message = termination_message(pods, &name).await?;
     let verdict: Option<serde_json::Value> = message.as_deref().and_then(|m| serde_json::from_str(m).ok());
     let (reason, message) = match verdict {
         Some(v) => (
@@ -574,6 +647,7 @@ pub async fn report_invalid(ctx: &Context, metadata: &ObjectMeta, error: &str) -
         progress_current: false,
         writes_stuck_for: None,
         caught_up: None,
+        verification: Verification::NotAsked,
     };
     let new = status::compute(None, &observed, &Time(k8s_openapi::jiff::Timestamp::now()));
     patch_status(&ctx.client, namespace, name, &new).await?;

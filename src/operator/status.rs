@@ -7,6 +7,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use super::identity::{Binding, IDENTITY_BOUND};
+use super::verification::{VERIFIED, Verification};
 use crate::crd::{MongoReplicationStatus, Phase, Progress};
 use crate::reason::Reason;
 
@@ -66,6 +67,8 @@ pub struct Observed {
     pub writes_stuck_for: Option<std::time::Duration>,
     /// Cutover readiness, while the replicator runs and reports for this configuration.
     pub caught_up: Option<CaughtUp>,
+    /// The verification run the spec asks for.
+    pub verification: Verification,
 }
 
 /// Where the stream stands against `spec.cutover`.
@@ -235,6 +238,16 @@ pub fn compute(old: Option<&MongoReplicationStatus>, observed: &Observed, now: &
         conditions.push(condition(CAUGHT_UP, caught_up, reason, message));
     }
 
+    // Verified: the last run's verdict; not part of Ready (replication itself is fine).
+    match &observed.verification {
+        Verification::NotAsked => {}
+        Verification::Waiting => {
+            conditions.push(unknown(VERIFIED, "WaitingForStream", "a verification runs once the replicator streams the current configuration".into()))
+        }
+        Verification::Running => conditions.push(unknown(VERIFIED, "Verifying", "a verification Job is comparing the target with the source".into())),
+        Verification::Finished { equal, reason, message } => conditions.push(condition(VERIFIED, *equal, reason, message.clone())),
+    }
+
     let ready = validated && (replicating || observed.suspended) && stalled.is_none();
     match &reconciling {
         Some((reason, message)) if stalled.is_none() => conditions.push(condition(RECONCILING, true, reason, message.clone())),
@@ -367,6 +380,7 @@ mod tests {
             progress_current: true,
             writes_stuck_for: None,
             caught_up: None,
+            verification: Verification::NotAsked,
         }
     }
 

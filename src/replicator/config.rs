@@ -51,6 +51,13 @@ macro_rules! default_caught_up_sustain_seconds {
 }
 #[doc(hidden)]
 #[macro_export]
+macro_rules! default_verification_interval_minutes {
+    () => {
+        360
+    };
+}
+#[doc(hidden)]
+#[macro_export]
 macro_rules! default_checkpoint_database {
     () => {
         "mongo_replicator"

@@ -303,7 +303,7 @@ async fn printer_columns_show_in_the_table_form() -> Result<()> {
         .body(Vec::new())?;
     let table: Value = client.request(request).await?;
     let columns: Vec<&str> = table["columnDefinitions"].as_array().context("no columns")?.iter().filter_map(|c| c["name"].as_str()).collect();
-    assert_eq!(columns, ["Name", "Phase", "Source Auth", "Target Auth", "Lag", "Caught Up", "Age"]);
+    assert_eq!(columns, ["Name", "Phase", "Source Auth", "Target Auth", "Lag", "Caught Up", "Verified", "Age"]);
     let cells = &table["rows"][0]["cells"];
     assert_eq!(cells[0], "orders-dr");
     assert_eq!(cells[1], "Streaming");
