@@ -122,3 +122,66 @@ async fn a_source_whose_oplog_cannot_be_read_replicates_unguarded_and_says_so_on
     ensure!(!log.contains("r3ader-pw"), "the password reached the log");
     Ok(())
 }
+
+/// The loss the guard prevents, where it cannot run: the replicator may not read the source's
+/// oplog (as on Azure DocumentDB), the source prunes history while the replicator is frozen, and
+/// SecantusDB's stream skips the gap without an error, so the replicator runs on with documents
+/// missing. `verify` is what catches it: every missing document, by `_id`.
+#[tokio::test]
+async fn verification_finds_what_an_unguarded_replicator_lost_past_the_oplog() -> Result<()> {
+    let admin = ScramUser::new("admin", "adm1n-pw", &[("admin", "root")]);
+    let reader = ScramUser::new("reader", "r3ader-pw", &[("admin", "readWriteAnyDatabase")]);
+    let options = SecantusOptions { users: vec![admin, reader.clone()], oplog_max_entries: Some(OPLOG_CAP), ..Default::default() };
+    let source = SecantusServer::start(options).await?;
+    let target = SecantusServer::start(SecantusOptions::default()).await?;
+    let (src, dst) = (source.admin_client().await?, target.admin_client().await?);
+    let coll = src.database("app").collection::<Document>("events");
+    coll.insert_many((0..20).map(|i| doc! {"_id": i})).await?;
+    let env = [("SRC_URI", source.uri_for(&reader)), ("DST_URI", target.uri())];
+    let dir = tempdir::Dir::new("history-verify")?;
+    let config = dir.0.join("replicator.yaml");
+    std::fs::write(
+        &config,
+        "name: unguarded\nsource: {auth: connectionString, uriEnv: SRC_URI}\ntarget: {auth: connectionString, uriEnv: DST_URI}\nmetricsAddress: null\n",
+    )?;
+    let mut replicator = ReplicatorProcess::start(&["--config".to_string(), config.display().to_string()], &env)?;
+    eventually(Duration::from_secs(60), || workload::assert_same_all(&src, &dst)).await.with_context(|| replicator.log_tail(15))?;
+    coll.insert_many((20..40).map(|i| doc! {"_id": i})).await?;
+    eventually(Duration::from_secs(60), || workload::assert_same_all(&src, &dst)).await.with_context(|| replicator.log_tail(15))?;
+
+    replicator.pause()?;
+    for start in (40..40 + WRITTEN_WHILE_FROZEN).step_by(100) {
+        coll.insert_many((start..start + 100).map(|i| doc! {"_id": i})).await?;
+    }
+    replicator.resume()?;
+    // A last write after the gap arrives: the replicator runs on, with no error.
+    let marker = 40 + WRITTEN_WHILE_FROZEN;
+    coll.insert_one(doc! {"_id": marker}).await?;
+    let copied = dst.database("app").collection::<Document>("events");
+    eventually(Duration::from_secs(60), || async {
+        ensure!(copied.find_one(doc! {"_id": marker}).await?.is_some(), "the marker written after the gap has not arrived");
+        Ok(())
+    })
+    .await
+    .with_context(|| replicator.log_tail(15))?;
+    let held = copied.count_documents(doc! {}).await?;
+    let missing = (marker + 1) as u64 - held;
+    ensure!(missing > 0, "nothing was lost: the server did not skip pruned history, so this test shows nothing");
+
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mongo-replicator"))
+        .args(["verify", "--config"])
+        .arg(&config)
+        .args(["--output", "json", "--lag-allowance-seconds", "2"])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env_remove("RUST_LOG")
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let verdict: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).with_context(|| format!("no verdict: {stdout}"))?;
+    ensure!(out.status.code() == Some(1), "verify exited {:?}: {verdict:#}", out.status.code());
+    ensure!(verdict["counts"]["MissingInTarget"].as_u64() == Some(missing), "{missing} documents are missing; the verdict says {verdict:#}");
+    ensure!(!stdout.contains("r3ader-pw"), "the password reached verify's output");
+    eprintln!("unguarded replicator lost {missing} of {} documents past the oplog, with no error; verify found all {missing}", marker + 1);
+    assert_eq!(replicator.terminate(Duration::from_secs(30)).await?, Some(0), "{}", replicator.log_tail(10));
+    Ok(())
+}
