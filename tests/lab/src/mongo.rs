@@ -185,6 +185,11 @@ impl SecantusServer {
     }
 
     /// The port the server listens on.
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(LabProcess::pid)
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

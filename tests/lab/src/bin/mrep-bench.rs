@@ -4,7 +4,10 @@
 //! For each worker count it prints: the ceiling (a Rust client inserting batches with that many
 //! concurrent writers), snapshot documents/s, sustained streaming events/s while another process
 //! writes the source as fast as it can, the replicator's CPU-seconds per 100k events, and the
-//! ratios snapshot/ceiling and stream/ceiling.
+//! ratios snapshot/ceiling and stream/ceiling. A second table: `mongo-replicator verify` of the
+//! snapshot's data (documents verified/s, its ratio to the snapshot's rate) and CPU-seconds per
+//! 100k documents of the copying or verifying process, the source server and the target server,
+//! for the snapshot and the verification of the same documents.
 //!
 //! The source's oplog is capped for what a run writes, and each run ends by checking that the
 //! source still holds the run's whole history (its oldest retained change is not after the run's
@@ -16,7 +19,7 @@
 //! (`--oplog-max-entries` overrides the cap, e.g. to see a lossy run discarded)
 //! (build the replicator first: `cargo build --release`; MONGO_REPLICATOR_BIN overrides its path)
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -166,6 +169,7 @@ async fn main() -> Result<()> {
         "workers", "ceiling/s", "snapshot/s", "stream/s", "cpu-s/100k", "snap/ceil", "strm/ceil"
     );
     let mut discarded = Vec::new();
+    let mut verifications = Vec::new();
     for &workers in &args.workers {
         let source = SecantusServer::start(SecantusOptions { oplog_max_entries: Some(args.oplog_cap()), ..Default::default() }).await?;
         let target = SecantusServer::start(SecantusOptions::default()).await?;
@@ -178,6 +182,8 @@ async fn main() -> Result<()> {
 
         // Snapshot.
         bulk_insert(&src, "bench", args.docs, args.batch_size, 4, 0).await?;
+        let servers = Servers::of(&source, &target)?;
+        let (children_before, servers_before) = (children_cpu_seconds(), servers.cpu()?);
         let started = Instant::now();
         let mut snap = Replicator::start(&source, &target, "snapshot-only", workers, args.batch_size, "bench-snapshot", args.docs)?;
         let status = snap.0.wait().await?;
@@ -185,7 +191,19 @@ async fn main() -> Result<()> {
             bail!("snapshot replicator exited with {status}");
         }
         let snapshot_rate = args.docs as f64 / started.elapsed().as_secs_f64();
+        let snapshot_cpu = Cpu::since(children_before, servers_before, &servers)?;
         wait_for_count(&dst, "bench", args.docs as u64, Duration::from_secs(5), None).await?;
+
+        // Verification of the same documents, equal on both sides.
+        let (children_before, servers_before) = (children_cpu_seconds(), servers.cpu()?);
+        let started = Instant::now();
+        let verified = verify(&source, &target, workers, args.batch_size, args.docs).await?;
+        let verify_rate = args.docs as f64 / started.elapsed().as_secs_f64();
+        let verify_cpu = Cpu::since(children_before, servers_before, &servers)?;
+        if verified != args.docs as u64 {
+            bail!("verify compared {verified} documents, not {}", args.docs);
+        }
+        verifications.push((workers, snapshot_rate, snapshot_cpu, verify_rate, verify_cpu));
 
         // Stream: a caught-up replicator follows a source written as fast as another process can.
         dst.database("bench").drop().await?;
@@ -234,8 +252,98 @@ async fn main() -> Result<()> {
             stream_rate / ceiling
         );
     }
+    println!(
+        "\nverify of the snapshot's {} documents (equal data), CPU-seconds per 100k documents of the copying/verifying process, source and target servers:",
+        args.docs
+    );
+    println!(
+        "{:>7} {:>12} {:>12} {:>10} {:>22} {:>22}",
+        "workers", "snapshot/s", "verify/s", "vrfy/snap", "snapshot cpu p/s/t", "verify cpu p/s/t"
+    );
+    for (workers, snapshot_rate, snapshot_cpu, verify_rate, verify_cpu) in verifications {
+        let per = |c: &Cpu| format!("{:.2}/{:.2}/{:.2}", c.process * 1e5 / args.docs as f64, c.source * 1e5 / args.docs as f64, c.target * 1e5 / args.docs as f64);
+        println!(
+            "{:>7} {:>12.0} {:>12.0} {:>10.2} {:>22} {:>22}",
+            workers,
+            snapshot_rate,
+            verify_rate,
+            verify_rate / snapshot_rate,
+            per(&snapshot_cpu),
+            per(&verify_cpu)
+        );
+    }
     if !discarded.is_empty() {
         bail!("figures discarded for {discarded:?} workers: the source's oplog did not hold the whole run");
     }
     Ok(())
+}
+
+/// CPU-seconds of the SecantusDB servers of a run.
+struct Servers {
+    source: u32,
+    target: u32,
+}
+
+impl Servers {
+    fn of(source: &SecantusServer, target: &SecantusServer) -> Result<Self> {
+        Ok(Self { source: source.pid().context("the source is not running")?, target: target.pid().context("the target is not running")? })
+    }
+
+    fn cpu(&self) -> Result<(f64, f64)> {
+        Ok((cpu_seconds(self.source)?, cpu_seconds(self.target)?))
+    }
+}
+
+/// CPU-seconds one phase cost: the process that ran it (a waited-for child), the source, the target.
+struct Cpu {
+    process: f64,
+    source: f64,
+    target: f64,
+}
+
+impl Cpu {
+    fn since(children_before: f64, servers_before: (f64, f64), servers: &Servers) -> Result<Self> {
+        let (source, target) = servers.cpu()?;
+        Ok(Self { process: children_cpu_seconds() - children_before, source: source - servers_before.0, target: target - servers_before.1 })
+    }
+}
+
+/// User and system CPU seconds of every child this process has waited for.
+fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+/// `mongo-replicator verify` of `bench.*` with the replicator's settings; the documents it compared.
+async fn verify(source: &SecantusServer, target: &SecantusServer, workers: usize, batch: usize, docs: usize) -> Result<u64> {
+    let dir = std::env::temp_dir().join(format!("mrep-bench-verify-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("replicator.yaml");
+    std::fs::write(
+        &config,
+        "name: bench-verify\nsource: {auth: connectionString, uriEnv: MREP_SOURCE_URI}\ntarget: {auth: connectionString, uriEnv: MREP_TARGET_URI}\nnamespaces: {include: ['bench.*']}\nmetricsAddress: null\n",
+    )?;
+    let partition = (docs / (workers * 2)).max(1);
+    let out = verify_command(&config)
+        .args(["--workers", &workers.to_string(), "--batch-size", &batch.to_string(), "--partition-documents", &partition.to_string()])
+        .env("MREP_SOURCE_URI", source.uri())
+        .env("MREP_TARGET_URI", target.uri())
+        .output()
+        .await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let verdict: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).with_context(|| format!("verify printed no verdict: {stdout}"))?;
+    if !out.status.success() {
+        bail!("verify found the snapshot's copy different ({}): {verdict}", out.status);
+    }
+    verdict["documentsCompared"].as_u64().context("no documentsCompared in the verdict")
+}
+
+fn verify_command(config: &Path) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(replicator_bin());
+    cmd.args(["verify", "--config"]).arg(config).args(["--output", "json", "--lag-allowance-seconds", "0", "--log-level", "warn"]).kill_on_drop(true);
+    cmd
 }
