@@ -418,13 +418,18 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
-fn validate(args: ValidateArgs) -> ExitCode {
+/// A report for a person (text) or for a program (JSON): as asked, else text on a terminal.
+fn text_output(output: Option<LogFormatFlag>) -> bool {
     use std::io::IsTerminal;
-    let text = match args.output {
+    match output {
         Some(LogFormatFlag::Text) => true,
         Some(LogFormatFlag::Json) => false,
         None => std::io::stdout().is_terminal(),
-    };
+    }
+}
+
+fn validate(args: ValidateArgs) -> ExitCode {
+    let text = text_output(args.output);
     if let Err(code) = start_logging(&args.log_level, None) {
         return code;
     }
@@ -452,12 +457,7 @@ fn validate(args: ValidateArgs) -> ExitCode {
 }
 
 fn verify(args: VerifyArgs) -> ExitCode {
-    use std::io::IsTerminal;
-    let text = match args.output {
-        Some(LogFormatFlag::Text) => true,
-        Some(LogFormatFlag::Json) => false,
-        None => std::io::stdout().is_terminal(),
-    };
+    let text = text_output(args.output);
     if let Err(code) = start_logging(&args.log_level, None) {
         return code;
     }

@@ -177,7 +177,8 @@ async fn verification_finds_what_an_unguarded_replicator_lost_past_the_oplog() -
         .output()
         .await?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let verdict: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).with_context(|| format!("no verdict: {stdout}"))?;
+    let verdict: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).with_context(|| format!("no verdict: {stdout}"))?;
     ensure!(out.status.code() == Some(1), "verify exited {:?}: {verdict:#}", out.status.code());
     ensure!(verdict["counts"]["MissingInTarget"].as_u64() == Some(missing), "{missing} documents are missing; the verdict says {verdict:#}");
     ensure!(!stdout.contains("r3ader-pw"), "the password reached verify's output");

@@ -623,6 +623,10 @@ async fn an_on_demand_verification_finds_the_target_equal_then_names_a_document_
     let jobs = Api::<Job>::namespaced(client.clone(), &ns)
         .list(&ListParams::default().labels("mongo-replicator.io/replication=orders,app.kubernetes.io/component=verification"))
         .await?;
-    ensure!(jobs.items.len() == 1, "the first request's Job was not removed: {:?}", jobs.items.iter().map(|j| j.metadata.name.clone()).collect::<Vec<_>>());
+    ensure!(
+        jobs.items.len() == 1,
+        "the first request's Job was not removed: {:?}",
+        jobs.items.iter().map(|j| j.metadata.name.clone()).collect::<Vec<_>>()
+    );
     Ok(())
 }

@@ -256,12 +256,11 @@ async fn main() -> Result<()> {
         "\nverify of the snapshot's {} documents (equal data), CPU-seconds per 100k documents of the copying/verifying process, source and target servers:",
         args.docs
     );
-    println!(
-        "{:>7} {:>12} {:>12} {:>10} {:>22} {:>22}",
-        "workers", "snapshot/s", "verify/s", "vrfy/snap", "snapshot cpu p/s/t", "verify cpu p/s/t"
-    );
+    println!("{:>7} {:>12} {:>12} {:>10} {:>22} {:>22}", "workers", "snapshot/s", "verify/s", "vrfy/snap", "snapshot cpu p/s/t", "verify cpu p/s/t");
     for (workers, snapshot_rate, snapshot_cpu, verify_rate, verify_cpu) in verifications {
-        let per = |c: &Cpu| format!("{:.2}/{:.2}/{:.2}", c.process * 1e5 / args.docs as f64, c.source * 1e5 / args.docs as f64, c.target * 1e5 / args.docs as f64);
+        let per = |c: &Cpu| {
+            format!("{:.2}/{:.2}/{:.2}", c.process * 1e5 / args.docs as f64, c.source * 1e5 / args.docs as f64, c.target * 1e5 / args.docs as f64)
+        };
         println!(
             "{:>7} {:>12.0} {:>12.0} {:>10.2} {:>22} {:>22}",
             workers,
@@ -335,7 +334,8 @@ async fn verify(source: &SecantusServer, target: &SecantusServer, workers: usize
         .await?;
     let _ = std::fs::remove_dir_all(&dir);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let verdict: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).with_context(|| format!("verify printed no verdict: {stdout}"))?;
+    let verdict: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().unwrap_or_default()).with_context(|| format!("verify printed no verdict: {stdout}"))?;
     if !out.status.success() {
         bail!("verify found the snapshot's copy different ({}): {verdict}", out.status);
     }

@@ -109,29 +109,9 @@ async fn demo(args: &[String]) -> Result<()> {
         "helm install mrep charts/mongo-replicator -n mrep-system --create-namespace --set image.repository={repository},image.tag={tag},image.pullPolicy=Never --wait"
     ));
     let helm = mongo_replicator_lab::helm()?;
-    let status = Command::new(&helm)
-        .args([
-            "install",
-            "mrep",
-            &chart.display().to_string(),
-            "-n",
-            "mrep-system",
-            "--create-namespace",
-            "--skip-crds",
-            "--wait",
-            "--timeout",
-            "120s",
-        ])
-        .args(["--set", &format!("image.repository={repository},image.tag={tag},image.pullPolicy=Never")])
-        .env("KUBECONFIG", lab.kubeconfig())
-        .env("HELM_CACHE_HOME", node.dir().join("helm-cache"))
-        .env("HELM_CONFIG_HOME", node.dir().join("helm-config"))
-        .env("HELM_DATA_HOME", node.dir().join("helm-data"))
-        .status()
-        .await?;
-    if !status.success() {
-        bail!("helm install failed ({status})");
-    }
+    let chart_path = chart.display().to_string();
+    let image = format!("image.repository={repository},image.tag={tag},image.pullPolicy=Never");
+    run_helm(&node, &helm, &["install", "mrep", &chart_path, "-n", "mrep-system", "--create-namespace", "--set", &image]).await?;
     kubectl.run(&["get", "pods", "-n", "mrep-system", "-o", "wide"]).await?;
 
     step("starting two SecantusDB servers (source with 20000 documents in orders.items, target empty)");
@@ -264,18 +244,7 @@ async fn identity_demo(node: &NodeLab, kubectl: &Kubectl, helm: &Path, chart: &P
         azure.entra.port()
     );
     step(&format!("helm upgrade mrep charts/mongo-replicator -n mrep-system --reuse-values --set {settings} --wait"));
-    let status = Command::new(helm)
-        .args(["upgrade", "mrep", &chart.display().to_string(), "-n", "mrep-system", "--reuse-values", "--skip-crds", "--wait", "--timeout", "120s"])
-        .args(["--set", &settings])
-        .env("KUBECONFIG", lab.kubeconfig())
-        .env("HELM_CACHE_HOME", node.dir().join("helm-cache"))
-        .env("HELM_CONFIG_HOME", node.dir().join("helm-config"))
-        .env("HELM_DATA_HOME", node.dir().join("helm-data"))
-        .status()
-        .await?;
-    if !status.success() {
-        bail!("helm upgrade failed ({status})");
-    }
+    run_helm(node, helm, &["upgrade", "mrep", &chart.display().to_string(), "-n", "mrep-system", "--reuse-values", "--set", &settings]).await?;
 
     // The example as written, its endpoints pointed at the lab.
     let gateway_uri =
@@ -555,6 +524,24 @@ async fn show_node(node: &NodeLab, pod: bool) -> Result<()> {
         lab.bin_dir().join("kubectl").display()
     );
     println!("  image for pods: {} (imagePullPolicy: Never)", mongo_replicator_lab::image::REPLICATOR_IMAGE);
+    Ok(())
+}
+
+/// helm against the lab, with its settings in the lab's directory; CRDs stay the demo's own,
+/// and it waits for the release to be ready.
+async fn run_helm(node: &NodeLab, helm: &Path, args: &[&str]) -> Result<()> {
+    let status = Command::new(helm)
+        .args(args)
+        .args(["--skip-crds", "--wait", "--timeout", "120s"])
+        .env("KUBECONFIG", node.kube().kubeconfig())
+        .env("HELM_CACHE_HOME", node.dir().join("helm-cache"))
+        .env("HELM_CONFIG_HOME", node.dir().join("helm-config"))
+        .env("HELM_DATA_HOME", node.dir().join("helm-data"))
+        .status()
+        .await?;
+    if !status.success() {
+        bail!("helm {} failed ({status})", args.first().unwrap_or(&""));
+    }
     Ok(())
 }
 
