@@ -403,6 +403,11 @@ async fn verify_when_asked(
     let name = replication.name_any();
     let unix_now = k8s_openapi::jiff::Timestamp::now().as_second().max(0) as u64;
     let wanted = verification::wanted_run(replication, unix_now);
+    let shown = replication.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.type_ == verification::VERIFIED));
+    if wanted.is_none() && !shown {
+        // Nothing asked and nothing left from an earlier run: no list call on the common path.
+        return Ok((Verification::NotAsked, None));
+    }
     let current = wanted.as_ref().map(|(key, _)| verification::job_name(&name, key));
     let labels = format!("{REPLICATION_LABEL}={name},app.kubernetes.io/component=verification");
     let list = call(format!("list verification Jobs of {name}"), apis.jobs.list(&ListParams::default().labels(&labels))).await?;
