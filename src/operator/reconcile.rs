@@ -130,12 +130,17 @@ async fn reconcile_inner(replication: &MongoReplication, ctx: &Context) -> Resul
     let (mut observed, failing_for) = observe_all(replication, plan, binding, validation, replicator, ctx.stall_after);
     observed.verification = verification;
     let new = write_status(ctx, replication, &observed).await?;
-    if let Binding::Failed { retry_after, .. } = &observed.binding {
-        // Not the in-progress pace: a failing ARM call is tried again with backoff.
-        return Ok(Action::requeue(identity::backoff(failing_since(&new, IDENTITY_BOUND), *retry_after)));
-    }
-    let in_progress = new.conditions.iter().any(|c| c.type_ == status::RECONCILING && c.status == "True");
-    let mut requeue = if matches!(observed.validation, Validation::Failed { retrying: true, .. }) { retry_wait } else { ctx.resync };
+    // A failing ARM call is tried again with backoff, not at the in-progress pace.
+    let arm_backoff = match &observed.binding {
+        Binding::Failed { retry_after, .. } => Some(identity::backoff(failing_since(&new, IDENTITY_BOUND), *retry_after)),
+        _ => None,
+    };
+    let in_progress = arm_backoff.is_none() && new.conditions.iter().any(|c| c.type_ == status::RECONCILING && c.status == "True");
+    let mut requeue = match arm_backoff {
+        Some(backoff) => backoff,
+        None if matches!(observed.validation, Validation::Failed { retrying: true, .. }) => retry_wait,
+        None => ctx.resync,
+    };
     if let Some(failing) = failing_for.filter(|f| *f < ctx.stall_after) {
         // Look again when failing writes would cross the threshold: nothing else may trigger it.
         requeue = requeue.min(ctx.stall_after - failing + Duration::from_secs(1));
