@@ -4,7 +4,10 @@
 //! For each worker count it prints: the ceiling (a Rust client inserting batches with that many
 //! concurrent writers), snapshot documents/s, sustained streaming events/s while another process
 //! writes the source as fast as it can, the replicator's CPU-seconds per 100k events, and the
-//! ratios snapshot/ceiling and stream/ceiling. A second table: `mongo-replicator verify` of the
+//! ratios snapshot/ceiling and stream/ceiling, and beside them a *driver pipe*: the same driver
+//! doing the least any replicator must do (a natural-order scan into `insert_many`; a change
+//! stream whose inserts go out as `insert_many` batches), with as many batches in flight as the
+//! replicator has workers — the ceiling of what driver and servers allow. A second table: `mongo-replicator verify` of the
 //! snapshot's data (documents verified/s, its ratio to the snapshot's rate) and CPU-seconds per
 //! 100k documents of the copying or verifying process, the source server and the target server,
 //! for the snapshot and the verification of the same documents.
@@ -41,7 +44,8 @@ impl Args {
     /// events) plus a margin for DDL and the server's own entries, so no figure depends on how
     /// far the replicator lags.
     fn oplog_cap(&self) -> u64 {
-        self.oplog_max_entries.unwrap_or((self.docs + self.events) as u64 + 10_000)
+        // The driver pipe's stream writes the events a second time.
+        self.oplog_max_entries.unwrap_or((self.docs + 2 * self.events) as u64 + 10_000)
     }
 }
 
@@ -165,8 +169,18 @@ async fn main() -> Result<()> {
     );
     println!("source oplog capped at {} entries; a run whose source pruned its own history is discarded", args.oplog_cap());
     println!(
-        "{:>7} {:>12} {:>12} {:>12} {:>14} {:>10} {:>10}",
-        "workers", "ceiling/s", "snapshot/s", "stream/s", "cpu-s/100k", "snap/ceil", "strm/ceil"
+        "{:>7} {:>12} {:>12} {:>12} {:>14} {:>10} {:>10} {:>12} {:>12} {:>10} {:>10}",
+        "workers",
+        "ceiling/s",
+        "snapshot/s",
+        "stream/s",
+        "cpu-s/100k",
+        "snap/ceil",
+        "strm/ceil",
+        "pipe snap/s",
+        "pipe strm/s",
+        "snap/pipe",
+        "strm/pipe"
     );
     let mut discarded = Vec::new();
     let mut verifications = Vec::new();
@@ -241,15 +255,26 @@ async fn main() -> Result<()> {
         }
         streamed?;
 
+        // The driver pipe, on the same servers: a copy of what the stream phase wrote, then a stream.
+        dst.database("bench").drop().await?;
+        let pipe_snapshot = pipe_copy(&src, &dst, args.batch_size, workers).await?;
+        dst.database("bench").drop().await?;
+        src.database("bench").drop().await?;
+        let pipe_stream = pipe_follow(&src, &dst, args.events, args.batch_size, workers).await?;
+
         println!(
-            "{:>7} {:>12.0} {:>12.0} {:>12.0} {:>14.2} {:>10.2} {:>10.2}",
+            "{:>7} {:>12.0} {:>12.0} {:>12.0} {:>14.2} {:>10.2} {:>10.2} {:>12.0} {:>12.0} {:>10.2} {:>10.2}",
             workers,
             ceiling,
             snapshot_rate,
             stream_rate,
             cpu / args.events as f64 * 100_000.0,
             snapshot_rate / ceiling,
-            stream_rate / ceiling
+            stream_rate / ceiling,
+            pipe_snapshot,
+            pipe_stream,
+            snapshot_rate / pipe_snapshot,
+            stream_rate / pipe_stream
         );
     }
     println!(
@@ -275,6 +300,77 @@ async fn main() -> Result<()> {
         bail!("figures discarded for {discarded:?} workers: the source's oplog did not hold the whole run");
     }
     Ok(())
+}
+
+/// Driver pipe, copy: `bench.bench` scanned in natural order, `writers` `insert_many` batches in
+/// flight; documents/s.
+async fn pipe_copy(src: &Client, dst: &Client, batch: usize, writers: usize) -> Result<f64> {
+    use futures::{StreamExt, TryStreamExt};
+    let source = src.database("bench").collection::<mongodb::bson::RawDocumentBuf>("bench");
+    let target = dst.database("bench").collection::<mongodb::bson::RawDocumentBuf>("bench");
+    let started = Instant::now();
+    let cursor = source.find(doc! {}).batch_size(batch as u32).await?;
+    let copied: usize = cursor
+        .chunks(batch)
+        .map(|chunk| {
+            let target = target.clone();
+            async move {
+                let docs = chunk.into_iter().collect::<Result<Vec<_>, _>>()?;
+                let n = docs.len();
+                target.insert_many(docs).ordered(false).await?;
+                anyhow::Ok(n)
+            }
+        })
+        .buffer_unordered(writers)
+        .try_fold(0, |total, n| async move { Ok(total + n) })
+        .await?;
+    Ok(copied as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Driver pipe, stream: a change stream on `bench` while another task inserts `events`
+/// documents as fast as it can; each run of inserts the stream has ready goes out as one
+/// `insert_many` (at most `batch`, `writers` in flight). Events/s until the target holds them all.
+async fn pipe_follow(src: &Client, dst: &Client, events: usize, batch: usize, writers: usize) -> Result<f64> {
+    use mongodb::change_stream::event::OperationType;
+    let target = dst.database("bench").collection::<Document>("bench");
+    let mut stream = src.database("bench").watch().max_await_time(Duration::from_millis(100)).await?;
+    let started = Instant::now();
+    let load = tokio::spawn({
+        let src = src.clone();
+        async move { bulk_insert(&src, "bench", events, batch, 2, 20_000_000).await }
+    });
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(writers));
+    let mut writes = Vec::new();
+    let (mut seen, mut pending) = (0, Vec::with_capacity(batch));
+    while seen < events {
+        match stream.next_if_any().await? {
+            Some(event) if event.operation_type == OperationType::Insert => {
+                pending.extend(event.full_document);
+                seen += 1;
+                if pending.len() < batch {
+                    continue;
+                }
+            }
+            Some(_) => continue,
+            None if pending.is_empty() => continue,
+            None => {}
+        }
+        let docs = std::mem::replace(&mut pending, Vec::with_capacity(batch));
+        let (target, permit) = (target.clone(), in_flight.clone().acquire_owned().await?);
+        writes.push(tokio::spawn(async move {
+            let _permit = permit;
+            target.insert_many(docs).ordered(false).await.map(drop)
+        }));
+    }
+    if !pending.is_empty() {
+        target.insert_many(pending).ordered(false).await?;
+    }
+    for write in writes {
+        write.await??;
+    }
+    let rate = events as f64 / started.elapsed().as_secs_f64();
+    load.await??;
+    Ok(rate)
 }
 
 /// CPU-seconds of the SecantusDB servers of a run.
