@@ -141,6 +141,13 @@ pub struct ValidateArgs {
     /// Output format; default: text on a terminal, JSON otherwise.
     #[arg(long, value_enum)]
     pub output: Option<LogFormatFlag>,
+    #[command(flatten)]
+    pub verdict: VerdictArgs,
+}
+
+/// Where a one-shot check (`validate`, `verify`) leaves its verdict and diagnostics.
+#[derive(Args, Debug)]
+pub struct VerdictArgs {
     /// Where Kubernetes reads a container's termination message; written only when it exists.
     #[arg(long, value_name = "FILE", default_value = crate::validate::TERMINATION_LOG)]
     pub termination_log: PathBuf,
@@ -190,12 +197,8 @@ pub struct VerifyArgs {
     /// Output: a progress line and a report on a terminal, JSON lines otherwise.
     #[arg(long, value_enum)]
     pub output: Option<LogFormatFlag>,
-    /// Where Kubernetes reads a container's termination message; written only when it exists.
-    #[arg(long, value_name = "FILE", default_value = crate::validate::TERMINATION_LOG)]
-    pub termination_log: PathBuf,
-    /// Log level for the diagnostics written to stderr.
-    #[arg(long, default_value = "warn")]
-    pub log_level: String,
+    #[command(flatten)]
+    pub verdict: VerdictArgs,
 }
 
 impl VerifyArgs {
@@ -430,7 +433,7 @@ fn text_output(output: Option<LogFormatFlag>) -> bool {
 
 fn validate(args: ValidateArgs) -> ExitCode {
     let text = text_output(args.output);
-    if let Err(code) = start_logging(&args.log_level, None) {
+    if let Err(code) = start_logging(&args.verdict.log_level, None) {
         return code;
     }
     let config = match ReplicatorConfig::from_file(&args.config) {
@@ -440,7 +443,7 @@ fn validate(args: ValidateArgs) -> ExitCode {
             let verdict = serde_json::json!({"passed": false, "reason": err.reason(), "message": err.to_string()}).to_string();
             let shown = if text { format!("validation FAILED: {err} [{}]\n", err.reason()) } else { format!("{verdict}\n") };
             let _ = std::io::stdout().lock().write_all(shown.as_bytes());
-            write_termination_log(&args.termination_log, &verdict);
+            write_termination_log(&args.verdict.termination_log, &verdict);
             return ExitCode::from(3);
         }
     };
@@ -452,20 +455,20 @@ fn validate(args: ValidateArgs) -> ExitCode {
     let verdict = runtime.block_on(crate::validate::validate(&config, &tokens));
     let shown = if text { verdict.to_text() } else { format!("{}\n", verdict.to_json()) };
     let _ = std::io::stdout().lock().write_all(shown.as_bytes());
-    write_termination_log(&args.termination_log, &verdict.termination_message(crate::validate::TERMINATION_MESSAGE_LIMIT));
+    write_termination_log(&args.verdict.termination_log, &verdict.termination_message(crate::validate::TERMINATION_MESSAGE_LIMIT));
     if verdict.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
 fn verify(args: VerifyArgs) -> ExitCode {
     let text = text_output(args.output);
-    if let Err(code) = start_logging(&args.log_level, None) {
+    if let Err(code) = start_logging(&args.verdict.log_level, None) {
         return code;
     }
     let fail = |reason: crate::reason::Reason, message: String, code: u8| {
         let verdict = serde_json::json!({"outcome": "Failed", "equal": false, "reason": reason, "message": message}).to_string();
         let shown = if text { format!("verification FAILED: {message} [{reason}]\n") } else { format!("{verdict}\n") };
         let _ = std::io::stdout().lock().write_all(shown.as_bytes());
-        write_termination_log(&args.termination_log, &verdict);
+        write_termination_log(&args.verdict.termination_log, &verdict);
         ExitCode::from(code)
     };
     let config = match ReplicatorConfig::from_file(&args.config) {
@@ -507,7 +510,7 @@ fn verify(args: VerifyArgs) -> ExitCode {
             Ok(verdict) => {
                 let shown = if text { verdict.to_text() } else { format!("{}\n", verdict.to_json()) };
                 let _ = std::io::stdout().lock().write_all(shown.as_bytes());
-                write_termination_log(&args.termination_log, &verdict.termination_message(crate::validate::TERMINATION_MESSAGE_LIMIT));
+                write_termination_log(&args.verdict.termination_log, &verdict.termination_message(crate::validate::TERMINATION_MESSAGE_LIMIT));
                 ExitCode::from(verdict.outcome.exit_code())
             }
             Err(err) => fail(err.reason(), err.to_string(), err.exit_code()),

@@ -421,12 +421,7 @@ async fn verify_when_asked(
     }
     let (Some((_, next)), Some(job_name)) = (wanted, current) else { return Ok((Verification::NotAsked, None)) };
     if let Some(job) = list.items.into_iter().find(|j| j.metadata.name.as_deref() == Some(job_name.as_str())) {
-        let status = job.status.clone().unwrap_or_default();
-        let succeeded = status.succeeded.unwrap_or(0) > 0;
-        let failed = status.failed.unwrap_or(0) > 0 || status.conditions.iter().flatten().any(|c| c.type_ == "Failed" && c.status == "True");
-        if !succeeded && !failed {
-            return Ok((Verification::Running, next));
-        }
+        let Some(succeeded) = job_outcome(&job) else { return Ok((Verification::Running, next)) };
         let message = termination_message(&apis.pods, &job_name).await?;
         return Ok((verification::finished(succeeded, message.as_deref(), &job_name), next));
     }
@@ -451,6 +446,13 @@ async fn verify_when_asked(
         apply(&apis.jobs, job).await?;
     }
     Ok((Verification::Running, next))
+}
+
+/// Whether a Job (of one pod, no retries) succeeded; `None` while it runs.
+fn job_outcome(job: &Job) -> Option<bool> {
+    let status = job.status.as_ref()?;
+    let failed = status.failed.unwrap_or(0) > 0 || status.conditions.iter().flatten().any(|c| c.type_ == "Failed" && c.status == "True");
+    if status.succeeded.unwrap_or(0) > 0 { Some(true) } else { failed.then_some(false) }
 }
 
 /// The termination message a Job's pod left, if any.
@@ -525,14 +527,10 @@ async fn write_status(ctx: &Context, replication: &MongoReplication, observed: &
 
 /// Reads the verdict of a validation Job from its pod's termination message.
 async fn observe_validation(job: &Job, pods: &Api<Pod>) -> Result<Validation, ReconcileError> {
-    let status = job.status.clone().unwrap_or_default();
-    let succeeded = status.succeeded.unwrap_or(0) > 0;
-    let failed = status.failed.unwrap_or(0) > 0 || status.conditions.iter().flatten().any(|c| c.type_ == "Failed" && c.status == "True");
-    if succeeded {
-        return Ok(Validation::Passed);
-    }
-    if !failed {
-        return Ok(Validation::Running);
+    match job_outcome(job) {
+        None => return Ok(Validation::Running),
+        Some(true) => return Ok(Validation::Passed),
+        Some(false) => {}
     }
     let name = job.name_any();
     let message = termination_message(pods, &name).await?;

@@ -352,6 +352,14 @@ impl ReplicatorConfig {
         Ok(())
     }
 
+    /// The source's or the target's endpoint.
+    pub fn endpoint(&self, role: EndpointRole) -> &EndpointConfig {
+        match role {
+            EndpointRole::Source => &self.source,
+            EndpointRole::Target => &self.target,
+        }
+    }
+
     pub fn flush_interval(&self) -> Duration {
         Duration::from_millis(self.flush_interval_ms)
     }

@@ -175,11 +175,7 @@ pub fn progress(checkpoint: &Checkpoint, lag_seconds: Option<i64>, config_hash: 
 }
 
 async fn connect(config: &ReplicatorConfig, role: EndpointRole, tokens: &TokenSources) -> Result<Client, ReplicatorError> {
-    let endpoint = match role {
-        EndpointRole::Source => &config.source,
-        EndpointRole::Target => &config.target,
-    };
-    let options = endpoint.client_options(role, tokens).await?;
+    let options = config.endpoint(role).client_options(role, tokens).await?;
     Client::with_options(options).map_err(|e| ReplicatorError::Client { role, detail: e.to_string() })
 }
 

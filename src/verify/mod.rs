@@ -403,11 +403,7 @@ pub async fn run(
 }
 
 async fn connect(config: &ReplicatorConfig, role: EndpointRole, tokens: &TokenSources) -> Result<Client, VerifyError> {
-    let endpoint = match role {
-        EndpointRole::Source => &config.source,
-        EndpointRole::Target => &config.target,
-    };
-    let options = endpoint.client_options(role, tokens).await?;
+    let options = config.endpoint(role).client_options(role, tokens).await?;
     Client::with_options(options).map_err(|e| VerifyError::Client { role, detail: e.to_string() })
 }
 

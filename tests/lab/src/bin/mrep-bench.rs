@@ -118,8 +118,7 @@ struct Replicator(tokio::process::Child);
 
 impl Replicator {
     fn start(source: &SecantusServer, target: &SecantusServer, mode: &str, workers: usize, batch: usize, name: &str, docs: usize) -> Result<Self> {
-        // Two ranges per worker, so the snapshot copies with as many writers as the ceiling uses.
-        let partition = (docs / (workers * 2)).max(1);
+        let partition = partition_documents(docs, workers);
         let child = tokio::process::Command::new(replicator_bin())
             .args(["replicate", "--name", name, "--include", "bench.*", "--mode", mode, "--metrics-address", "none"])
             .args(["--partition-documents", &partition.to_string()])
@@ -403,6 +402,11 @@ impl Cpu {
     }
 }
 
+/// Two `_id` ranges per worker, so copying and verifying use as many writers as the ceiling.
+fn partition_documents(docs: usize, workers: usize) -> usize {
+    (docs / (workers * 2)).max(1)
+}
+
 /// User and system CPU seconds of every child this process has waited for.
 fn children_cpu_seconds() -> f64 {
     // SAFETY: getrusage writes into the struct it is given.
@@ -421,7 +425,7 @@ async fn verify(source: &SecantusServer, target: &SecantusServer, workers: usize
         &config,
         "name: bench-verify\nsource: {auth: connectionString, uriEnv: MREP_SOURCE_URI}\ntarget: {auth: connectionString, uriEnv: MREP_TARGET_URI}\nnamespaces: {include: ['bench.*']}\nmetricsAddress: null\n",
     )?;
-    let partition = (docs / (workers * 2)).max(1);
+    let partition = partition_documents(docs, workers);
     let out = verify_command(&config)
         .args(["--workers", &workers.to_string(), "--batch-size", &batch.to_string(), "--partition-documents", &partition.to_string()])
         .env("MREP_SOURCE_URI", source.uri())
