@@ -279,7 +279,8 @@ pub struct ReplicateArgs {
     /// Most documents per write command.
     #[arg(long, default_value_t = config_file::DEFAULT_BATCH_SIZE)]
     pub batch_size: usize,
-    /// Collections with more documents than this are copied as parallel `_id` ranges.
+    /// Collections with more documents than this are read as parallel `_id` ranges; 0 (the
+    /// default): one cursor per collection, the cheapest read for the source.
     #[arg(long, default_value_t = config_file::DEFAULT_PARTITION_DOCUMENTS)]
     pub partition_documents: u64,
     /// Database in the target holding checkpoints.

@@ -72,8 +72,9 @@ pub const DEFAULT_BATCH_SIZE: usize = default_batch_size!();
 pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 100;
 /// Database in the target holding checkpoints.
 pub const DEFAULT_CHECKPOINT_DATABASE: &str = default_checkpoint_database!();
-/// Collections larger than this are copied as parallel `_id` ranges.
-pub const DEFAULT_PARTITION_DOCUMENTS: u64 = 200_000;
+/// Off: one `_id`-ordered cursor per collection costs the source least and copies fastest on
+/// every source measured (README, benchmark).
+pub const DEFAULT_PARTITION_DOCUMENTS: u64 = 0;
 /// Port of `/metrics`, `/healthz` and `/readyz`.
 pub const DEFAULT_METRICS_PORT: u16 = 9090;
 /// How long SIGTERM may take to drain, checkpoint and exit.
@@ -184,7 +185,9 @@ pub struct ReplicatorConfig {
     pub checkpoint_database: String,
     #[serde(default)]
     pub on_history_lost: OnHistoryLost,
-    /// Collections with more documents than this are copied as several `_id` ranges in parallel.
+    /// Collections with more documents than this are read as several `_id` ranges in parallel;
+    /// 0 (the default) reads each collection with one cursor, which costs the source least. Set
+    /// it only where one cursor cannot keep the writers busy (a source far away, or slow to read).
     #[serde(default = "default_partition_documents")]
     pub partition_documents: u64,
     /// Address of `/metrics`, `/healthz` and `/readyz`; `null` turns the endpoint off.

@@ -16,11 +16,11 @@ use crate::telemetry::Metrics;
 /// The settings of the data path, taken from the configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Settings {
-    /// Parallel writers and parallel range copies.
+    /// Batches written at once, and collections (or ranges) copied at once.
     pub workers: usize,
     /// Most documents per write command and per read batch.
     pub batch_size: usize,
-    /// Collections larger than this are copied as parallel `_id` ranges.
+    /// Collections larger than this are read as parallel `_id` ranges (0: never).
     pub partition_documents: u64,
     /// Longest a change waits before it is written.
     pub flush_interval: Duration,

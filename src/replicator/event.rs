@@ -7,17 +7,24 @@
 //! full document can. When the document is gone by lookup time (deleted later, or its collection
 //! renamed or dropped since) the update's description is applied as operators, in order, unless
 //! a path is ambiguous; a later delete, rename or drop then does the rest.
+//!
+//! Document events stay raw BSON from the change stream to the target: the full document and
+//! its key are byte slices of the event, copied once and never parsed, so streaming a document
+//! costs the replicator a copy, not a decode and an encode. Other events are rare and decoded.
 
-use mongodb::bson::{Bson, Document, Timestamp, doc};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use mongodb::bson::{Bson, Document, RawBsonRef, RawDocument, RawDocumentBuf, Timestamp, doc};
 
 use super::namespace::{Namespace, NamespaceMap};
 
 /// A document write, keyed by the document key, in the target's namespace.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DocWrite {
-    pub ns: Namespace,
+    pub ns: Arc<Namespace>,
     /// The `documentKey` of the event (`{_id: ...}`, plus the shard key on sharded sources).
-    pub key: Document,
+    pub key: RawDocumentBuf,
     pub kind: DocWriteKind,
 }
 
@@ -26,9 +33,9 @@ pub struct DocWrite {
 pub enum DocWriteKind {
     /// A new document. Written with a plain insert (the fast path); when the target already has
     /// it (a replay after a crash, or a copy that saw it) it is replaced instead.
-    Insert(Document),
+    Insert(RawDocumentBuf),
     /// Replace (or insert) the whole document.
-    Upsert(Document),
+    Upsert(RawDocumentBuf),
     /// Update operators from an event's `updateDescription`, applied in order, for an update
     /// whose document could no longer be looked up.
     Patch(Vec<Document>),
@@ -82,23 +89,23 @@ pub enum Action {
     Invalidate,
 }
 
-/// The operation label used in metrics.
-pub fn operation_label(event: &Document) -> &'static str {
+/// The operations counted in `mongo_replicator_events_applied_total`, by label.
+pub const OPERATIONS: [&str; 5] = ["insert", "update", "replace", "delete", "ddl"];
+
+/// The operation label used in metrics, as an index into [`OPERATIONS`].
+pub fn operation_label(event: &RawDocument) -> usize {
     match event.get_str("operationType").unwrap_or("unknown") {
-        "insert" => "insert",
-        "update" => "update",
-        "replace" => "replace",
-        "delete" => "delete",
-        _ => "ddl",
+        "insert" => 0,
+        "update" => 1,
+        "replace" => 2,
+        "delete" => 3,
+        _ => 4,
     }
 }
 
 /// The source cluster time of an event, if it carries one.
-pub fn cluster_time(event: &Document) -> Option<Timestamp> {
-    match event.get("clusterTime") {
-        Some(Bson::Timestamp(ts)) => Some(*ts),
-        _ => None,
-    }
+pub fn cluster_time(event: &RawDocument) -> Option<Timestamp> {
+    event.get_timestamp("clusterTime").ok()
 }
 
 /// An event the replicator cannot interpret.
@@ -117,35 +124,74 @@ fn ns_of(event: &Document, field: &'static str, operation: &str) -> Result<Names
     Ok(Namespace::new(db, coll))
 }
 
-/// Maps one raw change event to what the target must do. Takes the event by value so the full
-/// document moves into the write instead of being copied.
-pub fn map_event(mut event: Document, map: &NamespaceMap) -> Result<Action, MalformedEvent> {
-    let operation = event.get_str("operationType").unwrap_or("unknown").to_string();
-    let malformed = |field| MalformedEvent { operation: operation.clone(), field };
-    match operation.as_str() {
-        "insert" | "replace" | "update" => {
-            let ns = ns_of(&event, "ns", &operation)?;
-            if !map.includes(&ns) {
-                return Ok(Action::Skip);
-            }
-            let key = event.get_document("documentKey").map_err(|_| malformed("documentKey"))?.clone();
-            match event.remove("fullDocument") {
-                Some(Bson::Document(doc)) => Ok(Action::Write(DocWrite {
-                    ns: map.target(&ns),
-                    key,
-                    kind: if operation == "insert" { DocWriteKind::Insert(doc) } else { DocWriteKind::Upsert(doc) },
-                })),
-                // Gone by lookup time: deleted (its delete follows) or its collection renamed or
-                // dropped since. The update's own description still says what changed.
-                Some(Bson::Null) | None if operation == "update" => Ok(match patch(&event) {
-                    Some(updates) => Action::Write(DocWrite { ns: map.target(&ns), key, kind: DocWriteKind::Patch(updates) }),
-                    None => Action::Skip,
-                }),
-                _ => Err(malformed("fullDocument")),
+/// The target of each source namespace seen, so a document event costs a lookup instead of
+/// pattern matching and new strings. Bounded: a source churning through collection names
+/// starts it afresh.
+pub struct Targets {
+    map: Arc<NamespaceMap>,
+    known: HashMap<String, Option<Arc<Namespace>>>,
+    key: String,
+}
+
+impl Targets {
+    const MOST: usize = 10_000;
+
+    pub fn new(map: Arc<NamespaceMap>) -> Self {
+        Self { map, known: HashMap::new(), key: String::new() }
+    }
+
+    pub fn map(&self) -> &NamespaceMap {
+        &self.map
+    }
+
+    /// Where `db.coll` is replicated to; None when it is not included.
+    fn of(&mut self, db: &str, coll: &str) -> Option<Arc<Namespace>> {
+        self.key.clear();
+        self.key.extend([db, "\0", coll]);
+        if let Some(known) = self.known.get(self.key.as_str()) {
+            return known.clone();
+        }
+        if self.known.len() >= Self::MOST {
+            self.known.clear();
+        }
+        let ns = Namespace::new(db, coll);
+        let target = self.map.includes(&ns).then(|| Arc::new(self.map.target(&ns)));
+        self.known.insert(self.key.clone(), target.clone());
+        target
+    }
+}
+
+/// Maps one raw change event to what the target must do.
+pub fn map_event(event: &RawDocument, targets: &mut Targets) -> Result<Action, MalformedEvent> {
+    let operation = event.get_str("operationType").unwrap_or("unknown");
+    let malformed = |field| MalformedEvent { operation: operation.to_string(), field };
+    if !matches!(operation, "insert" | "replace" | "update" | "delete") {
+        let event = Document::try_from(event).map_err(|_| malformed("a valid BSON body"))?;
+        return map_other_event(&event, operation, targets.map());
+    }
+    let ns = event.get_document("ns").map_err(|_| malformed("ns"))?;
+    let (db, coll) = match (ns.get_str("db"), ns.get_str("coll")) {
+        (Ok(db), Ok(coll)) => (db, coll),
+        _ => return Err(malformed("ns")),
+    };
+    let Some(target) = targets.of(db, coll) else { return Ok(Action::Skip) };
+    let key = event.get_document("documentKey").map_err(|_| malformed("documentKey"))?.to_raw_document_buf();
+    let kind = match (operation, event.get("fullDocument").ok().flatten()) {
+        ("delete", _) => DocWriteKind::Delete,
+        ("insert", Some(RawBsonRef::Document(doc))) => DocWriteKind::Insert(doc.to_raw_document_buf()),
+        (_, Some(RawBsonRef::Document(doc))) => DocWriteKind::Upsert(doc.to_raw_document_buf()),
+        // Gone by lookup time: deleted (its delete follows) or its collection renamed or
+        // dropped since. The update's own description still says what changed.
+        ("update", Some(RawBsonRef::Null) | None) => {
+            let event = Document::try_from(event).map_err(|_| malformed("a valid BSON body"))?;
+            match patch(&event) {
+                Some(updates) => DocWriteKind::Patch(updates),
+                None => return Ok(Action::Skip),
             }
         }
-        _ => map_other_event(&event, &operation, map),
-    }
+        _ => return Err(malformed("fullDocument")),
+    };
+    Ok(Action::Write(DocWrite { ns: target, key, kind }))
 }
 
 /// The update operators of an event's `updateDescription`: array truncations first, then
@@ -190,18 +236,10 @@ fn patch(event: &Document) -> Option<Vec<Document>> {
     (!updates.is_empty()).then_some(updates)
 }
 
-/// Everything but the document-writing events, which only borrow the event.
+/// Everything but the document-writing events: collection and database changes, decoded.
 fn map_other_event(event: &Document, operation: &str, map: &NamespaceMap) -> Result<Action, MalformedEvent> {
     let malformed = |field| MalformedEvent { operation: operation.to_string(), field };
     match operation {
-        "delete" => {
-            let ns = ns_of(event, "ns", operation)?;
-            if !map.includes(&ns) {
-                return Ok(Action::Skip);
-            }
-            let key = event.get_document("documentKey").map_err(|_| malformed("documentKey"))?.clone();
-            Ok(Action::Write(DocWrite { ns: map.target(&ns), key, kind: DocWriteKind::Delete }))
-        }
         "drop" => {
             let ns = ns_of(event, "ns", operation)?;
             Ok(if map.includes(&ns) { Action::Ddl(Ddl::DropCollection(map.target(&ns))) } else { Action::Skip })
@@ -291,17 +329,26 @@ mod tests {
         doc! {"db": db, "coll": coll}
     }
 
+    /// The event as the change stream hands it over: raw BSON.
+    fn map_event(event: Document, map: &NamespaceMap) -> Result<Action, MalformedEvent> {
+        super::map_event(&RawDocumentBuf::from_document(&event).unwrap(), &mut Targets::new(Arc::new(map.clone())))
+    }
+
+    fn raw(doc: Document) -> RawDocumentBuf {
+        RawDocumentBuf::from_document(&doc).unwrap()
+    }
+
+    fn write(db: &str, coll: &str, key: Document, kind: DocWriteKind) -> Action {
+        Action::Write(DocWrite { ns: Arc::new(Namespace::new(db, coll)), key: raw(key), kind })
+    }
+
     #[test]
     fn inserts_replaces_and_updates_write_the_full_document_in_the_renamed_namespace() {
         for op in ["insert", "replace", "update"] {
             let event = doc! {"operationType": op, "ns": ns("shop", "items"), "documentKey": {"_id": 1}, "fullDocument": {"_id": 1, "a.b": 2}};
-            let full = doc! {"_id": 1, "a.b": 2};
+            let full = raw(doc! {"_id": 1, "a.b": 2});
             let kind = if op == "insert" { DocWriteKind::Insert(full) } else { DocWriteKind::Upsert(full) };
-            assert_eq!(
-                map_event(event.clone(), &map()).unwrap(),
-                Action::Write(DocWrite { ns: Namespace::new("shop_dr", "items"), key: doc! {"_id": 1}, kind }),
-                "{op}"
-            );
+            assert_eq!(map_event(event.clone(), &map()).unwrap(), write("shop_dr", "items", doc! {"_id": 1}, kind), "{op}");
         }
     }
 
@@ -311,14 +358,15 @@ mod tests {
         "updateDescription": {"updatedFields": {"n": 2, "nested.x": 1}, "removedFields": ["old"], "truncatedArrays": [{"field": "tags", "newSize": 2}], "disambiguatedPaths": {}}};
         assert_eq!(
             map_event(update.clone(), &map()).unwrap(),
-            Action::Write(DocWrite {
-                ns: Namespace::new("shop_dr", "items"),
-                key: doc! {"_id": 1},
-                kind: DocWriteKind::Patch(vec![
+            write(
+                "shop_dr",
+                "items",
+                doc! {"_id": 1},
+                DocWriteKind::Patch(vec![
                     doc! {"$push": {"tags": {"$each": [], "$slice": 2}}},
                     doc! {"$set": {"n": 2, "nested.x": 1}, "$unset": {"old": ""}}
                 ])
-            })
+            )
         );
         let ambiguous = doc! {"operationType": "update", "ns": ns("shop", "items"), "documentKey": {"_id": 1}, "fullDocument": Bson::Null,
         "updateDescription": {"updatedFields": {"a.b": 2}, "removedFields": [], "disambiguatedPaths": {"a.b": ["a.b"]}}};
@@ -332,10 +380,27 @@ mod tests {
     #[test]
     fn deletes_key_by_document_key() {
         let event = doc! {"operationType": "delete", "ns": ns("crm", "customers"), "documentKey": {"_id": "c1"}};
-        assert_eq!(
-            map_event(event.clone(), &map()).unwrap(),
-            Action::Write(DocWrite { ns: Namespace::new("crm", "customers"), key: doc! {"_id": "c1"}, kind: DocWriteKind::Delete })
-        );
+        assert_eq!(map_event(event.clone(), &map()).unwrap(), write("crm", "customers", doc! {"_id": "c1"}, DocWriteKind::Delete));
+    }
+
+    #[test]
+    fn a_document_event_without_its_namespace_or_key_is_malformed() {
+        let no_ns = doc! {"operationType": "insert", "documentKey": {"_id": 1}, "fullDocument": {"_id": 1}};
+        assert_eq!(map_event(no_ns, &map()).unwrap_err().field, "ns");
+        let no_key = doc! {"operationType": "delete", "ns": ns("shop", "items")};
+        assert_eq!(map_event(no_key, &map()).unwrap_err().field, "documentKey");
+    }
+
+    #[test]
+    fn the_target_cache_answers_like_the_map_for_every_namespace() {
+        let mut targets = Targets::new(Arc::new(map()));
+        for _ in 0..2 {
+            assert_eq!(targets.of("shop", "items").as_deref(), Some(&Namespace::new("shop_dr", "items")));
+            assert_eq!(targets.of("shop", "tmp"), None);
+            // No confusion between "a" + "b.c" and "a.b" + "c".
+            assert_eq!(targets.of("crm", "customers").as_deref(), Some(&Namespace::new("crm", "customers")));
+            assert_eq!(targets.of("crm.customers", ""), None);
+        }
     }
 
     #[test]
@@ -401,7 +466,7 @@ mod tests {
     fn invalidate_and_unknown_events() {
         assert_eq!(map_event(doc! {"operationType": "invalidate"}, &map()).unwrap(), Action::Invalidate);
         assert_eq!(map_event(doc! {"operationType": "modify", "ns": ns("shop", "x")}, &map()).unwrap(), Action::Skip);
-        assert_eq!(operation_label(&doc! {"operationType": "rename"}), "ddl");
-        assert_eq!(operation_label(&doc! {"operationType": "delete"}), "delete");
+        assert_eq!(OPERATIONS[operation_label(&raw(doc! {"operationType": "rename"}))], "ddl");
+        assert_eq!(OPERATIONS[operation_label(&raw(doc! {"operationType": "delete"}))], "delete");
     }
 }

@@ -5,8 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
-use mongodb::bson::{Bson, Document, RawDocumentBuf, doc};
-use mongodb::error::{ErrorKind, InsertManyError};
+use mongodb::bson::{Bson, Document, RawArrayBuf, RawDocument, RawDocumentBuf, doc, rawdoc};
 use mongodb::{Client, Database};
 use tokio_util::sync::CancellationToken;
 
@@ -108,6 +107,7 @@ impl Sink {
     /// Applies document writes in order per document: for each document only its last write
     /// counts (every write is a whole-document replacement or a delete), so a batch shrinks to one
     /// upsert or delete per key, sent as unordered `update` and `delete` commands per collection.
+    /// Documents stay raw BSON: they are copied into the commands, never decoded.
     pub async fn apply(&self, writes: Vec<DocWrite>) -> Result<(), SinkError> {
         if writes.is_empty() {
             return Ok(());
@@ -122,28 +122,63 @@ impl Sink {
                 match write.kind {
                     DocWriteKind::Insert(doc) => inserts.push((write.key, doc)),
                     DocWriteKind::Upsert(doc) => upserts.push(upsert_statement(write.key, doc)),
-                    DocWriteKind::Patch(updates) => self.patch(&ns, write.key, updates).await?,
-                    DocWriteKind::Delete => deletes.push(doc! {"q": write.key, "limit": 1}),
+                    DocWriteKind::Patch(updates) => self.patch(&ns, &write.key, updates).await?,
+                    DocWriteKind::Delete => deletes.push(rawdoc! {"q": write.key, "limit": 1}),
                 }
             }
             // Inserts first: the documents the target already has come back as upserts.
             upserts.extend(self.insert_new(&ns, inserts).await?);
             for chunk in chunks(upserts, self.batch_size) {
-                let reply = self.command(&ns, "update", &doc! {"update": &ns.coll, "updates": chunk, "ordered": false}).await?;
-                check_write_errors(&ns, &reply, &[])?;
+                self.write(&ns, "update", chunk, &[]).await?;
             }
             for chunk in chunks(deletes, self.batch_size) {
-                let reply = self.command(&ns, "delete", &doc! {"delete": &ns.coll, "deletes": chunk, "ordered": false}).await?;
-                check_write_errors(&ns, &reply, &[])?;
+                self.write(&ns, "delete", chunk, &[]).await?;
             }
         }
         self.metrics.observe_apply_batch(started.elapsed().as_secs_f64(), count);
         Ok(())
     }
 
+    /// One unordered `insert`, `update` or `delete` command of raw statements (at most a batch),
+    /// retried while it fails transiently. Returns the command sent and the positions of the
+    /// statements refused on `_id` with an `expected` code.
+    async fn write(
+        &self,
+        ns: &Namespace,
+        command: &'static str,
+        statements: Vec<RawDocumentBuf>,
+        expected: &[i32],
+    ) -> Result<(RawDocumentBuf, Vec<usize>), SinkError> {
+        let field = match command {
+            "insert" => "documents",
+            "update" => "updates",
+            _ => "deletes",
+        };
+        let mut array = RawArrayBuf::new();
+        for statement in statements {
+            array.push(statement);
+        }
+        let mut body = RawDocumentBuf::new();
+        body.append(command, ns.coll.as_str());
+        body.append(field, array);
+        body.append("ordered", false);
+        let reply = self
+            .retrying(ns, command, || async {
+                self.db(ns).run_raw_command(body.clone()).await.map_err(|source| SinkError::Command { command, ns: ns.to_string(), source })
+            })
+            .await?;
+        let refused = check_write_errors(ns, &reply, expected)?;
+        Ok((body, refused))
+    }
+
     /// Applies update operators to one document, in order. The caller sends a patch alone, after
     /// every earlier write: unlike whole-document writes, patches do not commute.
-    async fn patch(&self, ns: &Namespace, key: Document, updates: Vec<Document>) -> Result<(), SinkError> {
+    async fn patch(&self, ns: &Namespace, key: &RawDocument, updates: Vec<Document>) -> Result<(), SinkError> {
+        let key = Document::try_from(key).map_err(|e| SinkError::WriteRefused {
+            ns: ns.to_string(),
+            code: 0,
+            message: format!("the document key is not valid BSON: {e}"),
+        })?;
         let statements: Vec<Document> = updates.into_iter().map(|u| doc! {"q": key.clone(), "u": u}).collect();
         let reply = self.command(ns, "update", &doc! {"update": &ns.coll, "updates": statements, "ordered": true}).await?;
         check_write_errors(ns, &reply, &[]).map(drop)
@@ -151,24 +186,22 @@ impl Sink {
 
     /// Inserts new documents with plain inserts, the cheapest write; returns replacement
     /// statements for the ones whose `_id` the target already holds.
-    async fn insert_new(&self, ns: &Namespace, inserts: Vec<(Document, Document)>) -> Result<Vec<Document>, SinkError> {
+    async fn insert_new(&self, ns: &Namespace, inserts: Vec<(RawDocumentBuf, RawDocumentBuf)>) -> Result<Vec<RawDocumentBuf>, SinkError> {
+        let (mut keys, docs): (Vec<RawDocumentBuf>, Vec<RawDocumentBuf>) = inserts.into_iter().unzip();
         let mut existing = Vec::new();
-        let (mut keys, docs): (Vec<Document>, Vec<Document>) = inserts.into_iter().unzip();
         let mut offset = 0;
         for chunk in chunks(docs, self.batch_size) {
             let len = chunk.len();
-            let command = doc! {"insert": &ns.coll, "documents": chunk, "ordered": false};
-            let duplicates = check_write_errors(ns, &self.command(ns, "insert", &command).await?, &[code::DUPLICATE_KEY])?;
+            let (sent, duplicates) = self.write(ns, "insert", chunk, &[code::DUPLICATE_KEY]).await?;
             if !duplicates.is_empty() {
-                let docs = command.get_array("documents").map_err(|_| SinkError::WriteRefused {
-                    ns: ns.to_string(),
-                    code: 0,
-                    message: "insert command lost its documents".into(),
-                })?;
+                let sent = sent.get_array("documents").ok();
                 for index in duplicates {
-                    if let Some(Bson::Document(doc)) = docs.get(index) {
-                        existing.push(upsert_statement(std::mem::take(&mut keys[offset + index]), doc.clone()));
-                    }
+                    let doc = sent.and_then(|docs| docs.get_document(index).ok()).ok_or_else(|| SinkError::WriteRefused {
+                        ns: ns.to_string(),
+                        code: 0,
+                        message: "insert command lost its documents".into(),
+                    })?;
+                    existing.push(upsert_statement(std::mem::take(&mut keys[offset + index]), doc.to_raw_document_buf()));
                 }
             }
             offset += len;
@@ -180,22 +213,10 @@ impl Sink {
     /// documents already in the target (a range copied again after a crash) are left as they
     /// are: the change stream brings them up to date.
     pub async fn insert_copied(&self, ns: &Namespace, docs: Vec<RawDocumentBuf>) -> Result<(), SinkError> {
-        let coll = self.client.database(&ns.db).collection::<RawDocumentBuf>(&ns.coll);
-        let docs = &docs;
-        self.retrying(ns, "insert", || async {
-            let err = match coll.insert_many(docs).ordered(false).await {
-                Ok(_) => return Ok(()),
-                Err(err) => err,
-            };
-            if let ErrorKind::InsertMany(InsertManyError { write_errors: Some(errors), write_concern_error: None, .. }) = err.kind.as_ref() {
-                return match errors.iter().find(|e| e.code != code::DUPLICATE_KEY) {
-                    None => Ok(()),
-                    Some(e) => Err(SinkError::WriteRefused { ns: ns.to_string(), code: e.code, message: e.message.chars().take(500).collect() }),
-                };
-            }
-            Err(SinkError::Command { command: "insert", ns: ns.to_string(), source: err })
-        })
-        .await
+        for chunk in chunks(docs, self.batch_size) {
+            self.write(ns, "insert", chunk, &[code::DUPLICATE_KEY]).await?;
+        }
+        Ok(())
     }
 
     /// Applies a DDL change. Replaying one after a crash is harmless: "already done" answers
@@ -282,49 +303,46 @@ impl Sink {
     }
 }
 
-/// The writes to one namespace, with the position of each document key's write.
-struct NamespaceWrites {
-    ns: Namespace,
-    writes: Vec<DocWrite>,
-    by_key: HashMap<Vec<u8>, usize>,
-}
-
-/// Groups writes by namespace, keeping only the last write of each document key, in first-seen order.
-fn coalesce(writes: Vec<DocWrite>) -> Vec<(Namespace, Vec<DocWrite>)> {
-    let mut groups: Vec<NamespaceWrites> = Vec::new();
+/// Groups writes by namespace, keeping only the last write of each document key, in the order
+/// of the keys' last writes.
+fn coalesce(writes: Vec<DocWrite>) -> Vec<(Arc<Namespace>, Vec<DocWrite>)> {
+    let mut groups: Vec<(Arc<Namespace>, Vec<DocWrite>)> = Vec::new();
+    let mut group_of: HashMap<Arc<Namespace>, usize> = HashMap::new();
     for write in writes {
-        let group = match groups.iter().position(|g| g.ns == write.ns) {
-            Some(i) => &mut groups[i],
-            None => {
-                groups.push(NamespaceWrites { ns: write.ns.clone(), writes: Vec::new(), by_key: HashMap::new() });
-                groups.last_mut().expect("just pushed")
-            }
-        };
-        let key = mongodb::bson::to_vec(&write.key).unwrap_or_default();
-        match group.by_key.get(&key) {
-            Some(&i) => group.writes[i] = write,
-            None => {
-                group.by_key.insert(key, group.writes.len());
-                group.writes.push(write);
-            }
+        let next = groups.len();
+        let i = *group_of.entry(write.ns.clone()).or_insert(next);
+        if i == next {
+            groups.push((write.ns.clone(), Vec::new()));
+        }
+        groups[i].1.push(write);
+    }
+    for (_, group) in &mut groups {
+        let mut last: HashMap<&[u8], usize> = HashMap::with_capacity(group.len());
+        for (i, write) in group.iter().enumerate() {
+            last.insert(write.key.as_bytes(), i);
+        }
+        if last.len() < group.len() {
+            let keep: Vec<bool> = (0..group.len()).map(|i| last.get(group[i].key.as_bytes()) == Some(&i)).collect();
+            let mut keep = keep.into_iter();
+            group.retain(|_| keep.next().unwrap_or(true));
         }
     }
-    groups.into_iter().map(|g| (g.ns, g.writes)).collect()
+    groups
 }
 
-/// Splits statements into commands of at most `max` statements and about `MAX_COMMAND_BYTES`.
-fn chunks(statements: Vec<Document>, max: usize) -> Vec<Vec<Document>> {
+/// Splits raw documents into commands of at most `max` and about `MAX_COMMAND_BYTES`.
+fn chunks(docs: Vec<RawDocumentBuf>, max: usize) -> Vec<Vec<RawDocumentBuf>> {
     let mut out = Vec::new();
     let mut current = Vec::new();
     let mut bytes = 0;
-    for statement in statements {
-        let size = approximate_size(&statement);
+    for doc in docs {
+        let size = doc.as_bytes().len();
         if !current.is_empty() && (current.len() >= max || bytes + size > MAX_COMMAND_BYTES) {
             out.push(std::mem::take(&mut current));
             bytes = 0;
         }
         bytes += size;
-        current.push(statement);
+        current.push(doc);
     }
     if !current.is_empty() {
         out.push(current);
@@ -332,29 +350,13 @@ fn chunks(statements: Vec<Document>, max: usize) -> Vec<Vec<Document>> {
     out
 }
 
-/// The BSON size of a document, counting only what is large (strings and binaries) precisely
-/// enough to stay under the server's limit without serializing every document twice.
-fn approximate_size(doc: &Document) -> usize {
-    fn bson_size(value: &Bson) -> usize {
-        match value {
-            Bson::String(s) => s.len() + 8,
-            Bson::Binary(b) => b.bytes.len() + 8,
-            Bson::Document(d) => d.iter().map(|(k, v)| k.len() + 2 + bson_size(v)).sum::<usize>() + 5,
-            Bson::Array(a) => a.iter().map(|v| 4 + bson_size(v)).sum::<usize>() + 5,
-            Bson::Decimal128(_) => 16,
-            _ => 9,
-        }
-    }
-    doc.iter().map(|(k, v)| k.len() + 2 + bson_size(v)).sum::<usize>() + 5
-}
-
 /// A replacement by key. A document with a top-level `$`-prefixed field name (legal since
 /// MongoDB 5) cannot be a replacement document, so it goes through `$replaceWith` of a literal.
-fn upsert_statement(key: Document, doc: Document) -> Document {
-    if doc.keys().any(|k| k.starts_with('$')) {
-        doc! {"q": key, "u": [{"$replaceWith": {"$literal": doc}}], "upsert": true}
+fn upsert_statement(key: RawDocumentBuf, doc: RawDocumentBuf) -> RawDocumentBuf {
+    if doc.iter().any(|field| field.is_ok_and(|(name, _)| name.starts_with('$'))) {
+        rawdoc! {"q": key, "u": [{"$replaceWith": {"$literal": doc}}], "upsert": true}
     } else {
-        doc! {"q": key, "u": doc, "upsert": true}
+        rawdoc! {"q": key, "u": doc, "upsert": true}
     }
 }
 
@@ -383,43 +385,57 @@ fn check_write_errors(ns: &Namespace, reply: &Document, expected: &[i32]) -> Res
 mod tests {
     use super::*;
 
+    fn raw(doc: Document) -> RawDocumentBuf {
+        RawDocumentBuf::from_document(&doc).unwrap()
+    }
+
     fn write(coll: &str, id: i32, kind: DocWriteKind) -> DocWrite {
-        DocWrite { ns: Namespace::new("db", coll), key: doc! {"_id": id}, kind }
+        DocWrite { ns: Arc::new(Namespace::new("db", coll)), key: raw(doc! {"_id": id}), kind }
     }
 
     #[test]
     fn coalescing_keeps_the_last_write_per_document() {
         let writes = vec![
-            write("a", 1, DocWriteKind::Upsert(doc! {"_id": 1, "v": 1})),
+            write("a", 1, DocWriteKind::Upsert(raw(doc! {"_id": 1, "v": 1}))),
             write("b", 1, DocWriteKind::Delete),
-            write("a", 2, DocWriteKind::Upsert(doc! {"_id": 2})),
+            write("a", 2, DocWriteKind::Upsert(raw(doc! {"_id": 2}))),
             write("a", 1, DocWriteKind::Delete),
-            write("a", 1, DocWriteKind::Upsert(doc! {"_id": 1, "v": 3})),
+            write("a", 1, DocWriteKind::Upsert(raw(doc! {"_id": 1, "v": 3}))),
         ];
         let grouped = coalesce(writes);
         assert_eq!(grouped.len(), 2);
-        assert_eq!(grouped[0].0, Namespace::new("db", "a"));
+        assert_eq!(*grouped[0].0, Namespace::new("db", "a"));
         assert_eq!(
             grouped[0].1,
-            vec![write("a", 1, DocWriteKind::Upsert(doc! {"_id": 1, "v": 3})), write("a", 2, DocWriteKind::Upsert(doc! {"_id": 2}))]
+            vec![write("a", 2, DocWriteKind::Upsert(raw(doc! {"_id": 2}))), write("a", 1, DocWriteKind::Upsert(raw(doc! {"_id": 1, "v": 3})))]
         );
         assert_eq!(grouped[1].1, vec![write("b", 1, DocWriteKind::Delete)]);
     }
 
     #[test]
+    fn equal_keys_of_other_types_are_other_documents() {
+        let int32 = DocWrite { key: raw(doc! {"_id": 1_i32}), ..write("a", 0, DocWriteKind::Delete) };
+        let int64 = DocWrite { key: raw(doc! {"_id": 1_i64}), ..write("a", 0, DocWriteKind::Delete) };
+        assert_eq!(coalesce(vec![int32, int64])[0].1.len(), 2, "1 and 1L are both kept: the target decides whether they match");
+    }
+
+    #[test]
     fn dollar_prefixed_fields_replace_through_a_literal_pipeline() {
-        assert_eq!(upsert_statement(doc! {"_id": 1}, doc! {"_id": 1, "a.b": 2}), doc! {"q": {"_id": 1}, "u": {"_id": 1, "a.b": 2}, "upsert": true});
         assert_eq!(
-            upsert_statement(doc! {"_id": 1}, doc! {"_id": 1, "$price": 2}),
-            doc! {"q": {"_id": 1}, "u": [{"$replaceWith": {"$literal": {"_id": 1, "$price": 2}}}], "upsert": true}
+            upsert_statement(raw(doc! {"_id": 1}), raw(doc! {"_id": 1, "a.b": 2})),
+            raw(doc! {"q": {"_id": 1}, "u": {"_id": 1, "a.b": 2}, "upsert": true})
+        );
+        assert_eq!(
+            upsert_statement(raw(doc! {"_id": 1}), raw(doc! {"_id": 1, "$price": 2})),
+            raw(doc! {"q": {"_id": 1}, "u": [{"$replaceWith": {"$literal": {"_id": 1, "$price": 2}}}], "upsert": true})
         );
     }
 
     #[test]
     fn chunks_respect_count_and_size() {
-        let small: Vec<_> = (0..25).map(|i| doc! {"_id": i}).collect();
+        let small: Vec<_> = (0..25).map(|i| raw(doc! {"_id": i})).collect();
         assert_eq!(chunks(small, 10).iter().map(Vec::len).collect::<Vec<_>>(), [10, 10, 5]);
-        let big = || doc! {"_id": 1, "blob": "x".repeat(3 * 1024 * 1024)};
+        let big = || raw(doc! {"_id": 1, "blob": "x".repeat(3 * 1024 * 1024)});
         let sizes: Vec<_> = chunks(vec![big(), big(), big(), big()], 1000).iter().map(Vec::len).collect();
         assert_eq!(sizes, [2, 2]);
     }

@@ -1,6 +1,14 @@
-//! The snapshot: copies the included collections, in parallel and in `_id` ranges, recording
-//! progress after every batch so a restart continues where it stopped.
+//! The snapshot: copies the included collections, recording progress after every batch so a
+//! restart continues where it stopped.
+//!
+//! Each collection is read with one cursor in `_id` order, the cheapest read a source serves (a
+//! range query costs the source about twice a plain scan of the same documents, and finding range
+//! bounds by skipping costs a scan again; README, benchmark), while up to `workers` batches are
+//! written at once: the writes, not the read, bound a copy. Collections larger than
+//! `partitionDocuments` (off by default) are split into `_id` ranges read in parallel, for
+//! sources where one cursor cannot keep the writers busy.
 
+use std::collections::VecDeque;
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,6 +17,7 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, TryStreamExt};
 use mongodb::bson::{Bson, Document, RawDocumentBuf, doc};
 use mongodb::options::FindOptions;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::checkpoint::{RangeId, RangeProgress};
@@ -72,6 +81,8 @@ pub struct Copier {
     ctx: Arc<Context>,
     /// Documents copied by this process, for the progress line.
     copied: Arc<AtomicU64>,
+    /// One permit per worker: the batches being written at once, over every cursor.
+    writers: Arc<Semaphore>,
 }
 
 /// An included source collection and its creation options.
@@ -83,7 +94,8 @@ pub struct SourceCollection {
 
 impl Copier {
     pub fn new(ctx: Arc<Context>) -> Self {
-        Self { ctx, copied: Arc::default() }
+        let writers = Arc::new(Semaphore::new(ctx.settings.workers.max(1)));
+        Self { ctx, copied: Arc::default(), writers }
     }
 
     /// The included collections of the source (views and system collections are left out).
@@ -121,21 +133,27 @@ impl Copier {
     /// Copies every included collection; finished ranges are skipped. Returns the documents copied.
     pub async fn copy_all(&self) -> Result<u64, SnapshotError> {
         let collections = self.included_collections().await?;
+        let workers = self.ctx.settings.workers.max(1);
+        // Collections are prepared, copied and indexed `workers` at a time: with many small
+        // collections the round trips of each, not its documents, take the time.
+        let planned: Vec<Result<Vec<RangeProgress>, SnapshotError>> = futures::stream::iter(&collections)
+            .map(|collection| async move {
+                self.create_collection(&self.ctx.map.target(&collection.ns), &collection.options).await?;
+                self.plan(&collection.ns).await
+            })
+            .buffered(workers)
+            .collect()
+            .await;
         let mut ranges = Vec::new();
-        for collection in &collections {
+        for (collection, plan) in collections.iter().zip(planned) {
             let target = self.ctx.map.target(&collection.ns);
-            self.create_collection(&target, &collection.options).await?;
-            for range in self.plan(&collection.ns).await? {
-                if !range.done {
-                    ranges.push((collection.ns.clone(), target.clone(), range));
-                }
-            }
+            ranges.extend(plan?.into_iter().filter(|range| !range.done).map(|range| (collection.ns.clone(), target.clone(), range)));
         }
         tracing::info!(collections = collections.len(), ranges = ranges.len(), "snapshot: copying");
         let progress = self.progress_line(collections.len());
         let results: Vec<Result<u64, SnapshotError>> = futures::stream::iter(ranges)
             .map(|(source, target, range)| self.copy_range(source, target, range))
-            .buffer_unordered(self.ctx.settings.workers)
+            .buffer_unordered(workers)
             .collect()
             .await;
         progress.cancel();
@@ -144,9 +162,11 @@ impl Copier {
             total += result?;
         }
         // Indexes after the data: building them once is faster than maintaining them per insert.
-        for collection in &collections {
-            self.copy_indexes(&collection.ns, &self.ctx.map.target(&collection.ns)).await?;
-        }
+        futures::stream::iter(&collections)
+            .map(|collection| self.copy_indexes(&collection.ns, self.ctx.map.target(&collection.ns)))
+            .buffer_unordered(workers)
+            .try_collect::<Vec<()>>()
+            .await?;
         Ok(total)
     }
 
@@ -158,7 +178,7 @@ impl Copier {
         for range in self.plan(source).await? {
             total += self.copy_range(source.clone(), target.clone(), range).await?;
         }
-        self.copy_indexes(source, target).await?;
+        self.copy_indexes(source, target.clone()).await?;
         Ok(total)
     }
 
@@ -167,11 +187,11 @@ impl Copier {
         Ok(self.ctx.sink.apply_ddl(&ddl).await?)
     }
 
-    async fn copy_indexes(&self, source: &Namespace, target: &Namespace) -> Result<(), SnapshotError> {
+    async fn copy_indexes(&self, source: &Namespace, target: Namespace) -> Result<(), SnapshotError> {
         let indexes = Sink::list_indexes(&self.ctx.source, source)
             .await
             .map_err(|e| SnapshotError::List { what: format!("indexes of {source}"), source: e })?;
-        Ok(self.ctx.sink.create_indexes(target, indexes).await?)
+        Ok(self.ctx.sink.create_indexes(&target, indexes).await?)
     }
 
     /// The ranges of a collection: the saved plan when it is complete, else a new one. Large
@@ -276,8 +296,9 @@ impl Copier {
         let mut cursor = coll.find(filter).with_options(options).await.map_err(|e| (0, read_err(e)))?;
         let mut copied = 0;
         let mut batch = Vec::with_capacity(self.ctx.settings.batch_size);
-        // One batch is written while the next is read; its progress is saved once it is written.
-        let mut in_flight: Option<InFlight> = None;
+        // Batches are written while the next ones are read, as many at once as there are
+        // workers; progress advances over the written prefix, so it never passes an unwritten batch.
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         loop {
             if self.ctx.cancel.is_cancelled() {
                 return Err((copied, SnapshotError::Cancelled));
@@ -288,20 +309,26 @@ impl Copier {
                 batch.push(doc);
             }
             if batch.len() >= self.ctx.settings.batch_size || (end && !batch.is_empty()) {
-                if let Some(previous) = in_flight.take() {
-                    copied += self.finish(previous, range).await.map_err(|e| (copied, e))?;
+                while in_flight.len() >= self.ctx.settings.workers.max(1)
+                    && let Some(oldest) = in_flight.pop_front()
+                {
+                    copied += self.finish(oldest, range).await.map_err(|e| (copied, e))?;
                 }
                 let docs = std::mem::take(&mut batch);
                 let (sink, target) = (self.ctx.sink.clone(), target.clone());
-                in_flight = Some(InFlight {
+                let permit = self.writers.clone().acquire_owned().await.map_err(|_| (copied, SnapshotError::Cancelled))?;
+                in_flight.push_back(InFlight {
                     last_id: docs.last().and_then(raw_id),
                     count: docs.len() as u64,
-                    write: tokio::spawn(async move { sink.insert_copied(&target, docs).await }),
+                    write: tokio::spawn(async move {
+                        let _permit = permit;
+                        sink.insert_copied(&target, docs).await
+                    }),
                 });
             }
             if end {
-                if let Some(previous) = in_flight.take() {
-                    copied += self.finish(previous, range).await.map_err(|e| (copied, e))?;
+                while let Some(oldest) = in_flight.pop_front() {
+                    copied += self.finish(oldest, range).await.map_err(|e| (copied, e))?;
                 }
                 range.done = true;
                 self.ctx.store.save_range(range).await.map_err(|e| (copied, SnapshotError::Progress(e)))?;

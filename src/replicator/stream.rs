@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use mongodb::Client;
-use mongodb::bson::{DateTime, Document, Timestamp};
+use mongodb::bson::{DateTime, Document, RawDocumentBuf, Timestamp};
 use mongodb::change_stream::ChangeStream;
 use mongodb::change_stream::event::ResumeToken;
 use mongodb::options::{ChangeStreamOptions, FullDocumentType};
@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use super::checkpoint::Checkpoint;
 use super::classify::{ErrorClass, classify, describe, is_transient};
 use super::context::Context;
-use super::event::{Action, Ddl, DocWrite, DocWriteKind, MalformedEvent, cluster_time, map_event, operation_label};
+use super::event::{Action, Ddl, DocWrite, DocWriteKind, MalformedEvent, OPERATIONS, Targets, cluster_time, map_event, operation_label};
 use super::history::{self, HistoryGuard, Pruned, WindowTimes};
 use super::namespace::StreamScope;
 use super::sink::SinkError;
@@ -122,7 +122,7 @@ pub async fn open(
     start: &StartPoint,
     max_await: Duration,
     batch_size: u32,
-) -> Result<ChangeStream<Document>, StreamError> {
+) -> Result<ChangeStream<RawDocumentBuf>, StreamError> {
     let mut options = ChangeStreamOptions::builder()
         .full_document(Some(FullDocumentType::UpdateLookup))
         .show_expanded_events(Some(true))
@@ -140,12 +140,14 @@ pub async fn open(
         StreamScope::Database(db) => source.database(db).watch().with_options(options).await,
         StreamScope::Collection(ns) => source.database(&ns.db).collection::<Document>(&ns.coll).watch().with_options(options).await,
     };
-    Ok(stream.map_err(StreamError::from_source)?.with_type::<Document>())
+    // Raw: events are read field by field, and documents move to the target as bytes.
+    Ok(stream.map_err(StreamError::from_source)?.with_type::<RawDocumentBuf>())
 }
 
 /// A run of change events read together, and the token after the last of them.
 struct Window {
-    actions: Vec<(Action, &'static str)>,
+    /// What each event asks, with its operation (an index into `OPERATIONS`).
+    actions: Vec<(Action, usize)>,
     token: Option<ResumeToken>,
     times: WindowTimes,
     /// The guard's position once this window is proven; saved with `token`.
@@ -222,21 +224,21 @@ impl Streamer {
 
         // The reader fills windows while the writers apply the previous one.
         let (tx, mut rx) = mpsc::channel::<Result<Window, StreamError>>(2);
-        let reader = Reader { ctx: ctx.clone(), scope, max_await, guard };
+        let reader = Reader { ctx: ctx.clone(), targets: Targets::new(ctx.map.clone()), scope, max_await, guard };
         let reader_task = tokio::spawn(reader.run(stream, tx));
 
         let mut last_save = Instant::now();
         let mut saved_token = checkpoint.token.clone();
         let result = loop {
             let Some(window) = rx.recv().await else { break Ok(()) };
-            let window = match window {
+            let mut window = match window {
                 Ok(w) => w,
                 Err(err) => break Err(err),
             };
-            if let Err(err) = self.apply(&window).await {
+            let count = window.actions.len() as i64;
+            if let Err(err) = self.apply(std::mem::take(&mut window.actions)).await {
                 break Err(err);
             }
-            let count = window.actions.len() as i64;
             checkpoint.events_applied += count;
             let lag = match window.times.newest {
                 Some(ts) => {
@@ -275,34 +277,42 @@ impl Streamer {
     }
 
     /// Applies one window: document writes in parallel by key, DDL in order between flushes.
-    async fn apply(&self, window: &Window) -> Result<(), StreamError> {
+    async fn apply(&self, actions: Vec<(Action, usize)>) -> Result<(), StreamError> {
         let mut buckets: Vec<Vec<DocWrite>> = vec![Vec::new(); self.ctx.settings.workers];
-        for (action, operation) in &window.actions {
+        let mut applied = [0u64; OPERATIONS.len()];
+        for (action, operation) in actions {
             match action {
                 Action::Write(write @ DocWrite { kind: DocWriteKind::Patch(_), .. }) => {
                     // Patches do not commute with other writes of the document: apply in order.
                     self.flush(&mut buckets).await?;
-                    self.ctx.sink.apply(vec![write.clone()]).await?;
-                    self.ctx.metrics.events_applied(operation, 1);
+                    self.ctx.sink.apply(vec![write]).await?;
+                    applied[operation] += 1;
                 }
                 Action::Write(write) => {
-                    buckets[bucket_of(write, self.ctx.settings.workers)].push(write.clone());
-                    self.ctx.metrics.events_applied(operation, 1);
+                    buckets[bucket_of(&write, self.ctx.settings.workers)].push(write);
+                    applied[operation] += 1;
                 }
                 Action::Ddl(ddl) => {
                     self.flush(&mut buckets).await?;
                     tracing::info!(ddl = ?ddl, "applying DDL");
-                    if let Ddl::CopyCollection { source, target } = ddl {
+                    if let Ddl::CopyCollection { source, target } = &ddl {
                         self.copier.copy_collection(source, target).await?;
                     } else {
-                        self.ctx.sink.apply_ddl(ddl).await?;
+                        self.ctx.sink.apply_ddl(&ddl).await?;
                     }
-                    self.ctx.metrics.events_applied(operation, 1);
+                    applied[operation] += 1;
                 }
                 Action::Skip | Action::Invalidate => {}
             }
         }
-        self.flush(&mut buckets).await
+        let flushed = self.flush(&mut buckets).await;
+        // Counted once per window, not per event; a failed window is replayed and counted then.
+        if flushed.is_ok() {
+            for (operation, n) in OPERATIONS.iter().zip(applied).filter(|(_, n)| *n > 0) {
+                self.ctx.metrics.events_applied(operation, n);
+            }
+        }
+        flushed
     }
 
     async fn flush(&self, buckets: &mut [Vec<DocWrite>]) -> Result<(), StreamError> {
@@ -330,19 +340,20 @@ impl Streamer {
 fn bucket_of(write: &DocWrite, workers: usize) -> usize {
     let mut hasher = DefaultHasher::new();
     write.ns.hash(&mut hasher);
-    mongodb::bson::to_vec(&write.key).unwrap_or_default().hash(&mut hasher);
+    write.key.as_bytes().hash(&mut hasher);
     (hasher.finish() % workers as u64) as usize
 }
 
 struct Reader {
     ctx: Arc<Context>,
+    targets: Targets,
     scope: StreamScope,
     max_await: Duration,
     guard: Option<HistoryGuard>,
 }
 
 impl Reader {
-    async fn run(mut self, mut stream: ChangeStream<Document>, tx: mpsc::Sender<Result<Window, StreamError>>) {
+    async fn run(mut self, mut stream: ChangeStream<RawDocumentBuf>, tx: mpsc::Sender<Result<Window, StreamError>>) {
         loop {
             if self.ctx.cancel.is_cancelled() {
                 return;
@@ -412,7 +423,7 @@ impl Reader {
 
     /// Reads until the window is full, the flush interval passes or the server's batch runs
     /// dry. Returns the window and, after an invalidate, the token to reopen after.
-    async fn read_window(&self, stream: &mut ChangeStream<Document>) -> Result<(Window, Option<ResumeToken>), StreamError> {
+    async fn read_window(&mut self, stream: &mut ChangeStream<RawDocumentBuf>) -> Result<(Window, Option<ResumeToken>), StreamError> {
         let deadline = Instant::now() + self.ctx.settings.flush_interval;
         let mut actions = Vec::new();
         let mut times = WindowTimes::default();
@@ -428,7 +439,7 @@ impl Reader {
                 times.newest = Some(ts);
             }
             let operation = operation_label(&event);
-            let action = map_event(event, &self.ctx.map)?;
+            let action = map_event(&event, &mut self.targets)?;
             if action == Action::Invalidate {
                 let token = stream.resume_token();
                 return Ok((Window { actions, token: token.clone(), times, read_to: None }, token));
