@@ -15,6 +15,7 @@ pub mod gateway;
 pub mod https;
 pub mod image;
 pub mod jwt;
+pub mod kafka;
 pub mod kube;
 pub mod mongo;
 pub mod node;
