@@ -8,18 +8,21 @@ here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=../versions.env
 source "$here/../versions.env"
 CACHE="${MREP_CACHE:-$HOME/.cache/mongo-replicator}"
-ROOT="$CACHE/kafka-$KAFKA_VERSION-mkc-$MONGO_KAFKA_CONNECT_VERSION-log4j-$LOG4J_VERSION"
+ROOT="$CACHE/kafka-$KAFKA_VERSION-mkc-$MONGO_KAFKA_CONNECT_VERSION"
 LIB="$ROOT/lib"
-if [[ ! -e "$ROOT/.done" ]]; then
+# The rest of what the lib directory is made of; a change re-resolves it.
+STAMP="slf4j $SLF4J_VERSION log4j $LOG4J_VERSION pom $(sha256sum "$here/../kafka/pom.xml" | cut -c1-16)"
+installed() { [[ "$(cat "$ROOT/.done" 2>/dev/null)" == "$STAMP" ]]; }
+if ! installed; then
   mkdir -p "$ROOT"
   exec 9>"$ROOT/.lock"
   flock 9
-  if [[ ! -e "$ROOT/.done" ]]; then
+  if ! installed; then
     command -v mvn >/dev/null || { echo "install-kafka: mvn is required (apt-get install maven)" >&2; exit 1; }
     echo "install-kafka: resolving Kafka $KAFKA_VERSION and mongo-kafka-connect $MONGO_KAFKA_CONNECT_VERSION from Maven (about a minute cold)" >&2
     rm -rf "$LIB"
     # Maven's own downloads stay in the cache too, so removing the cache removes everything.
-    mvn -B -q -f "$here/../kafka/pom.xml" \
+    mvn -B -q -Dstyle.color=never -f "$here/../kafka/pom.xml" \
       -Dmaven.repo.local="$CACHE/maven-repo" \
       -Dkafka.version="$KAFKA_VERSION" \
       -Dmongo.kafka.connect.version="$MONGO_KAFKA_CONNECT_VERSION" \
@@ -27,7 +30,7 @@ if [[ ! -e "$ROOT/.done" ]]; then
       -Dlog4j.version="$LOG4J_VERSION" \
       "org.apache.maven.plugins:maven-dependency-plugin:$MAVEN_DEPENDENCY_PLUGIN_VERSION:copy-dependencies" \
       -DincludeScope=runtime -DoutputDirectory="$LIB" >&2
-    touch "$ROOT/.done"
+    echo "$STAMP" >"$ROOT/.done"
   fi
 fi
 echo "$LIB"
