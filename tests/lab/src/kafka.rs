@@ -105,9 +105,10 @@ impl KafkaPipeline {
         // `topic.namespace.map`'s wildcard sends every collection's events to one topic per connection.
         let topic = format!("{prefix}.{database}");
         *self.connectors.lock().map_err(|_| anyhow!("poisoned"))? = vec![source.clone(), sink.clone()];
-        self.create(&source, &source_config(source_uri, database, copy_existing, &prefix)).await?;
+        let (source_uri, target_uri) = (with_slow_heartbeat(source_uri), with_slow_heartbeat(target_uri));
+        self.create(&source, &source_config(&source_uri, database, copy_existing, &prefix)).await?;
         self.wait_running(&source, Duration::from_secs(60)).await?;
-        self.create(&sink, &sink_config(target_uri, database, &topic)).await?;
+        self.create(&sink, &sink_config(&target_uri, database, &topic)).await?;
         self.wait_running(&sink, Duration::from_secs(60)).await
     }
 
@@ -237,6 +238,27 @@ fn failed(name: &str, status: &Value) -> Option<String> {
     tasks.iter().find(|t| is_failed(t)).map(|t| format!("connector {name} task {} FAILED: {}", t["id"], t["trace"].as_str().unwrap_or("(no trace)")))
 }
 
+/// `uri` with a server-monitor heartbeat of an hour. The connector's Java driver (4.7) monitors a
+/// server through a streamed `hello` (exhaust, one reply per heartbeat), and SecantusDB answers
+/// each streamed reply with `responseTo` set to the original request instead of the previous
+/// reply: the driver rejects the second streamed reply, marks the server unknown and clears its
+/// pool, which fails whatever operation is in flight (a copy's `getMore` cannot resume, so the
+/// source task FAILS: "connection pool ... paused because another operation failed"). With an
+/// hour between heartbeats the second streamed reply comes after two hours, beyond any run.
+fn with_slow_heartbeat(uri: &str) -> String {
+    if uri.contains("heartbeatFrequencyMS=") {
+        return uri.to_string();
+    }
+    let separator = if uri.contains('?') {
+        "&"
+    } else if uri.trim_start_matches("mongodb://").trim_start_matches("mongodb+srv://").contains('/') {
+        "?"
+    } else {
+        "/?"
+    };
+    format!("{uri}{separator}heartbeatFrequencyMS=3600000")
+}
+
 /// The source connector, per MongoDB's documentation: a change stream on the whole database with
 /// `updateLookup`, raw BSON out, every collection into one topic.
 fn source_config(uri: &str, database: &str, copy_existing: bool, prefix: &str) -> Value {
@@ -341,6 +363,10 @@ rootLogger.appenderRef.out.ref = out
 # Every client's full configuration, dumped at INFO when it starts, drowns the log.
 logger.config.name = org.apache.kafka.common.config.AbstractConfig
 logger.config.level = WARN
+# SecantusDB's resume tokens are hex BSON, not MongoDB's KeyString: the source task's latency metric
+# cannot decode them and its command listener throws on every getMore; the driver logs and ignores it.
+logger.listener.name = org.mongodb.driver.protocol.event
+logger.listener.level = ERROR
 ";
 
 fn jvm_args(lib: &Path, log4j: &Path, main: &str, config: &Path) -> Vec<String> {
@@ -399,7 +425,7 @@ mod tests {
     use futures::future::try_join_all;
     use mongodb::bson::{Document, doc};
 
-    use super::KafkaPipeline;
+    use super::{KafkaPipeline, with_slow_heartbeat};
     use crate::{SecantusOptions, SecantusServer};
 
     /// CPU-seconds (user + system) a process has used so far.
@@ -415,6 +441,17 @@ mod tests {
 
     fn jvm_cpu(pipeline: &KafkaPipeline) -> f64 {
         pipeline.pids().into_iter().map(cpu_seconds).sum()
+    }
+
+    /// CPU-seconds of the broker, the Connect worker, the source server and the target server.
+    fn cpus(pipeline: &KafkaPipeline, source: &SecantusServer, target: &SecantusServer) -> [f64; 4] {
+        let pids = pipeline.pids();
+        [pids[0], pids[1], source.pid().unwrap_or(0), target.pid().unwrap_or(0)].map(cpu_seconds)
+    }
+
+    fn cpu_since(before: [f64; 4], now: [f64; 4]) -> String {
+        let d: Vec<f64> = before.iter().zip(now).map(|(b, n)| n - b).collect();
+        format!("CPU-s broker {:.1}, connect {:.1}, source {:.1}, target {:.1}", d[0], d[1], d[2], d[3])
     }
 
     fn customer(i: i64) -> Document {
@@ -455,22 +492,36 @@ mod tests {
                 return Ok(start.elapsed());
             }
             if let Some(failure) = pipeline.failure().await? {
+                keep_logs(pipeline);
                 anyhow::bail!("{what}: {n}/{want} when the pipeline failed: {failure}");
             }
             if n != last.0 {
                 last = (n, Instant::now());
             } else if last.1.elapsed() > timeout {
+                keep_logs(pipeline);
                 anyhow::bail!("{what}: stuck at {n}/{want} for {timeout:?}");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
+    #[test]
+    fn heartbeat_option_joins_any_connection_string() {
+        let option = "heartbeatFrequencyMS=3600000";
+        assert_eq!(with_slow_heartbeat("mongodb://h:1/?directConnection=true"), format!("mongodb://h:1/?directConnection=true&{option}"));
+        assert_eq!(with_slow_heartbeat("mongodb://h:1/db"), format!("mongodb://h:1/db?{option}"));
+        assert_eq!(with_slow_heartbeat("mongodb://h:1"), format!("mongodb://h:1/?{option}"));
+        assert_eq!(with_slow_heartbeat("mongodb://h:1/?heartbeatFrequencyMS=5"), "mongodb://h:1/?heartbeatFrequencyMS=5");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "a measurement of MongoDB's Kafka connector (two JVMs, minutes)"]
     async fn kafka_pipeline_copies_and_streams() -> anyhow::Result<()> {
         let docs: i64 = std::env::var("KAFKA_PROBE_DOCS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
-        let source = SecantusServer::start(SecantusOptions::default()).await?;
+        // SecantusDB keeps 100,000 oplog entries by default and an open change stream skips what
+        // was pruned silently: the source keeps every entry of the run, however far the stream lags.
+        let history = SecantusOptions { oplog_max_entries: Some(3 * docs as u64 + 200_000), ..SecantusOptions::default() };
+        let source = SecantusServer::start(history).await?;
         let target = SecantusServer::start(SecantusOptions::default()).await?;
         let (sc, tc) = (source.admin_client().await?, target.admin_client().await?);
         let (src, dst) = (sc.database("bench").collection::<Document>("bench"), tc.database("bench").collection::<Document>("bench"));
@@ -483,6 +534,7 @@ mod tests {
         let count = || async { Ok(dst.estimated_document_count().await?) };
 
         let cpu = jvm_cpu(&pipeline);
+        let all = cpus(&pipeline, &source, &target);
         let started = Instant::now();
         pipeline.connect(&source.uri(), &target.uri(), "bench", true).await?;
         let connected = started.elapsed();
@@ -496,10 +548,12 @@ mod tests {
             docs as f64 / took.as_secs_f64(),
             used * 100_000.0 / docs as f64
         );
+        println!("  {}", cpu_since(all, cpus(&pipeline, &source, &target)));
 
         // Let the copy's tail settle, then stream inserts as fast as two writers go.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let cpu = jvm_cpu(&pipeline);
+        let all = cpus(&pipeline, &source, &target);
         let started = Instant::now();
         insert(&src, docs, 2 * docs, 2).await?;
         let written = started.elapsed();
@@ -513,6 +567,7 @@ mod tests {
             docs as f64 / took.as_secs_f64(),
             used * 100_000.0 / docs as f64
         );
+        println!("  {}", cpu_since(all, cpus(&pipeline, &source, &target)));
 
         // Updates ($set of a small field; the sink replaces with the looked-up full document).
         let updates = docs / 10;
@@ -588,6 +643,16 @@ mod tests {
             assert_eq!(target_many.collection::<Document>(&name).estimated_document_count().await?, per as u64, "{name}");
         }
         pipeline.disconnect().await?;
+        keep_logs(&pipeline);
         Ok(())
+    }
+
+    /// Copies the JVMs' logs to `KAFKA_PROBE_LOGS`, when set (the run directory goes with the pipeline).
+    fn keep_logs(pipeline: &KafkaPipeline) {
+        let Some(to) = std::env::var_os("KAFKA_PROBE_LOGS") else { return };
+        let _ = std::fs::create_dir_all(&to);
+        for name in ["broker.log", "connect.log"] {
+            let _ = std::fs::copy(pipeline.dir().join(name), std::path::Path::new(&to).join(name));
+        }
     }
 }
