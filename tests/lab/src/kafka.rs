@@ -643,8 +643,15 @@ mod tests {
             assert_eq!(target_many.collection::<Document>(&name).estimated_document_count().await?, per as u64, "{name}");
         }
         pipeline.disconnect().await?;
+        let hwm: Vec<String> = pipeline.pids().into_iter().map(peak_rss).collect();
+        println!("peak RSS (VmHWM): broker {}, connect {}", hwm[0], hwm[1]);
         keep_logs(&pipeline);
         Ok(())
+    }
+
+    fn peak_rss(pid: u32) -> String {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status.lines().find_map(|l| l.strip_prefix("VmHWM:")).unwrap_or("?").trim().to_string()
     }
 
     /// Copies the JVMs' logs to `KAFKA_PROBE_LOGS`, when set (the run directory goes with the pipeline).
