@@ -19,6 +19,8 @@ if ! installed; then
   flock 9
   if ! installed; then
     command -v mvn >/dev/null || { echo "install-kafka: mvn is required (apt-get install maven)" >&2; exit 1; }
+    # The lab runs the jars with $JAVA_HOME/bin/java or java on the PATH; Kafka 4 needs 17 or newer.
+    "${JAVA_HOME:+$JAVA_HOME/bin/}java" -version >/dev/null 2>&1 || { echo "install-kafka: a Java 17+ runtime is required (apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
     echo "install-kafka: resolving Kafka $KAFKA_VERSION and mongo-kafka-connect $MONGO_KAFKA_CONNECT_VERSION from Maven (about a minute cold)" >&2
     rm -rf "$LIB"
     # Maven's own downloads stay in the cache too, so removing the cache removes everything.
