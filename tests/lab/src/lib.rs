@@ -2,6 +2,7 @@
 //!
 //! - [`KubeLab`]: etcd + kube-apiserver + kube-controller-manager built from Go modules.
 //! - [`SecantusServer`]: SecantusDB (`secantusd-rs`), a MongoDB-compatible server over WiredTiger.
+//! - [`KafkaPipeline`]: MongoDB's Kafka connector (source → KRaft broker → sink), the benchmark's CDC peer.
 //! - [`helm()`], [`lua_health()`]: the helm CLI and an Argo CD health-check runner, for the chart's tests.
 //!
 //! Binaries are built once per version into `~/.cache/mongo-replicator` (or `$MREP_CACHE`) by
@@ -15,6 +16,7 @@ pub mod gateway;
 pub mod https;
 pub mod image;
 pub mod jwt;
+pub mod kafka;
 pub mod kube;
 pub mod mongo;
 pub mod node;
@@ -29,6 +31,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, Result, bail};
 
+pub use crate::kafka::KafkaPipeline;
 pub use crate::kube::KubeLab;
 pub use crate::mongo::{ScramUser, SecantusOptions, SecantusServer};
 pub use crate::node::NodeLab;
