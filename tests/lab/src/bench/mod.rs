@@ -24,7 +24,7 @@ use crate::{SecantusOptions, SecantusServer};
 use meter::{MeteredChild, Servers};
 use pipeline::{Endpoints, Pipeline, Running, partition_documents, replicator_bin};
 use table::{Cost, Figures, Row};
-use workload::{Completion, DATABASE, LARGE_BYTES, LARGE_DIVISOR, MANY_COLLECTIONS, Phase, Plan, STREAM_WRITERS, Workload};
+use workload::{Completion, DATABASE, Poll, LARGE_BYTES, LARGE_DIVISOR, MANY_COLLECTIONS, Phase, Plan, STREAM_WRITERS, Workload};
 
 /// What a benchmark run does.
 pub struct Settings {
@@ -205,18 +205,22 @@ async fn write_while_running(plan: &Plan, source: &Client, running: &mut Running
 }
 
 /// Polls the target every `settings.poll` until it holds the expected state; the instant it did.
-/// Fails when the pipeline fails (or, `may_end`, ends with the target incomplete) or on timeout.
+/// Fails when the pipeline fails (or, `may_end`, ends with the target short) or on timeout.
 async fn complete(completion: &mut Completion<'_>, target: &Client, running: &mut Running, may_end: bool, settings: &Settings) -> Result<Instant> {
     let deadline = Instant::now() + settings.timeout;
     loop {
-        // Whether it had ended before this poll: then an incomplete target stays incomplete.
+        // Checked before the poll: a pipeline that had ended writes no more.
         let ended = running.check(may_end)?;
-        match completion.poll(target).await? {
-            None => return Ok(Instant::now()),
-            Some(short) if ended => bail!("the pipeline ended with the target incomplete: {short} ({})", running.describe()),
-            Some(short) if Instant::now() > deadline => bail!("timed out after {:?}: {short} ({})", settings.timeout, running.describe()),
-            Some(_) => tokio::time::sleep(settings.poll).await,
+        let why = match completion.poll(target).await? {
+            Poll::Reached(at) => return Ok(at),
+            Poll::Short(why) if ended => bail!("the pipeline ended with the target incomplete: {why} ({})", running.describe()),
+            Poll::Short(why) => why,
+            Poll::Writing => "the target is still being written".to_string(),
+        };
+        if Instant::now() > deadline {
+            bail!("timed out after {:?}: {why} ({})", settings.timeout, running.describe());
         }
+        tokio::time::sleep(settings.poll).await;
     }
 }
 

@@ -55,7 +55,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Settings> {
         workloads: Workload::ALL.to_vec(),
         pipelines: vec![Pipeline::Ours, Pipeline::Pipe, Pipeline::Ceiling],
         oplog_max_entries: None,
-        poll: Duration::from_millis(100),
+        poll: Duration::from_millis(50),
         timeout: Duration::from_secs(600),
     };
     let list = |value: &str| value.split(',').map(str::to_string).collect::<Vec<_>>();
