@@ -112,12 +112,9 @@ impl MeteredChild {
         }
     }
 
-    /// Fails with the log's tail unless the child is still running.
-    pub fn check_running(&mut self) -> Result<()> {
-        match self.exit_status() {
-            None => Ok(()),
-            Some(status) => bail!("{} exited ({status}) while it should be running; {} ends with:\n{}", self.name, self.log.display(), self.log_tail()),
-        }
+    /// An error saying how the child ended, with its log's tail.
+    pub fn ended_with(&self, status: ExitStatus, when: &str) -> anyhow::Error {
+        anyhow::anyhow!("{} exited ({status}) {when}; {} ends with:\n{}", self.name, self.log.display(), self.log_tail())
     }
 
     /// Waits up to `timeout` for the child to end by itself; fails unless it exits 0.
@@ -126,7 +123,7 @@ impl MeteredChild {
         loop {
             match self.exit_status() {
                 Some(status) if status.success() => return Ok(()),
-                Some(status) => bail!("{} exited with {status}; {} ends with:\n{}", self.name, self.log.display(), self.log_tail()),
+                Some(status) => return Err(self.ended_with(status, "with a failure")),
                 None if Instant::now() > deadline => bail!("{} did not exit within {timeout:?} of finishing its work", self.name),
                 None => tokio::time::sleep(Duration::from_millis(20)).await,
             }

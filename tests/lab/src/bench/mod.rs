@@ -24,7 +24,7 @@ use crate::{SecantusOptions, SecantusServer};
 use meter::{MeteredChild, Servers};
 use pipeline::{Endpoints, Pipeline, Running, partition_documents, replicator_bin};
 use table::{Cost, Figures, Row};
-use workload::{Completion, DATABASE, Poll, LARGE_BYTES, LARGE_DIVISOR, MANY_COLLECTIONS, Phase, Plan, STREAM_WRITERS, Workload};
+use workload::{Completion, DATABASE, LARGE_BYTES, LARGE_DIVISOR, MANY_COLLECTIONS, Phase, Plan, Poll, STREAM_WRITERS, Workload};
 
 /// What a benchmark run does.
 pub struct Settings {
@@ -88,10 +88,12 @@ pub async fn run(settings: &Settings) -> Result<()> {
                     Outcome::Measured { snapshot, stream, verified } => {
                         rows.push(row(Phase::Snapshot, Some(snapshot)));
                         rows.push(row(Phase::Stream, Some(stream)));
-                        verifications.extend(verified.map(|v| (workers, v)));
+                        verifications.extend(verified.map(|v| (workers, *v)));
                     }
                     Outcome::Discarded(why) => {
-                        eprintln!("\n!!! DISCARDED ({what}): {why}; its figures measure a replication that lost changes. Raise --oplog-max-entries.\n");
+                        eprintln!(
+                            "\n!!! DISCARDED ({what}): {why}; its figures measure a replication that lost changes. Raise --oplog-max-entries.\n"
+                        );
                         rows.push(row(Phase::Snapshot, None));
                         rows.push(row(Phase::Stream, None));
                         discarded.push(what);
@@ -111,7 +113,11 @@ pub async fn run(settings: &Settings) -> Result<()> {
 
 /// The figures of one (workload, workers, pipeline).
 enum Outcome {
-    Measured { snapshot: Figures, stream: Figures, verified: Option<Verification> },
+    Measured {
+        snapshot: Figures,
+        stream: Figures,
+        verified: Option<Box<Verification>>,
+    },
     /// The source pruned history written during the run: why.
     Discarded(String),
 }
@@ -152,7 +158,9 @@ async fn replicate(settings: &Settings, plan: &Plan, pipeline: Pipeline, workers
     let peak = running.finish_snapshot().await.context("snapshot")?;
     let snapshot = snapshot.with_peak(peak);
     let verified = match (plan.workload, pipeline) {
-        (Workload::Insert, Pipeline::Ours) => Some(verify(&source, &target, workers, settings.batch, plan.docs, snapshot.clone(), logs).await?),
+        (Workload::Insert, Pipeline::Ours) => {
+            Some(Box::new(verify(&source, &target, workers, settings.batch, plan.docs, snapshot.clone(), logs).await?))
+        }
         _ => None,
     };
 
@@ -166,7 +174,11 @@ async fn replicate(settings: &Settings, plan: &Plan, pipeline: Pipeline, workers
         let last_write = write_while_running(plan, &src, &mut running, settings).await?;
         let done = complete(&mut plan.completion(Phase::Stream), &dst, &mut running, false, settings).await?;
         let cost = Cost::since(&mut running, cpu_before, servers_before, &servers, plan.events)?;
-        anyhow::Ok(Figures { rate: plan.events as f64 / (done - started).as_secs_f64(), lag: Some((done - last_write).as_secs_f64()), cost: Some(cost) })
+        anyhow::Ok(Figures {
+            rate: plan.events as f64 / (done - started).as_secs_f64(),
+            lag: Some((done - last_write).as_secs_f64()),
+            cost: Some(cost),
+        })
     }
     .await;
 
@@ -245,7 +257,15 @@ pub struct Verification {
 }
 
 /// Verifies `bench.*` with the replicator's settings (equal data expected).
-async fn verify(source: &SecantusServer, target: &SecantusServer, workers: usize, batch: usize, docs: usize, snapshot: Figures, logs: &Path) -> Result<Verification> {
+async fn verify(
+    source: &SecantusServer,
+    target: &SecantusServer,
+    workers: usize,
+    batch: usize,
+    docs: usize,
+    snapshot: Figures,
+    logs: &Path,
+) -> Result<Verification> {
     let config = logs.join("verify.yaml");
     std::fs::write(
         &config,

@@ -54,7 +54,8 @@ impl PipeArgs {
     }
 
     pub fn parse(mut it: impl Iterator<Item = String>) -> Result<Self> {
-        let mut args = PipeArgs { source_uri: String::new(), target_uri: String::new(), database: String::new(), batch: 1000, workers: 4, start_at: None };
+        let mut args =
+            PipeArgs { source_uri: String::new(), target_uri: String::new(), database: String::new(), batch: 1000, workers: 4, start_at: None };
         while let Some(flag) = it.next() {
             let value = it.next().with_context(|| format!("{flag} needs a value"))?;
             match flag.as_str() {
@@ -212,20 +213,28 @@ pub async fn follow(args: &PipeArgs) -> Result<()> {
     Ok(())
 }
 
+/// The last change of one document in a batch, and how many it had.
+struct LastChange {
+    changes: usize,
+    key: RawDocumentBuf,
+    change: Change,
+}
+
 /// Writes one lane's batch: the last change of each document, per collection.
 async fn apply(target: &Database, batch: Batch) -> Result<()> {
-    let mut by_collection: HashMap<String, HashMap<Vec<u8>, (usize, RawDocumentBuf, Change)>> = HashMap::new();
+    let mut by_collection: HashMap<String, HashMap<Vec<u8>, LastChange>> = HashMap::new();
     for (coll, key, change) in batch {
-        let last = by_collection.entry(coll).or_default().entry(key.as_bytes().to_vec()).or_insert((0, key, Change::Delete));
-        last.0 += 1;
-        last.2 = change;
+        let by_document = by_collection.entry(coll).or_default();
+        let last = by_document.entry(key.as_bytes().to_vec()).or_insert(LastChange { changes: 0, key, change: Change::Delete });
+        last.changes += 1;
+        last.change = change;
     }
     for (coll, changes) in by_collection {
         let (mut inserts, mut upserts, mut deletes) = (Vec::new(), Vec::new(), Vec::new());
-        for (changes_of_doc, key, change) in changes.into_values() {
+        for LastChange { changes, key, change } in changes.into_values() {
             match change {
                 // A document inserted and nothing else in this batch is new to the target.
-                Change::Insert(doc) if changes_of_doc == 1 => inserts.push(doc),
+                Change::Insert(doc) if changes == 1 => inserts.push(doc),
                 Change::Insert(doc) | Change::Replace(doc) => upserts.push(rawdoc! {"q": key, "u": doc, "upsert": true}),
                 Change::Delete => deletes.push(rawdoc! {"q": key, "limit": 1}),
             }

@@ -89,8 +89,10 @@ impl Running {
     pub fn check(&mut self, may_end: bool) -> Result<bool> {
         match self {
             Running::Process(child) => match child.exit_status() {
+                None => Ok(false),
                 Some(status) if may_end && status.success() => Ok(true),
-                _ => child.check_running().map(|()| false),
+                Some(status) if status.success() => Err(child.ended_with(status, "while it should be running")),
+                Some(status) => Err(child.ended_with(status, "with a failure")),
             },
         }
     }

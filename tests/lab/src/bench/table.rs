@@ -3,10 +3,10 @@
 
 use anyhow::Result;
 
+use super::Verification;
 use super::meter::Servers;
 use super::pipeline::{Pipeline, Running};
 use super::workload::{Phase, Workload};
-use super::Verification;
 
 /// What one phase of one pipeline measured.
 #[derive(Clone)]
@@ -123,10 +123,9 @@ pub fn print_verifications(docs: usize, verifications: &[(usize, Verification)])
     );
     println!("{:>7} {:>12} {:>12} {:>10} {:>22} {:>22}", "workers", "snapshot/s", "verify/s", "vrfy/snap", "snapshot cpu p/s/t", "verify cpu p/s/t");
     let per = |f: &Figures| {
-        f.cost.as_ref().map_or_else(
-            || "-".to_string(),
-            |c| format!("{}/{}/{}", c.per_100k(c.pipeline_cpu), c.per_100k(c.source_cpu), c.per_100k(c.target_cpu)),
-        )
+        f.cost
+            .as_ref()
+            .map_or_else(|| "-".to_string(), |c| format!("{}/{}/{}", c.per_100k(c.pipeline_cpu), c.per_100k(c.source_cpu), c.per_100k(c.target_cpu)))
     };
     for (workers, v) in verifications {
         println!(

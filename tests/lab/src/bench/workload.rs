@@ -146,7 +146,8 @@ impl Workload {
                 existing.shuffle(&mut rng);
                 let (mut to_update, mut to_delete) = (existing[..updates].iter().copied(), existing[updates..updates + deletes].iter().copied());
                 let mut new_ids = docs as i64..;
-                let mut kinds: Vec<u8> = [(0u8, inserts), (1, updates), (2, deletes)].into_iter().flat_map(|(k, n)| std::iter::repeat_n(k, n)).collect();
+                let mut kinds: Vec<u8> =
+                    [(0u8, inserts), (1, updates), (2, deletes)].into_iter().flat_map(|(k, n)| std::iter::repeat_n(k, n)).collect();
                 kinds.shuffle(&mut rng);
                 let mut writers = vec![Vec::new(); STREAM_WRITERS];
                 let coll = self.collection(0);
@@ -422,7 +423,8 @@ async fn write(client: &Client, workload: Workload, writers: &[Vec<Write>]) -> R
                         coll.insert_many(ids.iter().map(|&id| workload.document(id))).ordered(false).await?;
                     }
                     Write::Set { collection, ids, round } => {
-                        let done = db.collection::<Document>(collection).update_many(doc! {"_id": {"$in": ids}}, doc! {"$set": {"round": round}}).await?;
+                        let done =
+                            db.collection::<Document>(collection).update_many(doc! {"_id": {"$in": ids}}, doc! {"$set": {"round": round}}).await?;
                         if done.modified_count != ids.len() as u64 {
                             bail!("the writer's update changed {} of {} documents in {collection}", done.modified_count, ids.len());
                         }
