@@ -3,6 +3,7 @@
 //! - [`KubeLab`]: etcd + kube-apiserver + kube-controller-manager built from Go modules.
 //! - [`SecantusServer`]: SecantusDB (`secantusd-rs`), a MongoDB-compatible server over WiredTiger.
 //! - [`KafkaPipeline`]: MongoDB's Kafka connector (source → KRaft broker → sink), the benchmark's CDC peer.
+//! - [`bench`]: the replicator's benchmark (`mrep-bench`): workloads × pipelines on SecantusDB.
 //! - [`helm()`], [`lua_health()`]: the helm CLI and an Argo CD health-check runner, for the chart's tests.
 //!
 //! Binaries are built once per version into `~/.cache/mongo-replicator` (or `$MREP_CACHE`) by
@@ -11,6 +12,7 @@
 
 pub mod arm;
 pub mod azure;
+pub mod bench;
 pub mod entra;
 pub mod gateway;
 pub mod https;

@@ -48,22 +48,7 @@ impl LabProcess {
         let err = out.try_clone()?;
         let mut cmd = Command::new(program);
         cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
-        // SAFETY: prctl and getppid are async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let (tx, rx) = mpsc::channel();
-        spawner()
-            .lock()
-            .map_err(|_| anyhow::anyhow!("the lab's spawner lock is poisoned"))?
-            .send((cmd, tx))
-            .map_err(|_| anyhow::anyhow!("the lab's spawner thread is gone"))?;
-        let child = rx.recv().context("the lab's spawner thread is gone")?.with_context(|| format!("cannot start {name} ({})", program.display()))?;
+        let child = spawn_child(cmd).with_context(|| format!("cannot start {name} ({})", program.display()))?;
         Ok(Self { name: name.to_string(), child, log: log.to_path_buf() })
     }
 
@@ -126,6 +111,27 @@ impl Drop for LabProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Starts `cmd` from the lab's spawner thread with `PR_SET_PDEATHSIG`, so the kernel kills it when
+/// this process dies. The caller owns the child: kill and reap it.
+pub fn spawn_child(mut cmd: Command) -> Result<Child> {
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (tx, rx) = mpsc::channel();
+    spawner()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the lab's spawner lock is poisoned"))?
+        .send((cmd, tx))
+        .map_err(|_| anyhow::anyhow!("the lab's spawner thread is gone"))?;
+    Ok(rx.recv().context("the lab's spawner thread is gone")??)
 }
 
 /// The last `lines` lines of a log file (at most the last 64 KiB are read).
