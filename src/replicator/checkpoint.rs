@@ -101,10 +101,19 @@ impl CheckpointStore {
         Ok(())
     }
 
-    /// Every range of the given collection, in range order.
-    pub async fn ranges(&self, ns: &str) -> mongodb::error::Result<Vec<RangeProgress>> {
+    /// Every saved range of this replication by collection, each collection's in range order:
+    /// read once per snapshot, as a query by collection is a scan of every replication's ranges.
+    pub async fn all_ranges(&self) -> mongodb::error::Result<std::collections::HashMap<String, Vec<RangeProgress>>> {
         use futures::TryStreamExt;
-        self.ranges.find(doc! {"_id.replication": &self.name, "_id.ns": ns}).sort(doc! {"_id.range": 1}).await?.try_collect().await
+        let ranges: Vec<RangeProgress> = self.ranges.find(doc! {"_id.replication": &self.name}).await?.try_collect().await?;
+        let mut by_ns: std::collections::HashMap<String, Vec<RangeProgress>> = std::collections::HashMap::new();
+        for range in ranges {
+            by_ns.entry(range.id.ns.clone()).or_default().push(range);
+        }
+        for ranges in by_ns.values_mut() {
+            ranges.sort_by_key(|r| r.id.range);
+        }
+        Ok(by_ns)
     }
 
     pub async fn save_range(&self, range: &RangeProgress) -> mongodb::error::Result<()> {

@@ -136,10 +136,12 @@ impl Copier {
         let workers = self.ctx.settings.workers.max(1);
         // Collections are prepared, copied and indexed `workers` at a time: with many small
         // collections the round trips of each, not its documents, take the time.
+        let saved = &std::sync::Mutex::new(self.ctx.store.all_ranges().await.map_err(SnapshotError::Progress)?);
         let planned: Vec<Result<Vec<RangeProgress>, SnapshotError>> = futures::stream::iter(&collections)
             .map(|collection| async move {
                 self.create_collection(&self.ctx.map.target(&collection.ns), &collection.options).await?;
-                self.plan(&collection.ns).await
+                let saved = saved.lock().map(|mut s| s.remove(&collection.ns.to_string())).unwrap_or_default().unwrap_or_default();
+                self.plan(&collection.ns, saved).await
             })
             .buffered(workers)
             .collect()
@@ -175,7 +177,7 @@ impl Copier {
         self.ctx.store.forget_ranges(&[source.to_string()]).await.map_err(SnapshotError::Progress)?;
         self.create_collection(target, &Document::new()).await?;
         let mut total = 0;
-        for range in self.plan(source).await? {
+        for range in self.plan(source, Vec::new()).await? {
             total += self.copy_range(source.clone(), target.clone(), range).await?;
         }
         self.copy_indexes(source, target.clone()).await?;
@@ -194,19 +196,19 @@ impl Copier {
         Ok(self.ctx.sink.create_indexes(&target, indexes).await?)
     }
 
-    /// The ranges of a collection: the saved plan when it is complete, else a new one. Large
-    /// collections whose `_id`s are all of one kind are split at `_id`s found by skipping.
-    async fn plan(&self, ns: &Namespace) -> Result<Vec<RangeProgress>, SnapshotError> {
+    /// The ranges of a collection: the `saved` plan when it is complete, else a new one. With
+    /// `partitionDocuments` set, large collections whose `_id`s are all of one kind are split at
+    /// `_id`s found by skipping. A plan of one range is not saved until it has progress: planned
+    /// again, it is the same.
+    async fn plan(&self, ns: &Namespace, saved: Vec<RangeProgress>) -> Result<Vec<RangeProgress>, SnapshotError> {
         let key = ns.to_string();
-        let saved = self.ctx.store.ranges(&key).await.map_err(SnapshotError::Progress)?;
         if is_complete_plan(&saved) {
             return Ok(saved);
         }
-        let coll = self.ctx.source.database(&ns.db).collection::<Document>(&ns.coll);
-        let read_err = |source| SnapshotError::Read { ns: key.clone(), source };
-        let count = coll.estimated_document_count().await.map_err(read_err)?;
         let mut bounds: Vec<Bson> = Vec::new();
-        if count > self.ctx.settings.partition_documents && self.ctx.settings.partition_documents > 0 {
+        let partition = self.ctx.settings.partition_documents;
+        let count = if partition > 0 { self.estimated_count(ns).await? } else { 0 };
+        if partition > 0 && count > partition {
             let parts = count.div_ceil(self.ctx.settings.partition_documents).min(self.ctx.settings.workers as u64 * 4);
             let step = count / parts;
             let first = self.id_at(ns, 0).await?;
@@ -234,11 +236,20 @@ impl Copier {
                 copied: 0,
                 done: false,
             };
-            self.ctx.store.save_range(&range).await.map_err(SnapshotError::Progress)?;
             ranges.push(range);
             lower = upper;
         }
+        if ranges.len() > 1 {
+            for range in &ranges {
+                self.ctx.store.save_range(range).await.map_err(SnapshotError::Progress)?;
+            }
+        }
         Ok(ranges)
+    }
+
+    async fn estimated_count(&self, ns: &Namespace) -> Result<u64, SnapshotError> {
+        let coll = self.ctx.source.database(&ns.db).collection::<Document>(&ns.coll);
+        coll.estimated_document_count().await.map_err(|source| SnapshotError::Read { ns: ns.to_string(), source })
     }
 
     async fn id_at(&self, ns: &Namespace, skip: u64) -> Result<Option<Bson>, SnapshotError> {
@@ -312,7 +323,7 @@ impl Copier {
                 while in_flight.len() >= self.ctx.settings.workers.max(1)
                     && let Some(oldest) = in_flight.pop_front()
                 {
-                    copied += self.finish(oldest, range).await.map_err(|e| (copied, e))?;
+                    copied += self.finish(oldest, range, true).await.map_err(|e| (copied, e))?;
                 }
                 let docs = std::mem::take(&mut batch);
                 let (sink, target) = (self.ctx.sink.clone(), target.clone());
@@ -327,8 +338,10 @@ impl Copier {
                 });
             }
             if end {
+                // The range's end is recorded once, with everything: a small collection costs
+                // the target one progress write.
                 while let Some(oldest) = in_flight.pop_front() {
-                    copied += self.finish(oldest, range).await.map_err(|e| (copied, e))?;
+                    copied += self.finish(oldest, range, false).await.map_err(|e| (copied, e))?;
                 }
                 range.done = true;
                 self.ctx.store.save_range(range).await.map_err(|e| (copied, SnapshotError::Progress(e)))?;
@@ -337,15 +350,17 @@ impl Copier {
         }
     }
 
-    /// Waits for a batch's write, then records it in the range's progress.
-    async fn finish(&self, batch: InFlight, range: &mut RangeProgress) -> Result<u64, SnapshotError> {
+    /// Waits for a batch's write, then records it in the range's progress (saved when `save`).
+    async fn finish(&self, batch: InFlight, range: &mut RangeProgress, save: bool) -> Result<u64, SnapshotError> {
         match batch.write.await {
             Ok(result) => result?,
             Err(join) => std::panic::resume_unwind(join.into_panic()),
         }
         range.last_id = batch.last_id;
         range.copied += batch.count as i64;
-        self.ctx.store.save_range(range).await.map_err(SnapshotError::Progress)?;
+        if save {
+            self.ctx.store.save_range(range).await.map_err(SnapshotError::Progress)?;
+        }
         self.ctx.metrics.documents_copied(batch.count);
         self.copied.fetch_add(batch.count, Ordering::Relaxed);
         Ok(batch.count)

@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use mongodb::Client;
 use mongodb::bson::Timestamp;
 
-use crate::{SecantusOptions, SecantusServer};
+use crate::{KafkaPipeline, SecantusOptions, SecantusServer};
 use meter::{MeteredChild, Servers};
 use pipeline::{Endpoints, Pipeline, Running, partition_documents, replicator_bin};
 use table::{Cost, Figures, Row};
@@ -147,13 +147,20 @@ async fn replicate(settings: &Settings, plan: &Plan, pipeline: Pipeline, workers
     let run_start = source.cluster_time().await?;
     plan.seed(&src, None).await?;
     let servers = Servers::of(Some(&source), &target)?;
-    let endpoints = Endpoints { source: &source, target: &target, workers, batch: settings.batch, docs: plan.docs, logs };
+    // The Kafka pipeline's JVMs start before the snapshot's clock does.
+    let kafka = match pipeline {
+        Pipeline::Kafka => Some(std::sync::Arc::new(KafkaPipeline::start().await.context("cannot start the Kafka pipeline")?)),
+        _ => None,
+    };
+    let endpoints = Endpoints { source: &source, target: &target, workers, batch: settings.batch, logs, kafka };
 
     // Snapshot: from the pipeline's start until the target holds the source's documents.
+    // The JVMs' start-up is not the copy's: their CPU counts from here (a new process's from 0).
+    let cpu_before = endpoints.kafka.as_ref().map_or(Ok(0.0), |kafka| kafka.pids().into_iter().map(meter::cpu_seconds).sum::<Result<f64>>())?;
     let (servers_before, started) = (servers.cpu()?, Instant::now());
-    let mut running = pipeline.start_snapshot(&endpoints)?;
+    let mut running = pipeline.start_snapshot(&endpoints).await?;
     let done = complete(&mut plan.completion(Phase::Snapshot), &dst, &mut running, true, settings).await.context("snapshot")?;
-    let cost = Cost::since(&mut running, 0.0, servers_before, &servers, plan.docs)?;
+    let cost = Cost::since(&mut running, cpu_before, servers_before, &servers, plan.docs)?;
     let snapshot = Figures { rate: plan.docs as f64 / (done - started).as_secs_f64(), lag: None, cost: Some(cost) };
     let peak = running.finish_snapshot().await.context("snapshot")?;
     let snapshot = snapshot.with_peak(peak);
@@ -166,9 +173,9 @@ async fn replicate(settings: &Settings, plan: &Plan, pipeline: Pipeline, workers
 
     // Stream: from the writer's start until the target holds the writer's final state.
     let from = next(source.cluster_time().await?);
-    let mut running = pipeline.start_stream(&endpoints, from)?;
+    let mut running = pipeline.start_stream(&endpoints, from).await?;
     tokio::time::sleep(SETTLE).await;
-    running.check(false).context("stream")?;
+    running.check(false).await.context("stream")?;
     let (cpu_before, servers_before, started) = (running.cpu_seconds()?, servers.cpu()?, Instant::now());
     let streamed = async {
         let last_write = write_while_running(plan, &src, &mut running, settings).await?;
@@ -207,7 +214,7 @@ async fn write_while_running(plan: &Plan, source: &Client, running: &mut Running
         tokio::select! {
             last = &mut writer => return last.context("the writer failed"),
             _ = tokio::time::sleep(settings.poll) => {
-                running.check(false)?;
+                running.check(false).await?;
                 if tokio::time::Instant::now() > deadline {
                     bail!("the writer did not finish within {:?}", settings.timeout);
                 }
@@ -222,7 +229,7 @@ async fn complete(completion: &mut Completion<'_>, target: &Client, running: &mu
     let deadline = Instant::now() + settings.timeout;
     loop {
         // Checked before the poll: a pipeline that had ended writes no more.
-        let ended = running.check(may_end)?;
+        let ended = running.check(may_end).await?;
         let why = match completion.poll(target).await? {
             Poll::Reached(at) => return Ok(at),
             Poll::Short(why) if ended => bail!("the pipeline ended with the target incomplete: {why} ({})", running.describe()),

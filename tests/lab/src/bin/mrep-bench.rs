@@ -9,7 +9,7 @@
 //! `--events/10` of them), `many` (1,000 collections). Each seeds the source with `--docs`
 //! documents (snapshot), then two writer tasks write `--events` changes as fast as they can (stream).
 //!
-//! Pipelines (`--pipelines`, default `ours,pipe,ceiling`), one row per phase:
+//! Pipelines (`--pipelines`, default all four), one row per phase:
 //! - `ours`: `mongo-replicator replicate`, a snapshot-only run, then a stream-only run from the
 //!   source's cluster time after the copy;
 //! - `pipe`: the driver pipe, the least any replicator must do with the same driver, in a child
@@ -17,13 +17,17 @@
 //!   `insert_many`; a change stream into batched writes by `_id` (`insert_many`, `update` with
 //!   upserted replacements, `delete`), `--workers` batches in flight;
 //! - `ceiling`: the target alone bulk-inserting the workload's documents with `--workers` writers
-//!   (insert-only workloads; rate only).
+//!   (insert-only workloads; rate only);
+//! - `kafka`: MongoDB's Kafka connector CDC pipeline (`mongo-kafka-connect` source copying the
+//!   existing data, then streaming → a KRaft broker → sink with the `ChangeStreamHandler`, raw
+//!   BSON through the `ByteArrayConverter`), jars from Maven (`tests/lab/scripts/install-kafka.sh`);
+//!   CPU and peak RSS are the broker's and the Connect worker's JVMs together.
 //!
 //! Columns: rate (documents or events per second, from the pipeline's start — the writer's for a
 //! stream — until the target holds exactly the expected state), lag (stream: seconds from the
 //! writer's last acknowledged write to that moment), CPU-seconds per 100k documents or events of
 //! the pipeline's process, the source server and the target server, the pipeline's peak RSS
-//! (`ru_maxrss` of the reaped child), and `ours÷this`, ours' rate over the row's. Then a verify
+//! (`ru_maxrss` of the reaped child; VmHWM of the JVMs), and `ours÷this`, ours' rate over the row's. Then a verify
 //! table: `mongo-replicator verify` of the insert workload's snapshot copy.
 //!
 //! The source's oplog is capped for what a run writes, and each run ends by checking that the
@@ -33,7 +37,7 @@
 //! A pipeline that fails or a phase that times out fails the benchmark.
 //!
 //! Usage: mrep-bench [--docs N] [--events N] [--batch-size N] [--workers 4[,8..]]
-//!   [--workloads insert,update,mixed,large,many] [--pipelines ours,pipe,ceiling]
+//!   [--workloads insert,update,mixed,large,many] [--pipelines ours,pipe,ceiling,kafka]
 //!   [--poll-ms N] [--timeout-seconds N] [--oplog-max-entries N]
 //! (`--oplog-max-entries` overrides the cap, e.g. to see a lossy run discarded; build the
 //! replicator first: `cargo build --release`; MONGO_REPLICATOR_BIN overrides its path)
@@ -53,7 +57,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Settings> {
         batch: 1000,
         workers: vec![4],
         workloads: Workload::ALL.to_vec(),
-        pipelines: vec![Pipeline::Ours, Pipeline::Pipe, Pipeline::Ceiling],
+        pipelines: Pipeline::ALL.to_vec(),
         oplog_max_entries: None,
         poll: Duration::from_millis(50),
         timeout: Duration::from_secs(600),
