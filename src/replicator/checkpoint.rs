@@ -5,6 +5,8 @@
 //! applied; one document per copied `_id` range in `<checkpointDatabase>.snapshot` holds the copy's
 //! progress, so a restart resumes a half-copied collection and skips finished ones.
 
+use std::collections::HashMap;
+
 use mongodb::bson::{Bson, DateTime, Document, Timestamp, doc};
 use mongodb::change_stream::event::ResumeToken;
 use mongodb::options::ReplaceOptions;
@@ -103,10 +105,10 @@ impl CheckpointStore {
 
     /// Every saved range of this replication by collection, each collection's in range order:
     /// read once per snapshot, as a query by collection is a scan of every replication's ranges.
-    pub async fn all_ranges(&self) -> mongodb::error::Result<std::collections::HashMap<String, Vec<RangeProgress>>> {
+    pub async fn all_ranges(&self) -> mongodb::error::Result<HashMap<String, Vec<RangeProgress>>> {
         use futures::TryStreamExt;
         let ranges: Vec<RangeProgress> = self.ranges.find(doc! {"_id.replication": &self.name}).await?.try_collect().await?;
-        let mut by_ns: std::collections::HashMap<String, Vec<RangeProgress>> = std::collections::HashMap::new();
+        let mut by_ns: HashMap<String, Vec<RangeProgress>> = HashMap::new();
         for range in ranges {
             by_ns.entry(range.id.ns.clone()).or_default().push(range);
         }

@@ -136,11 +136,11 @@ impl Copier {
         let workers = self.ctx.settings.workers.max(1);
         // Collections are prepared, copied and indexed `workers` at a time: with many small
         // collections the round trips of each, not its documents, take the time.
-        let saved = &std::sync::Mutex::new(self.ctx.store.all_ranges().await.map_err(SnapshotError::Progress)?);
-        let planned: Vec<Result<Vec<RangeProgress>, SnapshotError>> = futures::stream::iter(&collections)
-            .map(|collection| async move {
+        let mut saved = self.ctx.store.all_ranges().await.map_err(SnapshotError::Progress)?;
+        let with_saved: Vec<_> = collections.iter().map(|c| (c, saved.remove(&c.ns.to_string()).unwrap_or_default())).collect();
+        let planned: Vec<Result<Vec<RangeProgress>, SnapshotError>> = futures::stream::iter(with_saved)
+            .map(|(collection, saved)| async move {
                 self.create_collection(&self.ctx.map.target(&collection.ns), &collection.options).await?;
-                let saved = saved.lock().map(|mut s| s.remove(&collection.ns.to_string())).unwrap_or_default().unwrap_or_default();
                 self.plan(&collection.ns, saved).await
             })
             .buffered(workers)
@@ -209,7 +209,7 @@ impl Copier {
         let partition = self.ctx.settings.partition_documents;
         let count = if partition > 0 { self.estimated_count(ns).await? } else { 0 };
         if partition > 0 && count > partition {
-            let parts = count.div_ceil(self.ctx.settings.partition_documents).min(self.ctx.settings.workers as u64 * 4);
+            let parts = count.div_ceil(partition).min(self.ctx.settings.workers as u64 * 4);
             let step = count / parts;
             let first = self.id_at(ns, 0).await?;
             let last = self.id_at_end(ns).await?;
