@@ -22,7 +22,7 @@ use mongodb::bson::Timestamp;
 
 use crate::{KafkaPipeline, SecantusOptions, SecantusServer};
 use meter::{MeteredChild, Servers};
-use pipeline::{Endpoints, Pipeline, Running, partition_documents, replicator_bin};
+use pipeline::{Endpoints, Pipeline, Running, kafka_cpu_seconds, partition_documents, replicator_bin};
 use table::{Cost, Figures, Row};
 use workload::{Completion, DATABASE, LARGE_BYTES, LARGE_DIVISOR, MANY_COLLECTIONS, Phase, Plan, Poll, STREAM_WRITERS, Workload};
 
@@ -156,7 +156,7 @@ async fn replicate(settings: &Settings, plan: &Plan, pipeline: Pipeline, workers
 
     // Snapshot: from the pipeline's start until the target holds the source's documents.
     // The JVMs' start-up is not the copy's: their CPU counts from here (a new process's from 0).
-    let cpu_before = endpoints.kafka.as_ref().map_or(Ok(0.0), |kafka| kafka.pids().into_iter().map(meter::cpu_seconds).sum::<Result<f64>>())?;
+    let cpu_before = endpoints.kafka.as_deref().map_or(Ok(0.0), kafka_cpu_seconds)?;
     let (servers_before, started) = (servers.cpu()?, Instant::now());
     let mut running = pipeline.start_snapshot(&endpoints).await?;
     let done = complete(&mut plan.completion(Phase::Snapshot), &dst, &mut running, true, settings).await.context("snapshot")?;

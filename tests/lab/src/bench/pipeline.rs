@@ -90,7 +90,7 @@ impl Running {
     pub fn cpu_seconds(&mut self) -> Result<f64> {
         match self {
             Running::Process(child) => child.cpu_seconds(),
-            Running::Kafka(kafka) => kafka.pids().into_iter().map(meter::cpu_seconds).sum(),
+            Running::Kafka(kafka) => kafka_cpu_seconds(kafka),
         }
     }
 
@@ -195,6 +195,11 @@ impl Endpoints<'_> {
     fn log(&self, what: &str) -> PathBuf {
         self.logs.join(format!("{what}.log"))
     }
+}
+
+/// CPU-seconds the Kafka pipeline's JVMs (broker and Connect worker) have used so far.
+pub fn kafka_cpu_seconds(kafka: &KafkaPipeline) -> Result<f64> {
+    kafka.pids().into_iter().map(meter::cpu_seconds).sum()
 }
 
 /// The replicator binary: `MONGO_REPLICATOR_BIN`, or the workspace's release build.
