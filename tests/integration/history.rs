@@ -86,35 +86,63 @@ async fn a_replicator_frozen_past_the_oplog_resyncs_and_converges() -> Result<()
     Ok(())
 }
 
+/// A source whose oplog the replicator's user may not read (`readWriteAnyDatabase` may watch
+/// the cluster but not read `local`, as on mongod and Azure DocumentDB), holding 20 documents in
+/// `app.events`; an empty target; a replicator config naming both through `env`.
+struct Unguarded {
+    /// Kept for as long as the run: the servers stop when dropped.
+    _source: SecantusServer,
+    _target: SecantusServer,
+    src: mongodb::Client,
+    dst: mongodb::Client,
+    coll: mongodb::Collection<Document>,
+    env: [(&'static str, String); 2],
+    config: std::path::PathBuf,
+    _dir: tempdir::Dir,
+}
+
+impl Unguarded {
+    async fn start(dir: &str, oplog_max_entries: Option<u64>) -> Result<Self> {
+        let admin = ScramUser::new("admin", "adm1n-pw", &[("admin", "root")]);
+        let reader = ScramUser::new("reader", "r3ader-pw", &[("admin", "readWriteAnyDatabase")]);
+        let source = SecantusServer::start(SecantusOptions { users: vec![admin, reader.clone()], oplog_max_entries, ..Default::default() }).await?;
+        let target = SecantusServer::start(SecantusOptions::default()).await?;
+        let (src, dst) = (source.admin_client().await?, target.admin_client().await?);
+        let coll = src.database("app").collection::<Document>("events");
+        coll.insert_many((0..20).map(|i| doc! {"_id": i})).await?;
+        let env = [("SRC_URI", source.uri_for(&reader)), ("DST_URI", target.uri())];
+        let dir = tempdir::Dir::new(dir)?;
+        let config = dir.0.join("replicator.yaml");
+        std::fs::write(
+            &config,
+            "name: unguarded\nsource: {auth: connectionString, uriEnv: SRC_URI}\ntarget: {auth: connectionString, uriEnv: DST_URI}\nmetricsAddress: null\n",
+        )?;
+        Ok(Self { _source: source, _target: target, src, dst, coll, env, config, _dir: dir })
+    }
+
+    /// Starts the replicator and waits until it has copied the 20 documents and streamed 20 more.
+    async fn replicate(&self) -> Result<ReplicatorProcess> {
+        let replicator = ReplicatorProcess::start(&["--config".to_string(), self.config.display().to_string()], &self.env)?;
+        let (src, dst) = (&self.src, &self.dst);
+        eventually(Duration::from_secs(60), || workload::assert_same_all(src, dst)).await.with_context(|| replicator.log_tail(15))?;
+        self.coll.insert_many((20..40).map(|i| doc! {"_id": i})).await?;
+        eventually(Duration::from_secs(60), || workload::assert_same_all(src, dst)).await.with_context(|| replicator.log_tail(15))?;
+        Ok(replicator)
+    }
+}
+
 #[tokio::test]
 async fn a_source_whose_oplog_cannot_be_read_replicates_unguarded_and_says_so_once() -> Result<()> {
-    // readWriteAnyDatabase may watch the cluster but not read `local` (as on mongod).
-    let admin = ScramUser::new("admin", "adm1n-pw", &[("admin", "root")]);
-    let reader = ScramUser::new("reader", "r3ader-pw", &[("admin", "readWriteAnyDatabase")]);
-    let source = SecantusServer::start(SecantusOptions { users: vec![admin, reader.clone()], ..Default::default() }).await?;
-    let target = SecantusServer::start(SecantusOptions::default()).await?;
-    let (src, dst) = (source.admin_client().await?, target.admin_client().await?);
-    let coll = src.database("app").collection::<Document>("events");
-    coll.insert_many((0..20).map(|i| doc! {"_id": i})).await?;
-    let env = [("SRC_URI", source.uri_for(&reader)), ("DST_URI", target.uri())];
-
-    let dir = tempdir::Dir::new("history-unguarded")?;
-    let config = dir.0.join("replicator.yaml");
-    std::fs::write(
-        &config,
-        "name: unguarded\nsource: {auth: connectionString, uriEnv: SRC_URI}\ntarget: {auth: connectionString, uriEnv: DST_URI}\nmetricsAddress: null\n",
-    )?;
-    let (code, verdict, _) = validate_with_env(&config, &env).await?;
+    let run = Unguarded::start("history-unguarded", None).await?;
+    let (config, env) = (&run.config, &run.env);
+    let (code, verdict, _) = validate_with_env(config, env).await?;
     ensure!(code == Some(0) && verdict["passed"] == true, "validate failed: {verdict:#}");
     let guard = verdict["endpoints"][0]["checks"].as_array().context("no checks")?.iter().find(|c| c["name"] == "historyGuard").cloned();
     let guard = guard.with_context(|| format!("no historyGuard check: {verdict:#}"))?;
     ensure!(guard["passed"] == true && guard["warning"] == true, "{guard:#}");
     ensure!(guard["message"].as_str().is_some_and(|m| m.contains("the history guard is off")), "{guard:#}");
 
-    let mut replicator = ReplicatorProcess::start(&["--config".to_string(), config.display().to_string()], &env)?;
-    eventually(Duration::from_secs(60), || workload::assert_same_all(&src, &dst)).await.with_context(|| replicator.log_tail(15))?;
-    coll.insert_many((20..40).map(|i| doc! {"_id": i})).await?;
-    eventually(Duration::from_secs(60), || workload::assert_same_all(&src, &dst)).await.with_context(|| replicator.log_tail(15))?;
+    let mut replicator = run.replicate().await?;
     assert_eq!(replicator.terminate(Duration::from_secs(30)).await?, Some(0), "{}", replicator.log_tail(10));
     let log = replicator.log();
     let said: Vec<&str> = log.lines().filter(|l| l.contains("the history guard is off")).collect();
@@ -129,25 +157,9 @@ async fn a_source_whose_oplog_cannot_be_read_replicates_unguarded_and_says_so_on
 /// missing. `verify` is what catches it: every missing document, by `_id`.
 #[tokio::test]
 async fn verification_finds_what_an_unguarded_replicator_lost_past_the_oplog() -> Result<()> {
-    let admin = ScramUser::new("admin", "adm1n-pw", &[("admin", "root")]);
-    let reader = ScramUser::new("reader", "r3ader-pw", &[("admin", "readWriteAnyDatabase")]);
-    let options = SecantusOptions { users: vec![admin, reader.clone()], oplog_max_entries: Some(OPLOG_CAP), ..Default::default() };
-    let source = SecantusServer::start(options).await?;
-    let target = SecantusServer::start(SecantusOptions::default()).await?;
-    let (src, dst) = (source.admin_client().await?, target.admin_client().await?);
-    let coll = src.database("app").collection::<Document>("events");
-    coll.insert_many((0..20).map(|i| doc! {"_id": i})).await?;
-    let env = [("SRC_URI", source.uri_for(&reader)), ("DST_URI", target.uri())];
-    let dir = tempdir::Dir::new("history-verify")?;
-    let config = dir.0.join("replicator.yaml");
-    std::fs::write(
-        &config,
-        "name: unguarded\nsource: {auth: connectionString, uriEnv: SRC_URI}\ntarget: {auth: connectionString, uriEnv: DST_URI}\nmetricsAddress: null\n",
-    )?;
-    let mut replicator = ReplicatorProcess::start(&["--config".to_string(), config.display().to_string()], &env)?;
-    eventually(Duration::from_secs(60), || workload::assert_same_all(&src, &dst)).await.with_context(|| replicator.log_tail(15))?;
-    coll.insert_many((20..40).map(|i| doc! {"_id": i})).await?;
-    eventually(Duration::from_secs(60), || workload::assert_same_all(&src, &dst)).await.with_context(|| replicator.log_tail(15))?;
+    let run = Unguarded::start("history-verify", Some(OPLOG_CAP)).await?;
+    let (coll, dst, config, env) = (&run.coll, &run.dst, &run.config, &run.env);
+    let mut replicator = run.replicate().await?;
 
     replicator.pause()?;
     for start in (40..40 + WRITTEN_WHILE_FROZEN).step_by(100) {
@@ -170,7 +182,7 @@ async fn verification_finds_what_an_unguarded_replicator_lost_past_the_oplog() -
 
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mongo-replicator"))
         .args(["verify", "--config"])
-        .arg(&config)
+        .arg(config)
         .args(["--output", "json", "--lag-allowance-seconds", "2"])
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env_remove("RUST_LOG")
